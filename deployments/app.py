@@ -1,0 +1,165 @@
+"""The typed app builder: catalog in, Ray Serve application out.
+
+`build_app` is the one entry point that the local launcher, `serve run/deploy` configs and
+the Helm chart's serveConfigV2 all use (`import_path: tokenmart.deployments.app:build_app`),
+so a catalog deploys the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve.deployment import Application
+
+from .catalog import Catalog, Listing, load_catalog
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class IngressOptions(BaseModel):
+    """Deployment options of the marketplace ingress (it autoscales like the models)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=32, gt=0)
+    max_ongoing_requests: int = Field(default=128, ge=1)
+    # Logical CPUs per replica; small, so it schedules next to CPU engines on one machine.
+    num_cpus: float = Field(default=0.5, ge=0)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+
+
+class FakeEngineOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reply_tokens: int = Field(default=16, ge=1)
+    token_delay_s: float = Field(default=0.005, ge=0)
+    num_cpus: float = Field(default=0.1, ge=0)
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app`; the same shape goes into a Serve config's `args`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    catalog_path: str | None = None
+    catalog: Catalog | None = None
+    redis_url: str = Field(default_factory=lambda: os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
+    redis_timeout_s: float = Field(default=1.0, gt=0)
+    # Where `builtin:` model sources are found (defaults to the local model cache).
+    model_dir: str | None = None
+    # "fake" serves every listing with the deterministic fake engine (tests, load tests).
+    engine: Literal["vllm", "fake"] = "vllm"
+    fake_engine: FakeEngineOptions = FakeEngineOptions()
+    ingress: IngressOptions = IngressOptions()
+
+    @model_validator(mode="after")
+    def _one_catalog(self) -> AppArgs:
+        if (self.catalog is None) == (self.catalog_path is None):
+            raise ValueError("give exactly one of catalog_path and catalog")
+        return self
+
+    def load_catalog(self) -> Catalog:
+        return self.catalog if self.catalog is not None else load_catalog(self.catalog_path)  # type: ignore[arg-type]
+
+
+def _autoscaling(listing: Listing) -> dict[str, Any]:
+    scaling = listing.autoscaling
+    return {
+        "min_replicas": scaling.min_replicas,
+        "initial_replicas": max(scaling.min_replicas, 1),
+        "max_replicas": scaling.max_replicas,
+        "target_ongoing_requests": scaling.target_ongoing_requests,
+    }
+
+
+def llm_config_for(listing: Listing, model_dir: Path | None = None):
+    """The Ray Serve LLM config of one listing (pure: no Ray cluster needed)."""
+    from ray.serve.llm import LLMConfig
+
+    engine = listing.engine
+    engine_kwargs: dict[str, Any] = {
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        "dtype": engine.dtype,
+        "max_model_len": listing.context_length,
+        **engine.extra,
+    }
+    if engine.max_num_seqs is not None:
+        engine_kwargs["max_num_seqs"] = engine.max_num_seqs
+    config: dict[str, Any] = {
+        "model_loading_config": {"model_id": listing.id, "model_source": listing.resolved_source(model_dir)},
+        "engine_kwargs": engine_kwargs,
+        "deployment_config": {
+            "autoscaling_config": _autoscaling(listing),
+            # Without an explicit bound Ray Serve LLM admits ~unbounded work per replica.
+            "max_ongoing_requests": max(int(listing.autoscaling.target_ongoing_requests * 4), 16),
+        },
+    }
+    if listing.accelerator.kind == "cpu":
+        config["accelerator_config"] = {"kind": "cpu"}
+    elif listing.accelerator.type:
+        config["accelerator_type"] = listing.accelerator.type
+    return LLMConfig(**config)
+
+
+def _engine_deployment(listing: Listing, args: AppArgs) -> Application:
+    if args.engine == "fake":
+        from .fake_engine import FakeEngine
+
+        fake = args.fake_engine
+        return serve.deployment(
+            FakeEngine,
+            name=f"fake:{listing.id}",
+            autoscaling_config=_autoscaling(listing),
+            max_ongoing_requests=max(int(listing.autoscaling.target_ongoing_requests * 4), 16),
+            ray_actor_options={"num_cpus": fake.num_cpus},
+        ).bind(listing.id, reply_tokens=fake.reply_tokens, token_delay_s=fake.token_delay_s)
+
+    from ray.serve.llm import build_llm_deployment
+
+    model_dir = Path(args.model_dir) if args.model_dir else None
+    return build_llm_deployment(llm_config_for(listing, model_dir))
+
+
+def build_app(args: AppArgs | dict[str, Any]) -> Application:
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args)
+    catalog = args.load_catalog()
+
+    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    from .ingress import ENDPOINTS, MarketplaceIngress, create_fastapi_app
+
+    deployments = {listing.id: _engine_deployment(listing, args) for listing in catalog.listings}
+    cards = {
+        listing.id: ModelCard(id=listing.id, object="model", owned_by=listing.owner, permission=[], metadata={})
+        for listing in catalog.listings
+    }
+    options = args.ingress
+    ingress_cls = make_fastapi_ingress(
+        MarketplaceIngress, endpoint_map=ENDPOINTS, app=create_fastapi_app(options.max_body_bytes)
+    )
+    return serve.deployment(
+        ingress_cls,
+        name="MarketplaceIngress",
+        max_ongoing_requests=options.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": options.min_replicas,
+            "max_replicas": options.max_replicas,
+            "target_ongoing_requests": options.target_ongoing_requests,
+        },
+        ray_actor_options={"num_cpus": options.num_cpus},
+    ).bind(
+        llm_deployments=deployments,
+        model_cards=cards,
+        catalog=catalog.model_dump(mode="json"),
+        redis_url=args.redis_url,
+        redis_timeout_s=args.redis_timeout_s,
+    )

@@ -1,0 +1,197 @@
+"""The marketplace catalog: one YAML file of listings, parsed into pydantic models.
+
+The same models are used by the local launcher, the Ray Serve app builder and (later) the
+Helm chart, so a listing means the same thing wherever it is read. A catalog is validated
+completely before anything starts; errors name the listing and the field.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MICROS_PER_USD = 1_000_000
+TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are quoted per 1M tokens
+
+# A listing source of this form names a model that tokenmart builds itself
+# (see tokenmart.cluster.model_build); it resolves to a folder in the model cache.
+BUILTIN_PREFIX = "builtin:"
+
+
+class CatalogError(ValueError):
+    """The catalog cannot be used; the message names the listing and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pricing(_Strict):
+    """USD per 1M tokens. Kept as Decimal so prices like 0.015 are exact."""
+
+    prompt_usd_per_1m: Decimal = Field(ge=0, le=10_000)
+    completion_usd_per_1m: Decimal = Field(ge=0, le=10_000)
+
+    @field_validator("prompt_usd_per_1m", "completion_usd_per_1m")
+    @classmethod
+    def _at_most_six_decimals(cls, value: Decimal) -> Decimal:
+        if (value * MICROS_PER_USD) != (value * MICROS_PER_USD).to_integral_value():
+            raise ValueError("prices may have at most 6 decimal places (1 micro-USD)")
+        return value
+
+    @property
+    def prompt_micros_per_1m(self) -> int:
+        return int(self.prompt_usd_per_1m * MICROS_PER_USD)
+
+    @property
+    def completion_micros_per_1m(self) -> int:
+        return int(self.completion_usd_per_1m * MICROS_PER_USD)
+
+
+class Accelerator(_Strict):
+    kind: Literal["cpu", "gpu"] = "gpu"
+    # Ray accelerator type, e.g. "A100", "H100", "L4" (ray.util.accelerators names).
+    type: str | None = None
+    # Name of the worker group this listing runs on (used by the Helm chart).
+    group: str | None = None
+
+    @model_validator(mode="after")
+    def _type_needs_gpu(self) -> Accelerator:
+        if self.kind == "cpu" and self.type is not None:
+            raise ValueError("accelerator.type applies only to kind: gpu")
+        return self
+
+
+class EngineArgs(_Strict):
+    """vLLM engine arguments. The common ones are typed; `extra` passes the rest through."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("extra")
+    @classmethod
+    def _no_shadowing(cls, value: dict[str, Any]) -> dict[str, Any]:
+        typed = {"tensor_parallel_size", "pipeline_parallel_size", "dtype", "max_num_seqs", "max_model_len"}
+        clash = sorted(typed & set(value))
+        if clash:
+            raise ValueError(f"set {', '.join(clash)} as its own field (or context_length), not in extra")
+        return value
+
+
+class Autoscaling(_Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=8, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is larger than max_replicas ({self.max_replicas})")
+        return self
+
+
+class Listing(_Strict):
+    """One marketplace model: what customers see (id, owner, price) and how it is served."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    owner: str = Field(min_length=1, max_length=64)
+    source: str = Field(min_length=1)
+    description: str = ""
+    context_length: int = Field(ge=16, le=10_000_000)
+    pricing: Pricing
+    # Used when a request sets no max_tokens, so every request's cost is bounded.
+    default_max_tokens: int = Field(default=256, ge=1)
+    accelerator: Accelerator = Accelerator()
+    engine: EngineArgs = EngineArgs()
+    autoscaling: Autoscaling = Autoscaling()
+
+    @model_validator(mode="after")
+    def _fits_context(self) -> Listing:
+        if self.default_max_tokens >= self.context_length:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must be smaller than "
+                f"context_length ({self.context_length})"
+            )
+        return self
+
+    def resolved_source(self, model_dir: Path | None = None) -> str:
+        """The path or hub id that the engine loads."""
+        if self.source.startswith(BUILTIN_PREFIX):
+            name = self.source[len(BUILTIN_PREFIX) :]
+            return str((model_dir or default_model_dir()) / name)
+        return self.source
+
+    def cost_micros(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Integer micro-USD for these tokens, rounded up to the next micro-USD."""
+        numerator = (
+            prompt_tokens * self.pricing.prompt_micros_per_1m
+            + completion_tokens * self.pricing.completion_micros_per_1m
+        )
+        return -(-numerator // TOKENS_PER_PRICE_UNIT)
+
+
+class Catalog(_Strict):
+    listings: list[Listing] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Catalog:
+        seen: set[str] = set()
+        for listing in self.listings:
+            if listing.id in seen:
+                raise ValueError(f"listing id {listing.id!r} appears more than once")
+            seen.add(listing.id)
+        return self
+
+    def get(self, model_id: str) -> Listing | None:
+        return next((listing for listing in self.listings if listing.id == model_id), None)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TOKENMART_CACHE_DIR", Path.home() / ".cache" / "tokenmart"))
+
+
+def default_model_dir() -> Path:
+    return default_cache_dir() / "models"
+
+
+def _describe_location(raw: Any, loc: tuple[int | str, ...]) -> str:
+    """Turn a pydantic error location into `listing 'id' (listings[0]): field a.b`."""
+    if len(loc) >= 2 and loc[0] == "listings" and isinstance(loc[1], int):
+        index = loc[1]
+        listing_id = "?"
+        if isinstance(raw, dict) and isinstance(raw.get("listings"), list) and index < len(raw["listings"]):
+            entry = raw["listings"][index]
+            if isinstance(entry, dict) and "id" in entry:
+                listing_id = str(entry["id"])
+        field = ".".join(str(part) for part in loc[2:]) or "(the listing itself)"
+        return f"listing {listing_id!r} (listings[{index}]): field {field}"
+    field = ".".join(str(part) for part in loc) or "(top level)"
+    return f"field {field}"
+
+
+def parse_catalog(raw: Any, origin: str = "catalog") -> Catalog:
+    """Validate a parsed YAML/JSON document; raise CatalogError naming each bad field."""
+    try:
+        return Catalog.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"  - {_describe_location(raw, err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise CatalogError(f"{origin} is invalid:\n" + "\n".join(problems)) from None
+
+
+def load_catalog(path: str | os.PathLike[str]) -> Catalog:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CatalogError(f"catalog {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"catalog {path} is not valid YAML: {exc}") from None
+    return parse_catalog(raw, origin=f"catalog {path}")

@@ -1,0 +1,136 @@
+"""A small stand-in for an LLMServer deployment, for tests and load tests without vLLM.
+
+It speaks the same handle protocol as Ray Serve LLM's LLMServer (`chat` / `completions`
+returning an async stream: one response object, or batches of SSE strings) and answers
+with a deterministic token stream and plausible usage, so the ingress, billing, placement
+and autoscaling can be exercised on machines with no engine and no GPU.
+
+Deterministic rules (tests rely on them):
+  prompt tokens     = words in all message contents (or the prompt) + 3 per message
+  completion tokens = min(max_tokens, `reply_tokens`), one token (" w<i>") per stream chunk
+A prompt containing `[[fake-error]]` makes the engine fail before producing output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorInfo,
+    ErrorResponse,
+)
+
+FAIL_MARKER = "[[fake-error]]"
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def count_prompt_tokens(request: Any) -> tuple[int, str]:
+    if hasattr(request, "messages"):
+        texts = [_text_of(m.get("content") if isinstance(m, dict) else m.content) for m in request.messages]
+        joined = " ".join(texts)
+        return sum(len(t.split()) for t in texts) + 3 * len(texts), joined
+    prompt = request.prompt if isinstance(request.prompt, str) else " ".join(map(str, request.prompt))
+    return len(prompt.split()), prompt
+
+
+class FakeEngine:
+    def __init__(self, model_id: str, reply_tokens: int = 16, token_delay_s: float = 0.005) -> None:
+        self.model_id = model_id
+        self.reply_tokens = reply_tokens
+        self.token_delay_s = token_delay_s
+
+    async def check_health(self) -> None:
+        return None
+
+    async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncIterator[Any]:
+        async for item in self._run(request, chat=True):
+            yield item
+
+    async def completions(self, request: Any, raw_request_info: Any = None) -> AsyncIterator[Any]:
+        async for item in self._run(request, chat=False):
+            yield item
+
+    async def _run(self, request: Any, *, chat: bool) -> AsyncIterator[Any]:
+        prompt_tokens, prompt_text = count_prompt_tokens(request)
+        if FAIL_MARKER in prompt_text:
+            yield ErrorResponse(error=ErrorInfo(message="fake engine failure", type="InternalServerError", code=500))
+            return
+        max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens or self.reply_tokens
+        n_tokens = min(max_tokens, self.reply_tokens)
+        choices = request.n or 1
+        rid = request.request_id
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
+
+        def usage(completion: int) -> dict[str, int]:
+            return {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion,
+            }
+
+        if not request.stream:
+            await asyncio.sleep(self.token_delay_s * n_tokens)
+            text = "".join(f" w{i}" for i in range(n_tokens))
+            body = {
+                "id": response_id,
+                "object": kind,
+                "created": created,
+                "model": self.model_id,
+                "choices": [
+                    {"index": c, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                    if chat
+                    else {"index": c, "text": text, "finish_reason": "length"}
+                    for c in range(choices)
+                ],
+                "usage": usage(n_tokens * choices),
+            }
+            yield (ChatCompletionResponse if chat else CompletionResponse).model_validate(body)
+            return
+
+        options = request.stream_options
+        continuous = bool(options and options.continuous_usage_stats)
+        include_usage = bool(options and options.include_usage)
+
+        def chunk(choice_list: list[dict], produced: int | None) -> str:
+            body: dict[str, Any] = {
+                "id": response_id,
+                "object": f"{kind}.chunk" if chat else kind,
+                "created": created,
+                "model": self.model_id,
+                "choices": choice_list,
+            }
+            if produced is not None:
+                body["usage"] = usage(produced)
+            return f"data: {json.dumps(body)}\n\n"
+
+        for i in range(n_tokens):
+            await asyncio.sleep(self.token_delay_s)
+            last = i == n_tokens - 1
+            batch = []
+            for c in range(choices):
+                delta = {"content": f" w{i}"} if i else {"role": "assistant", "content": f" w{i}"}
+                choice = (
+                    {"index": c, "delta": delta, "finish_reason": "length" if last else None}
+                    if chat
+                    else {"index": c, "text": f" w{i}", "finish_reason": "length" if last else None}
+                )
+                batch.append(chunk([choice], (i + 1) * choices if continuous else None))
+            yield batch
+        if include_usage:
+            yield [chunk([], n_tokens * choices)]
+        yield ["data: [DONE]\n\n"]

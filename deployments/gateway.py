@@ -1,0 +1,232 @@
+"""The paid request pipeline: authenticate, validate, admit, dispatch, settle.
+
+Routes hand a parsed OpenAI request to `Gateway.handle`; everything between the HTTP
+layer and the model's LLMServer deployment happens here. The engine is always asked for
+usage (streams too, with continuous usage stats so an aborted stream still knows how many
+tokens it produced); the client sees the usage chunk only if it asked for it.
+Settlement runs in a `finally` shielded from cancellation, so a client that disconnects
+mid-stream is still billed for what it received, exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, get_args
+
+import anyio
+from fastapi import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from .catalog import Catalog, Listing
+from .errors import APIError, BadRequest, EngineError, ModelNotFound, PermissionDenied, ServiceUnavailable
+from .keystore import KeyStore
+from .metering import Admission, Meter, Outcome, Settlement
+
+logger = logging.getLogger("tokenmart.gateway")
+
+ALLOWED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+MAX_CHOICES = 16
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> Usage:
+        if usage is None:
+            return cls()
+        if not isinstance(usage, dict):
+            usage = usage.model_dump()
+        return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+def _engine_error(error: Any) -> APIError:
+    """Map an engine ErrorResponse (object or dict) onto the envelope, keeping 4xx as 4xx."""
+    if not isinstance(error, dict):
+        error = error.model_dump()
+    info = error.get("error", error)
+    status = int(info.get("code") or 500) if str(info.get("code", "")).isdigit() else 500
+    message = info.get("message") or "The model failed to process the request."
+    if 400 <= status < 500:
+        exc: APIError = BadRequest(message, param=info.get("param"))
+        exc.status_code = status
+        return exc
+    return EngineError(message)
+
+
+def validate_request(body: Any, listing: Listing, *, chat: bool) -> None:
+    """Marketplace rules checked before anything reaches an engine."""
+    if chat:
+        if not body.messages:
+            raise BadRequest("'messages' must contain at least one message.", param="messages")
+        for index, message in enumerate(body.messages):
+            role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+            if role not in ALLOWED_ROLES:
+                raise BadRequest(
+                    f"Invalid value for 'messages[{index}].role': {role!r}. "
+                    f"Supported roles: {', '.join(sorted(ALLOWED_ROLES))}.",
+                    param=f"messages.{index}.role",
+                )
+    elif body.prompt is None or body.prompt == "" or body.prompt == []:
+        raise BadRequest("'prompt' must not be empty.", param="prompt")
+
+    n = body.n if body.n is not None else 1
+    if not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"'n' must be between 1 and {MAX_CHOICES}.", param="n")
+
+    fields = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+    for name in fields:
+        value = getattr(body, name, None)
+        if value is not None and not 1 <= value < listing.context_length:
+            raise BadRequest(
+                f"'{name}' must be between 1 and {listing.context_length - 1} for model {listing.id!r}.",
+                param=name,
+            )
+    if all(getattr(body, name, None) is None for name in fields):
+        # Every request gets a finite output budget, so what it can cost is bounded.
+        setattr(body, fields[-1], listing.default_max_tokens)
+
+
+class Gateway:
+    def __init__(self, catalog: Catalog, handles: dict[str, Any], keys: KeyStore, meter: Meter) -> None:
+        self.catalog = catalog
+        self.keys = keys
+        self.meter = meter
+        # One configured handle per model, made once: `.options()` per request is costly.
+        self._handles = {model_id: handle.options(stream=True) for model_id, handle in handles.items()}
+
+    def resolve(self, model_id: str | None) -> Listing:
+        if not model_id:
+            raise BadRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
+        listing = self.catalog.get(model_id)
+        if listing is None:
+            raise ModelNotFound(f"The model {model_id!r} does not exist. See GET /v1/models.", param="model")
+        return listing
+
+    async def handle(self, body: Any, request: Request, *, method: str) -> Response:
+        record = await self.keys.authenticate(request.headers.get("authorization"))
+        listing = self.resolve(body.model)
+        if not record.allows(listing.id):
+            raise PermissionDenied(f"This API key may not use the model {listing.id!r}.", param="model")
+        validate_request(body, listing, chat=method == "chat")
+
+        admission = await self.meter.admit(record, listing)
+        # The billing id is the engine's request id, so the response id and the ledger match.
+        body.request_id = admission.billing_id
+        stream = bool(body.stream)
+        wants_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
+        if stream:
+            _force_usage(body)
+
+        responses = None
+        try:
+            responses = getattr(self._handles[listing.id], method).remote(body, None)
+            first = await anext(responses)
+        except BaseException as exc:
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            if cancelled and responses is not None:
+                responses.cancel()
+            await self._settle(admission, Usage(), "aborted" if cancelled else "error")
+            if cancelled or isinstance(exc, APIError):
+                raise
+            logger.exception("dispatch to %s failed", listing.id)
+            raise ServiceUnavailable(f"The model {listing.id!r} is not available right now.", retry_after_s=5) from exc
+
+        batch = first if isinstance(first, list) else [first]
+        if batch and not isinstance(batch[0], str) and type(batch[0]).__name__ == "ErrorResponse":
+            await self._settle(admission, Usage(), "error")
+            raise _engine_error(batch[0])
+
+        if not stream:
+            payload = first.model_dump()
+            usage = Usage.from_openai(payload.get("usage"))
+            settlement = await self._settle(admission, usage, "completed")
+            if payload.get("usage") is not None:
+                payload["usage"]["cost"] = settlement.cost_usd if settlement else None
+            return JSONResponse(payload)
+
+        return StreamingResponse(
+            self._stream(admission, first, responses, wants_usage),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+    async def _stream(self, admission: Admission, first: Any, responses: Any, wants_usage: bool) -> AsyncIterator[str]:
+        usage = Usage()
+        usage_chunk: dict | None = None
+        outcome: Outcome = "aborted"
+        settled = False
+        try:
+            batch = first
+            while True:
+                for item in batch if isinstance(batch, list) else [batch]:
+                    for event in _events(item):
+                        chunk = json.loads(event)
+                        if "error" in chunk:
+                            outcome = "error"
+                            yield _sse(_engine_error(chunk).body())
+                        elif chunk.get("choices"):
+                            if chunk.get("usage"):
+                                usage = Usage.from_openai(chunk.pop("usage"))
+                            yield _sse(chunk)
+                        elif chunk.get("usage"):
+                            usage = Usage.from_openai(chunk["usage"])
+                            usage_chunk = chunk
+                try:
+                    batch = await anext(responses)
+                except StopAsyncIteration:
+                    break
+            if outcome != "error":
+                outcome = "completed"
+            settlement = await self._settle(admission, usage, outcome)
+            settled = True
+            if usage_chunk is not None and wants_usage:
+                usage_chunk["usage"]["cost"] = settlement.cost_usd if settlement else None
+                yield _sse(usage_chunk)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not settled:
+                # Client went away (or we failed): stop the engine and bill what was produced.
+                responses.cancel()
+                await self._settle(admission, usage, outcome)
+
+    async def _settle(self, admission: Admission, usage: Usage, outcome: Outcome) -> Settlement | None:
+        """Settle, even when the surrounding task is being cancelled. Engine errors bill no output."""
+        if outcome == "error":
+            usage = Usage(usage.prompt_tokens, 0)
+        with anyio.CancelScope(shield=True):
+            try:
+                return await self.meter.settle(admission, usage.prompt_tokens, usage.completion_tokens, outcome)
+            except APIError:
+                return None
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _events(item: Any) -> list[str]:
+    """The JSON `data:` payloads in one engine packet (a packet may hold several SSE events)."""
+    if not isinstance(item, str):
+        return [item.model_dump_json()] if hasattr(item, "model_dump_json") else []
+    return [
+        line[len("data: ") :].strip()
+        for line in item.split("\n")
+        if line.startswith("data: ") and line.strip() != "data: [DONE]"
+    ]
+
+
+def _force_usage(body: Any) -> None:
+    """Ask the engine for usage on every chunk, whatever the client asked for."""
+    if body.stream_options is None:
+        annotation = type(body).model_fields["stream_options"].annotation
+        options_type = next(t for t in get_args(annotation) if t is not type(None))
+        body.stream_options = options_type(include_usage=True, continuous_usage_stats=True)
+    else:
+        body.stream_options.include_usage = True
+        body.stream_options.continuous_usage_stats = True

@@ -1,0 +1,247 @@
+"""The marketplace ingress: Ray Serve LLM's OpenAiIngress with keys, prices and billing.
+
+Routes stay thin: they parse, call the gateway (paid calls) or the key store / meter
+(account and admin calls), and return JSON or SSE. The route table is `ENDPOINTS`, given
+to Ray Serve LLM's `make_fastapi_ingress`, so every public path is listed in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+)
+from ray.serve.handle import DeploymentHandle
+from ray.serve.llm.ingress import OpenAiIngress
+from redis.exceptions import RedisError
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import auth
+from .catalog import Catalog, Listing
+from .errors import BadRequest, BillingUnavailable, NotFound, PayloadTooLarge, install_error_handlers
+from .gateway import Gateway
+from .keystore import KeyStore, connect
+from .metering import Meter
+from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, UpdateKeyRequest, usd_to_micros
+
+logger = logging.getLogger("tokenmart.ingress")
+
+ADMIN_TOKEN_ENV = "TOKENMART_ADMIN_TOKEN"
+DEFAULT_USAGE_WINDOW_DAYS = 30
+
+
+class RequestContextMiddleware:
+    """Every response carries x-request-id; oversized bodies get 413 before parsing.
+
+    Behind Ray Serve's proxy the request already has an id and the proxy echoes it on the
+    response, so the id is only added here when the request came without one.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode()
+        echo_id = not request_id
+        if echo_id:
+            request_id = uuid.uuid4().hex
+            scope["headers"] = [*scope.get("headers", []), (b"x-request-id", request_id.encode())]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start" and echo_id:
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            too_large = PayloadTooLarge(f"The request body is larger than {self.max_body_bytes} bytes.")
+            await too_large.response()(scope, receive, send_with_id)
+            return
+        await self.app(scope, receive, send_with_id)
+
+
+def create_fastapi_app(max_body_bytes: int = 1 << 20) -> FastAPI:
+    app = FastAPI(title="tokenmart", version="0.1.0", description="OpenAI-compatible pay-per-token LLM marketplace")
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=max_body_bytes)
+    return app
+
+
+def listing_card(listing: Listing) -> dict[str, Any]:
+    return {
+        "id": listing.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": listing.owner,
+        "description": listing.description,
+        "context_length": listing.context_length,
+        "pricing": {
+            "prompt_usd_per_1m": float(listing.pricing.prompt_usd_per_1m),
+            "completion_usd_per_1m": float(listing.pricing.completion_usd_per_1m),
+        },
+    }
+
+
+def _usage_window(start: date | None, end: date | None) -> tuple[date, date]:
+    end = end or datetime.now(timezone.utc).date()
+    start = start or end - timedelta(days=DEFAULT_USAGE_WINDOW_DAYS - 1)
+    if start > end:
+        raise BadRequest("'start' must not be after 'end'.", param="start")
+    return start, end
+
+
+class MarketplaceIngress(OpenAiIngress):
+    def __init__(
+        self,
+        llm_deployments: dict[str, DeploymentHandle],
+        model_cards: dict[str, ModelCard],
+        *,
+        lora_paths: dict[str, str] | None = None,
+        catalog: dict[str, Any],
+        redis_url: str,
+        redis_timeout_s: float = 1.0,
+    ) -> None:
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        self.catalog = Catalog.model_validate(catalog)
+        self.redis = connect(redis_url, timeout_s=redis_timeout_s)
+        self.keys = KeyStore(self.redis)
+        self.meter = Meter(self.redis)
+        self.gateway = Gateway(self.catalog, llm_deployments, self.keys, self.meter)
+        self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        self._cards = [listing_card(listing) for listing in self.catalog.listings]
+
+    # -- OpenAI-compatible inference -------------------------------------------------
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        return await self.gateway.handle(body, request, method="chat")
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self.gateway.handle(body, request, method="completions")
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": self._cards}
+
+    async def model_data(self, model: str) -> dict[str, Any]:
+        listing = self.catalog.get(model)
+        if listing is None:
+            raise NotFound(f"The model {model!r} does not exist.", param="model", code="model_not_found")
+        return listing_card(listing)
+
+    # -- the calling key's own account -------------------------------------------------
+    async def key_info(self, request: Request) -> dict[str, Any]:
+        record = await self.keys.authenticate(request.headers.get("authorization"))
+        return record.view().model_dump()
+
+    async def usage(
+        self,
+        request: Request,
+        start: date | None = Query(default=None, description="first UTC day, YYYY-MM-DD"),
+        end: date | None = Query(default=None, description="last UTC day, YYYY-MM-DD"),
+        group_by: Literal["model", "day"] = Query(default="model"),
+    ) -> dict[str, Any]:
+        record = await self.keys.authenticate(request.headers.get("authorization"))
+        first, last = _usage_window(start, end)
+        return (await self.meter.usage([record.id], first, last, group_by)).model_dump()
+
+    async def healthz(self) -> Response:
+        try:
+            await self.redis.ping()
+        except RedisError:
+            return BillingUnavailable("The billing store is unreachable.", retry_after_s=2).response()
+        return JSONResponse({"status": "ok", "models": len(self.catalog.listings), "time": int(time.time())})
+
+    # -- admin API -----------------------------------------------------------------------
+    def _admin(self, request: Request) -> None:
+        auth.check_admin_token(request.headers.get("authorization"), self.admin_token)
+
+    def _check_models(self, models: list[str] | None) -> None:
+        unknown = [m for m in models or [] if self.catalog.get(m) is None]
+        if unknown:
+            raise BadRequest(f"Unknown model(s) {', '.join(map(repr, unknown))}; see GET /v1/models.", param="models")
+
+    async def admin_create_key(self, body: CreateKeyRequest, request: Request) -> JSONResponse:
+        self._admin(request)
+        self._check_models(body.models)
+        record, key = await self.keys.create(body)
+        created = CreatedKey(**record.view().model_dump(), key=key)
+        return JSONResponse(created.model_dump(), status_code=201)
+
+    async def admin_list_keys(self, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        return {"object": "list", "data": [r.view().model_dump() for r in await self.keys.list()]}
+
+    async def admin_get_key(self, key_id: str, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        return (await self.keys.require(key_id)).view().model_dump()
+
+    async def admin_update_key(self, key_id: str, body: UpdateKeyRequest, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        self._check_models(body.models)
+        return (await self.keys.update(key_id, body)).view().model_dump()
+
+    async def admin_revoke_key(self, key_id: str, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        return (await self.keys.revoke(key_id)).view().model_dump()
+
+    async def admin_add_credit(self, key_id: str, body: CreditRequest, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        return (await self.keys.add_credit(key_id, usd_to_micros(body.amount_usd))).view().model_dump()
+
+    async def admin_usage(
+        self,
+        request: Request,
+        key_id: str | None = Query(default=None),
+        start: date | None = Query(default=None),
+        end: date | None = Query(default=None),
+        group_by: Literal["model", "day"] = Query(default="model"),
+    ) -> dict[str, Any]:
+        self._admin(request)
+        first, last = _usage_window(start, end)
+        key_ids = [(await self.keys.require(key_id)).id] if key_id else [r.id for r in await self.keys.list()]
+        return (await self.meter.usage(key_ids, first, last, group_by)).model_dump()
+
+
+def _route(method: str, *paths: str, **kwargs: Any):
+    """An endpoint-map entry that serves one method on several paths (the public aliases)."""
+
+    def factory(app: FastAPI):
+        def decorate(func):
+            for path in paths:
+                getattr(app, method)(path, **kwargs)(func)
+            return func
+
+        return decorate
+
+    return factory
+
+
+ENDPOINTS = {
+    "chat": _route("post", "/v1/chat/completions", "/api/v1/chat/completions", "/v1/inference/chat/completions"),
+    "completions": _route("post", "/v1/completions", "/api/v1/completions"),
+    "models": _route("get", "/v1/models", "/api/v1/models"),
+    "model_data": _route("get", "/v1/models/{model:path}", "/api/v1/models/{model:path}"),
+    "key_info": _route("get", "/v1/key", "/api/v1/key"),
+    "usage": _route("get", "/v1/usage", "/api/v1/usage"),
+    "healthz": _route("get", "/healthz"),
+    "admin_create_key": _route("post", "/admin/v1/keys", status_code=201),
+    "admin_list_keys": _route("get", "/admin/v1/keys"),
+    "admin_get_key": _route("get", "/admin/v1/keys/{key_id}"),
+    "admin_update_key": _route("patch", "/admin/v1/keys/{key_id}"),
+    "admin_revoke_key": _route("delete", "/admin/v1/keys/{key_id}"),
+    "admin_add_credit": _route("post", "/admin/v1/keys/{key_id}/credit"),
+    "admin_usage": _route("get", "/admin/v1/usage"),
+}

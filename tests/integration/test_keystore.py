@@ -1,0 +1,282 @@
+"""KeyStore and Meter against a real redis-server (no Ray): what Redis holds and how it changes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import pytest
+import redis
+
+from tokenmart.deployments import auth
+from tokenmart.deployments.catalog import Listing
+from tokenmart.deployments.errors import AuthenticationFailed, InsufficientCredit
+from tokenmart.deployments.keystore import KeyStore, account_key, connect
+from tokenmart.deployments.metering import Meter
+from tokenmart.deployments.schemas import CreateKeyRequest, UpdateKeyRequest
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+
+ALPHA = Listing.model_validate(
+    {
+        "id": "alpha-chat",
+        "owner": "alpha-labs",
+        "source": "fake/alpha",
+        "context_length": 4096,
+        "pricing": {"prompt_usd_per_1m": "0.15", "completion_usd_per_1m": "0.6"},
+        "accelerator": {"kind": "cpu"},
+    }
+)
+BETA = Listing.model_validate(
+    {
+        "id": "beta-chat",
+        "owner": "beta-labs",
+        "source": "fake/beta",
+        "context_length": 8192,
+        "pricing": {"prompt_usd_per_1m": "2.5", "completion_usd_per_1m": "10"},
+        "accelerator": {"kind": "cpu"},
+    }
+)
+
+
+def run(redis_url: str, scenario: Callable[[KeyStore, Meter], Awaitable[T]]) -> T:
+    """Run one async scenario with a fresh asyncio Redis client on its own event loop."""
+
+    async def main() -> T:
+        client = connect(redis_url)
+        try:
+            return await scenario(KeyStore(client), Meter(client))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def redis_today(client: redis.Redis) -> date:
+    """The settle script dates usage by Redis TIME (UTC), not by this process's clock."""
+    seconds, _ = client.time()
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).date()
+
+
+def dump_everything(client: redis.Redis) -> list[str]:
+    """Every key name and every stored value, as text."""
+    out: list[str] = []
+    for name in client.scan_iter("*"):
+        out.append(name)
+        kind = client.type(name)
+        if kind == "string":
+            out.append(client.get(name) or "")
+        elif kind == "hash":
+            for field, value in client.hgetall(name).items():
+                out += [field, value]
+        elif kind == "set":
+            out += list(client.smembers(name))
+        elif kind == "stream":
+            for _, fields in client.xrange(name):
+                for field, value in fields.items():
+                    out += [field, value]
+        else:
+            pytest.fail(f"unexpected Redis type {kind} for {name}")
+    return out
+
+
+def test_created_key_is_stored_only_as_its_hash_and_display_prefix(redis_server, redis_client):
+    record, key = run(redis_server.url, lambda keys, _: keys.create(CreateKeyRequest(name="alice", credit_usd=2)))
+
+    assert auth.is_well_formed(key)
+    stored = redis_client.hgetall(account_key(record.id, "key"))
+    assert stored["key_hash"] == hashlib.sha256(key.encode()).hexdigest()
+    assert stored["prefix"] == auth.display_prefix(key)
+    assert stored["balance_micros"] == "2000000"
+    assert redis_client.smembers("tm:keys") == {record.id}
+    secret = key[len(auth.KEY_PREFIX) :]
+    everything = dump_everything(redis_client)
+    assert everything, "nothing was written"
+    assert not [text for text in everything if key in text or secret in text]
+
+
+def test_authenticate_accepts_the_live_key_and_rejects_other_keys(redis_server, redis_client):
+    async def scenario(keys: KeyStore, _: Meter) -> None:
+        record, key = await keys.create(CreateKeyRequest(name="bob", credit_usd=Decimal("0.5")))
+        found = await keys.authenticate(f"Bearer {key}")
+        assert (found.id, found.name, found.balance_micros) == (record.id, "bob", 500_000)
+
+        with pytest.raises(AuthenticationFailed) as unknown:
+            await keys.authenticate(f"Bearer {auth.generate_key()}")
+        assert (unknown.value.status_code, unknown.value.code) == (401, "invalid_api_key")
+
+        with pytest.raises(AuthenticationFailed) as missing:
+            await keys.authenticate(None)
+        assert missing.value.code == "missing_api_key"
+
+    run(redis_server.url, scenario)
+
+
+def test_revoked_key_is_refused_with_revoked_api_key(redis_server, redis_client):
+    async def scenario(keys: KeyStore, _: Meter) -> None:
+        record, key = await keys.create(CreateKeyRequest(name="carol", credit_usd=1))
+        revoked = await keys.revoke(record.id)
+        assert revoked.status == "revoked"
+        with pytest.raises(AuthenticationFailed) as refused:
+            await keys.authenticate(f"Bearer {key}")
+        assert (refused.value.status_code, refused.value.code) == (401, "revoked_api_key")
+
+    run(redis_server.url, scenario)
+
+
+def test_expired_key_is_refused_and_unexpired_key_works(redis_server, redis_client):
+    now = datetime.now(timezone.utc)
+
+    async def scenario(keys: KeyStore, _: Meter) -> None:
+        _, expired = await keys.create(CreateKeyRequest(name="old", expires_at=now - timedelta(minutes=1)))
+        _, fresh = await keys.create(CreateKeyRequest(name="new", expires_at=now + timedelta(hours=1)))
+        with pytest.raises(AuthenticationFailed) as refused:
+            await keys.authenticate(f"Bearer {expired}")
+        assert (refused.value.status_code, refused.value.code) == (401, "expired_api_key")
+        assert (await keys.authenticate(f"Bearer {fresh}")).name == "new"
+
+    run(redis_server.url, scenario)
+
+
+def test_add_credit_increases_the_balance_exactly(redis_server, redis_client):
+    async def scenario(keys: KeyStore, _: Meter) -> int:
+        record, _ = await keys.create(CreateKeyRequest(name="dave", credit_usd=Decimal("0.000001")))
+        return (await keys.add_credit(record.id, 2_500_000)).balance_micros
+
+    assert run(redis_server.url, scenario) == 2_500_001
+
+
+def test_update_changes_limits_and_models_but_never_the_balance_counters(redis_server, redis_client):
+    async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, Any]:
+        record, _ = await keys.create(CreateKeyRequest(name="erin", credit_usd=1))
+        await meter.settle(await meter.admit(record, ALPHA), 100, 50, "completed")
+        before = await keys.require(record.id)
+        # A settlement landing while the admin edits the key must not be overwritten.
+        redis_client.hincrby(account_key(record.id, "key"), "balance_micros", -7)
+        after = await keys.update(record.id, UpdateKeyRequest(name="erin2", rpm=60, models=["alpha-chat"]))
+        return before, after
+
+    before, after = run(redis_server.url, scenario)
+    assert (after.name, after.limits.rpm, after.models) == ("erin2", 60, ["alpha-chat"])
+    assert after.limits.tpm is None
+    assert before.balance_micros == 1_000_000 - ALPHA.cost_micros(100, 50)
+    assert after.balance_micros == before.balance_micros - 7
+    assert (after.spent_micros, after.hold_micros) == (before.spent_micros, before.hold_micros)
+
+
+def test_admit_refuses_a_key_without_credit(redis_server, redis_client):
+    async def scenario(keys: KeyStore, meter: Meter) -> None:
+        record, _ = await keys.create(CreateKeyRequest(name="broke", credit_usd=0))
+        with pytest.raises(InsufficientCredit) as refused:
+            await meter.admit(record, ALPHA)
+        assert (refused.value.status_code, refused.value.code) == (402, "insufficient_quota")
+
+    run(redis_server.url, scenario)
+
+
+def test_settle_is_idempotent_per_billing_id(redis_server, redis_client):
+    async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, Any, str]:
+        record, _ = await keys.create(CreateKeyRequest(name="frank", credit_usd=1))
+        admission = await meter.admit(record, BETA)
+        first = await meter.settle(admission, 10, 20, "completed")
+        second = await meter.settle(admission, 10, 20, "completed")
+        return first, second, record.id
+
+    first, second, key_id = run(redis_server.url, scenario)
+    cost = BETA.cost_micros(10, 20)
+    assert cost == 225
+    assert (first.duplicate, first.cost_micros, first.balance_micros) == (False, cost, 1_000_000 - cost)
+    assert second.duplicate is True
+    assert second.balance_micros == 1_000_000 - cost
+    stored = redis_client.hgetall(account_key(key_id, "key"))
+    assert (stored["balance_micros"], stored["spent_micros"]) == (str(1_000_000 - cost), str(cost))
+    assert redis_client.xlen(account_key(key_id, "ledger")) == 1
+    today = redis_today(redis_client).isoformat()
+    assert redis_client.hget(account_key(key_id, "usage"), f"{today}|beta-chat|requests") == "1"
+
+
+def test_settle_writes_daily_model_counters_and_a_ledger_event(redis_server, redis_client):
+    async def scenario(keys: KeyStore, meter: Meter) -> tuple[str, str]:
+        record, _ = await keys.create(CreateKeyRequest(name="grace", credit_usd=1))
+        completed = await meter.admit(record, ALPHA)
+        await meter.settle(completed, 7, 3, "completed")
+        aborted = await meter.admit(record, ALPHA)
+        await meter.settle(aborted, 5, 2, "aborted")
+        return record.id, completed.billing_id
+
+    key_id, billing_id = run(redis_server.url, scenario)
+    today = redis_today(redis_client).isoformat()
+    cost = ALPHA.cost_micros(7, 3) + ALPHA.cost_micros(5, 2)
+    assert redis_client.hgetall(account_key(key_id, "usage")) == {
+        f"{today}|alpha-chat|requests": "2",
+        f"{today}|alpha-chat|prompt_tokens": "12",
+        f"{today}|alpha-chat|completion_tokens": "5",
+        f"{today}|alpha-chat|cost_micros": str(cost),
+    }
+    events = [fields for _, fields in redis_client.xrange(account_key(key_id, "ledger"))]
+    assert [e["status"] for e in events] == ["completed", "aborted"]
+    first = events[0]
+    assert first["request_id"] == billing_id
+    assert (first["key_id"], first["model"], first["day"]) == (key_id, "alpha-chat", today)
+    assert (first["prompt_tokens"], first["completion_tokens"]) == ("7", "3")
+    assert first["cost_micros"] == str(ALPHA.cost_micros(7, 3))
+    assert int(first["settled_at_ms"]) >= int(first["started_at_ms"]) - 5_000
+
+
+def test_usage_report_groups_by_model_and_day_within_the_date_range(redis_server, redis_client):
+    async def settle_today(keys: KeyStore, meter: Meter) -> str:
+        record, _ = await keys.create(CreateKeyRequest(name="heidi", credit_usd=1))
+        await meter.settle(await meter.admit(record, ALPHA), 10, 4, "completed")
+        await meter.settle(await meter.admit(record, BETA), 6, 2, "completed")
+        await meter.settle(await meter.admit(record, BETA), 4, 2, "completed")
+        return record.id
+
+    key_id = run(redis_server.url, settle_today)
+    today = redis_today(redis_client)
+    # An older day, written in the documented counter layout, to test the range filter.
+    old_day = today - timedelta(days=40)
+    redis_client.hset(
+        account_key(key_id, "usage"),
+        mapping={
+            f"{old_day.isoformat()}|alpha-chat|requests": 3,
+            f"{old_day.isoformat()}|alpha-chat|prompt_tokens": 30,
+            f"{old_day.isoformat()}|alpha-chat|completion_tokens": 9,
+            f"{old_day.isoformat()}|alpha-chat|cost_micros": 11,
+        },
+    )
+
+    def report(start: date, end: date, group_by: str):
+        return run(redis_server.url, lambda _, meter: meter.usage([key_id], start, end, group_by))  # type: ignore[arg-type]
+
+    alpha_cost = ALPHA.cost_micros(10, 4)
+    beta_cost = BETA.cost_micros(6, 2) + BETA.cost_micros(4, 2)
+
+    by_model = report(today, today, "model")
+    assert by_model.key_id == key_id
+    assert [(r.model, r.requests, r.prompt_tokens, r.completion_tokens) for r in by_model.data] == [
+        ("alpha-chat", 1, 10, 4),
+        ("beta-chat", 2, 10, 4),
+    ]
+    assert [round(r.cost_usd * 1_000_000) for r in by_model.data] == [alpha_cost, beta_cost]
+    assert (by_model.total.requests, by_model.total.total_tokens) == (3, 28)
+    assert round(by_model.total.cost_usd * 1_000_000) == alpha_cost + beta_cost
+
+    by_day = report(old_day, today, "day")
+    assert [(r.date, r.requests, r.prompt_tokens) for r in by_day.data] == [
+        (old_day.isoformat(), 3, 30),
+        (today.isoformat(), 3, 20),
+    ]
+    assert round(by_day.total.cost_usd * 1_000_000) == 11 + alpha_cost + beta_cost
+
+    only_old = report(old_day, old_day, "model")
+    assert [(r.model, r.requests) for r in only_old.data] == [("alpha-chat", 3)]
+
+    nothing = report(today - timedelta(days=10), today - timedelta(days=1), "day")
+    assert nothing.data == []
+    assert (nothing.total.requests, nothing.total.cost_usd) == (0, 0.0)

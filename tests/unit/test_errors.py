@@ -1,0 +1,370 @@
+"""The error envelope and the request-context middleware, on a small FastAPI app built like the ingress."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenmart.deployments import errors
+from tokenmart.deployments.errors import (
+    APIError,
+    AuthenticationFailed,
+    BadRequest,
+    BillingUnavailable,
+    EngineError,
+    InsufficientCredit,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServiceUnavailable,
+    UpstreamTimeout,
+    error_body,
+)
+from tokenmart.deployments.ingress import create_fastapi_app
+
+MAX_BODY = 2048
+SECRET = "db-password-hunter2"
+ENVELOPE_KEYS = {"message", "type", "param", "code"}
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class Body(BaseModel):
+    model: str
+    count: int = Field(default=1, ge=1, le=10)
+    messages: list[Message] = []
+
+
+RAISED: dict[str, APIError] = {
+    "bad_request": BadRequest("Bad thing.", param="temperature"),
+    "auth": AuthenticationFailed("Incorrect API key provided."),
+    "credit": InsufficientCredit("Your credit balance is used up."),
+    "permission": PermissionDenied("This API key may not use the model 'm'.", param="model"),
+    "model": ModelNotFound("The model 'nope' does not exist.", param="model"),
+    "not_found": NotFound("No such key.", param="key_id"),
+    "timeout": UpstreamTimeout("The model took too long."),
+    "too_large": PayloadTooLarge("Too big."),
+    "unavailable": ServiceUnavailable("Overloaded.", retry_after_s=7),
+    "billing": BillingUnavailable("The billing store is unreachable.", retry_after_s=2),
+    "engine": EngineError("The engine failed."),
+}
+
+
+def _build_app() -> FastAPI:
+    app = create_fastapi_app(max_body_bytes=MAX_BODY)
+
+    @app.post("/v1/things")
+    async def create_thing(body: Body) -> dict:
+        return {"model": body.model, "count": body.count}
+
+    @app.get("/raise/{kind}")
+    async def raise_api_error(kind: str) -> dict:
+        raise RAISED[kind]
+
+    @app.get("/http/{status}")
+    async def raise_http(status: int) -> dict:
+        raise StarletteHTTPException(status_code=status, detail=f"custom detail {status}")
+
+    @app.get("/boom")
+    async def boom() -> dict:
+        raise RuntimeError(f"connection to postgres failed: {SECRET}")
+
+    @app.get("/request-id")
+    async def request_id(request: Request) -> dict:
+        return {"seen": request.headers.get("x-request-id")}
+
+    @app.post("/echo-size")
+    async def echo_size(request: Request) -> dict:
+        return {"size": len(await request.body())}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    return TestClient(_build_app(), raise_server_exceptions=False)
+
+
+def _error(response) -> dict:
+    payload = response.json()
+    assert set(payload) == {"error"}, payload
+    assert set(payload["error"]) == ENVELOPE_KEYS, payload
+    assert isinstance(payload["error"]["message"], str) and payload["error"]["message"]
+    return payload["error"]
+
+
+# -- framework errors ------------------------------------------------------------------------
+
+
+def test_unknown_route_is_404_not_found_envelope(client: TestClient):
+    response = client.get("/v1/nope")
+    assert response.status_code == 404
+    error = _error(response)
+    assert error["code"] == "not_found"
+    assert error["type"] == "invalid_request_error"
+    assert "GET /v1/nope" in error["message"]
+    assert error["param"] is None
+
+
+def test_wrong_method_is_405_envelope(client: TestClient):
+    response = client.get("/v1/things")
+    assert response.status_code == 405
+    error = _error(response)
+    assert error["code"] == "method_not_allowed"
+    assert "GET" in error["message"]
+    assert "/v1/things" in error["message"]
+    assert response.headers["allow"] == "POST"
+
+
+def test_http_exception_detail_and_status_are_kept(client: TestClient):
+    response = client.get("/http/429")
+    assert response.status_code == 429
+    error = _error(response)
+    assert error["message"] == "custom detail 429"
+    assert error["code"] == "rate_limit_exceeded"
+
+
+def test_unmapped_http_status_still_gets_envelope(client: TestClient):
+    response = client.get("/http/418")
+    assert response.status_code == 418
+    assert _error(response)["message"] == "custom detail 418"
+
+
+# -- body validation -----------------------------------------------------------------------------
+
+
+def test_invalid_field_value_is_400_with_param(client: TestClient):
+    response = client.post("/v1/things", json={"model": "m", "count": 0})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == "count"
+    assert error["code"] == "invalid_value"
+    assert error["type"] == "invalid_request_error"
+    assert "'count'" in error["message"]
+
+
+def test_nested_invalid_field_param_is_dotted_path(client: TestClient):
+    messages = [{"role": "user", "content": "hi"}, {"role": 5, "content": "x"}]
+    response = client.post("/v1/things", json={"model": "m", "messages": messages})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == "messages.1.role"
+    assert error["code"] == "invalid_value"
+
+
+def test_nested_missing_field_param_is_dotted_path(client: TestClient):
+    response = client.post("/v1/things", json={"model": "m", "messages": [{"role": "user"}]})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == "messages.0.content"
+    assert error["code"] == "missing_required_parameter"
+
+
+def test_wrong_type_param_is_named(client: TestClient):
+    response = client.post("/v1/things", json={"model": "m", "count": "many"})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == "count"
+    assert error["code"] == "invalid_value"
+
+
+def test_missing_required_field_is_400_missing_required_parameter(client: TestClient):
+    response = client.post("/v1/things", json={"count": 2})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == "model"
+    assert error["code"] == "missing_required_parameter"
+    assert "'model'" in error["message"]
+
+
+def test_invalid_json_body_is_400(client: TestClient):
+    response = client.post("/v1/things", content=b'{"model": "m",', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "invalid_json"
+    assert "not valid JSON" in error["message"]
+
+
+def test_valid_body_passes_through(client: TestClient):
+    response = client.post("/v1/things", json={"model": "m", "count": 3})
+    assert response.status_code == 200
+    assert response.json() == {"model": "m", "count": 3}
+
+
+# -- APIError subclasses -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "type_", "code", "param"),
+    [
+        ("bad_request", 400, "invalid_request_error", "invalid_value", "temperature"),
+        ("auth", 401, "invalid_request_error", "invalid_api_key", None),
+        ("credit", 402, "insufficient_quota", "insufficient_quota", None),
+        ("permission", 403, "invalid_request_error", "model_not_allowed", "model"),
+        ("model", 404, "invalid_request_error", "model_not_found", "model"),
+        ("not_found", 404, "invalid_request_error", "not_found", "key_id"),
+        ("timeout", 408, "timeout", "upstream_timeout", None),
+        ("too_large", 413, "invalid_request_error", "request_too_large", None),
+        ("unavailable", 503, "service_unavailable", "service_unavailable", None),
+        ("billing", 503, "service_unavailable", "billing_unavailable", None),
+        ("engine", 500, "server_error", "engine_error", None),
+    ],
+)
+def test_api_error_maps_to_status_and_envelope(
+    client: TestClient, kind: str, status: int, type_: str, code: str, param: str | None
+):
+    response = client.get(f"/raise/{kind}")
+    assert response.status_code == status
+    error = _error(response)
+    assert error == {"message": RAISED[kind].message, "type": type_, "param": param, "code": code}
+
+
+def test_service_unavailable_sends_retry_after(client: TestClient):
+    assert client.get("/raise/unavailable").headers["retry-after"] == "7"
+    assert client.get("/raise/billing").headers["retry-after"] == "2"
+
+
+def test_service_unavailable_retry_after_defaults_to_one_second():
+    assert ServiceUnavailable("x").headers == {"retry-after": "1"}
+
+
+def test_service_unavailable_keeps_extra_headers():
+    exc = ServiceUnavailable("x", retry_after_s=3, headers={"x-extra": "1"})
+    assert exc.headers == {"retry-after": "3", "x-extra": "1"}
+
+
+def test_error_code_and_type_can_be_overridden_per_instance():
+    exc = AuthenticationFailed("no key", code="missing_api_key")
+    assert exc.code == "missing_api_key"
+    # the class default is untouched
+    assert AuthenticationFailed("x").code == "invalid_api_key"
+    assert exc.body() == {
+        "error": {"message": "no key", "type": "invalid_request_error", "param": None, "code": "missing_api_key"}
+    }
+
+
+def test_error_body_for_bare_status():
+    assert error_body(429, "slow down") == {
+        "error": {"message": "slow down", "type": "requests", "param": None, "code": "rate_limit_exceeded"}
+    }
+    assert error_body(599, "odd")["error"]["type"] == "server_error"
+    assert error_body(400, "bad", param="n", code="too_many")["error"] == {
+        "message": "bad",
+        "type": "invalid_request_error",
+        "param": "n",
+        "code": "too_many",
+    }
+
+
+# -- unexpected exceptions ---------------------------------------------------------------------------
+
+
+def test_unexpected_exception_is_500_without_leaking_text(client: TestClient):
+    response = client.get("/boom")
+    assert response.status_code == 500
+    error = _error(response)
+    assert error["type"] == "server_error"
+    assert error["code"] == "internal_error"
+    assert SECRET not in response.text
+    assert "postgres" not in response.text
+    assert "RuntimeError" not in response.text
+
+
+# -- body size limit -------------------------------------------------------------------------------
+
+
+def test_body_over_limit_is_413_request_too_large(client: TestClient):
+    response = client.post("/v1/things", content=json.dumps({"model": "m" * (MAX_BODY + 10)}).encode(),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    error = _error(response)
+    assert error["code"] == "request_too_large"
+    assert str(MAX_BODY) in error["message"]
+    assert response.headers.get("x-request-id")
+
+
+def test_body_over_limit_is_refused_before_the_route_runs(client: TestClient):
+    response = client.post("/echo-size", content=b"x" * (MAX_BODY + 1))
+    assert response.status_code == 413
+
+
+def test_body_at_limit_is_accepted(client: TestClient):
+    response = client.post("/echo-size", content=b"x" * MAX_BODY)
+    assert response.status_code == 200
+    assert response.json() == {"size": MAX_BODY}
+
+
+def test_default_body_limit_is_one_mebibyte():
+    small = TestClient(create_fastapi_app())
+    assert small.post("/anything", content=b"x" * ((1 << 20) + 1)).status_code == 413
+    assert small.post("/anything", content=b"x" * (1 << 20)).status_code == 404
+
+
+# -- x-request-id -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("get", "/request-id"), ("get", "/v1/nope"), ("get", "/v1/things"), ("get", "/raise/credit"),
+     ("get", "/raise/unavailable")],
+)
+def test_every_response_carries_one_generated_request_id(client: TestClient, method: str, path: str):
+    response = client.request(method, path)
+    ids = response.headers.get_list("x-request-id")
+    assert len(ids) == 1
+    assert re.fullmatch(r"[0-9a-f]{32}", ids[0])
+
+
+def test_validation_error_response_carries_request_id(client: TestClient):
+    response = client.post("/v1/things", json={})
+    assert response.status_code == 400
+    assert len(response.headers.get_list("x-request-id")) == 1
+
+
+def test_generated_request_id_is_the_one_the_app_sees(client: TestClient):
+    response = client.get("/request-id")
+    assert response.json()["seen"] == response.headers["x-request-id"]
+
+
+def test_each_request_gets_its_own_id(client: TestClient):
+    first = client.get("/request-id").headers["x-request-id"]
+    second = client.get("/request-id").headers["x-request-id"]
+    assert first != second
+
+
+def test_incoming_request_id_is_kept_and_not_duplicated(client: TestClient):
+    """Behind Ray Serve the proxy echoes the incoming id; the app must neither replace nor repeat it."""
+    response = client.get("/request-id", headers={"x-request-id": "req-from-client-123"})
+    assert response.json()["seen"] == "req-from-client-123"
+    assert set(response.headers.get_list("x-request-id")) <= {"req-from-client-123"}
+
+
+def test_incoming_request_id_is_echoed_exactly_once_behind_the_serve_proxy():
+    """The full stack: Ray Serve's proxy RequestIdMiddleware in front of the tokenmart app."""
+    from ray.serve._private.http_util import RequestIdMiddleware
+
+    stacked = TestClient(RequestIdMiddleware(_build_app()), raise_server_exceptions=False)
+    response = stacked.get("/request-id", headers={"x-request-id": "req-from-client-123"})
+    assert response.headers.get_list("x-request-id") == ["req-from-client-123"]
+    assert response.json()["seen"] == "req-from-client-123"
+
+    for path, status in [("/v1/nope", 404), ("/raise/credit", 402), ("/boom", 500)]:
+        response = stacked.get(path)
+        assert response.status_code == status
+        assert len(response.headers.get_list("x-request-id")) == 1, path
+
+
+def test_error_module_has_no_hand_built_status_table_gaps():
+    # Every status the public contract names maps to an OpenAI error type.
+    for status in (400, 401, 403, 404, 408, 413, 429, 503):
+        assert status in errors._HTTP_STATUS_TYPES

@@ -106,10 +106,9 @@ def start_redis(state_dir: Path) -> tuple[str, str]:
 def stop_redis(url: str) -> None:
     import redis
 
-    try:
+    # SHUTDOWN closes the connection; an already-stopped server is fine too.
+    with contextlib.suppress(redis.ConnectionError):
         redis.Redis.from_url(url, socket_timeout=2).shutdown(save=True)
-    except redis.ConnectionError:
-        pass  # SHUTDOWN closes the connection; an already-stopped server is fine too
 
 
 # -- Ray -----------------------------------------------------------------------------------
@@ -140,9 +139,7 @@ def start_ray_head(num_cpus: int, env: dict[str, str]) -> tuple[str, str]:
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise LaunchError(f"`ray start --head` failed:\n{tail}\n(If a cluster is already running: tokenmart down)")
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    wait_for(lambda: serve_client(dashboard), 120, "the Ray dashboard")
-    return f"127.0.0.1:{gcs_port}", dashboard
+    return f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
 
 
 def _cluster_pids(gcs_address: str) -> list[int]:
@@ -320,7 +317,8 @@ def up(
             engine=engine,
             redis_pidfile=redis_pidfile,
         )
-        state.save(state_dir)
+        state.save(state_dir)  # from here on, `down` can find and stop this cluster
+        wait_for(lambda: serve_client(dashboard_url), 120, "the Ray dashboard")
         app_args = {"catalog": catalog.model_dump(mode="json"), "redis_url": redis_url, "engine": engine}
         deploy(dashboard_url, serve_config(app_args, port))
         wait_until_serving(dashboard_url, api_base, timeout_s)

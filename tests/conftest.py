@@ -56,15 +56,12 @@ class RedisServer:
         if executable is None:
             pytest.skip("redis-server is not installed")
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - the process owns it
+        options = {"port": self.port, "bind": "127.0.0.1", "save": "", "appendonly": "no", "dir": self.data_dir}
+        argv = [executable]
+        for name, value in options.items():
+            argv += [f"--{name}", str(value)]
         self.process = subprocess.Popen(
-            [
-                executable,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.data_dir),
-            ],  # fmt: skip
+            argv,
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -123,9 +123,8 @@ class Marketplace:
     def cost_micros(self, model_id: str, prompt_tokens: int, completion_tokens: int) -> int:
         """The contract's price math, done independently: integer micro-USD, rounded up."""
         prices = self.listing(model_id).pricing
-        numerator = (
-            prompt_tokens * int(prices.prompt_usd_per_1m * 1_000_000)
-            + completion_tokens * int(prices.completion_usd_per_1m * 1_000_000)
+        numerator = prompt_tokens * int(prices.prompt_usd_per_1m * 1_000_000) + completion_tokens * int(
+            prices.completion_usd_per_1m * 1_000_000
         )
         return -(-numerator // 1_000_000)
 

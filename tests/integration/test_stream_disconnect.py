@@ -1,0 +1,65 @@
+"""A client that hangs up mid-stream pays for what the engine produced, exactly once."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = [{"role": "user", "content": "tell me about ray serve"}]  # 8 prompt tokens
+SETTLE_TIMEOUT_S = 15.0
+
+
+def test_client_disconnect_mid_stream_is_billed_once_as_aborted(marketplace, redis_client):
+    created = marketplace.create_key(name="hangs-up", credit_usd="1")
+    key, key_id = created["key"], created["id"]
+    ledger = f"{{acct:{key_id}}}:ledger"
+    payload = {"model": "beta-chat", "messages": MESSAGES, "stream": True, "max_tokens": 16}
+
+    chunks: list[dict] = []
+    with (
+        httpx.Client(base_url=marketplace.base_url, timeout=30.0) as client,
+        client.stream("POST", "/v1/chat/completions", json=payload, headers=marketplace.auth(key)) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                chunks.append(json.loads(line[len("data: ") :]))
+                if len(chunks) == 3:
+                    break
+    # Leaving both blocks closed the connection with 13 of 16 tokens still to come.
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == [" w0", " w1", " w2"]
+    billing_id = chunks[0]["id"].removeprefix("chatcmpl-")
+
+    events = marketplace.wait_until(lambda: redis_client.xrange(ledger), SETTLE_TIMEOUT_S, what="the settlement")
+    assert len(events) == 1, events
+    event = events[0][1]
+    assert (event["request_id"], event["model"], event["status"]) == (billing_id, "beta-chat", "aborted")
+    completion_tokens = int(event["completion_tokens"])
+    # At least what the client read, and less than the full 16.
+    assert 3 <= completion_tokens <= 15, event
+    assert int(event["prompt_tokens"]) == 8
+    cost = marketplace.cost_micros("beta-chat", 8, completion_tokens)
+    assert int(event["cost_micros"]) == cost
+
+    info = marketplace.key_info(key)
+    assert round(info["credit_usd"] * 1_000_000) == 1_000_000 - cost
+    assert info["on_hold_usd"] == 0.0
+    total = marketplace.usage(key)["total"]
+    assert (total["requests"], total["completion_tokens"], round(total["cost_usd"] * 1_000_000)) == (
+        1,
+        completion_tokens,
+        cost,
+    )
+
+    # A later request settles after the aborted one; the aborted one is still there once.
+    follow_up = marketplace.chat(key, model="beta-chat", messages=MESSAGES, max_tokens=1)
+    assert follow_up.status_code == 200
+    request_ids = [fields["request_id"] for _, fields in redis_client.xrange(ledger)]
+    assert len(request_ids) == 2
+    assert request_ids.count(billing_id) == 1
+    follow_cost = round(follow_up.json()["usage"]["cost"] * 1_000_000)
+    assert round(marketplace.key_info(key)["credit_usd"] * 1_000_000) == 1_000_000 - cost - follow_cost

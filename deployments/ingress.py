@@ -23,12 +23,13 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.ingress import OpenAiIngress
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import auth
 from .catalog import Catalog, Listing
-from .errors import BadRequest, BillingUnavailable, NotFound, PayloadTooLarge, install_error_handlers
+from .errors import APIError, BadRequest, BillingUnavailable, NotFound, PayloadTooLarge, install_error_handlers
 from .gateway import Gateway
 from .keystore import KeyStore, connect
 from .metering import Meter
@@ -41,10 +42,11 @@ DEFAULT_USAGE_WINDOW_DAYS = 30
 
 
 class RequestContextMiddleware:
-    """Every response carries x-request-id; oversized bodies get 413 before parsing.
+    """Every response carries x-request-id; bodies over the limit get 413, declared or streamed.
 
     Behind Ray Serve's proxy the request already has an id and the proxy echoes it on the
-    response, so the id is only added here when the request came without one.
+    response, so the id is only added here when the request came without one. Unexpected
+    errors are turned into the 500 envelope here, inside the id handling, so they carry it too.
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
@@ -61,18 +63,43 @@ class RequestContextMiddleware:
         if echo_id:
             request_id = uuid.uuid4().hex
             scope["headers"] = [*scope.get("headers", []), (b"x-request-id", request_id.encode())]
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start" and echo_id:
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if echo_id:
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    # An HTTPException, so FastAPI's body parsing re-raises it unchanged and
+                    # the error handlers render the 413 envelope.
+                    raise StarletteHTTPException(413, detail=too_large_message)
+            return message
+
+        too_large_message = f"The request body is larger than {self.max_body_bytes} bytes."
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            too_large = PayloadTooLarge(f"The request body is larger than {self.max_body_bytes} bytes.")
-            await too_large.response()(scope, receive, send_with_id)
+            await PayloadTooLarge(too_large_message).response()(scope, receive, send_with_id)
             return
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive_limited, send_with_id)
+        except Exception:
+            if started:
+                raise
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await APIError("The server had an error while processing your request.").response()(
+                scope, receive, send_with_id
+            )
 
 
 def create_fastapi_app(max_body_bytes: int = 1 << 20) -> FastAPI:

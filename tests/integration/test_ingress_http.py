@@ -224,7 +224,7 @@ def test_missing_api_key_is_401(marketplace):
 
 @pytest.mark.parametrize(
     "authorization",
-    ["Bearer sk-tm-not-a-real-key", "Basic c2stdG0tYWJj", "Bearer ", "sk-tm-no-scheme"],
+    ["Bearer sk-tm-not-a-real-key", "Basic c2stdG0tYWJj", "Bearer", "sk-tm-no-scheme"],
     ids=["bad-format", "basic-scheme", "empty-bearer", "no-scheme"],
 )
 def test_malformed_api_key_is_401(marketplace, authorization):

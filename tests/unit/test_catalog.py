@@ -45,9 +45,7 @@ def _error_for(raw: Any) -> str:
 
 
 def _priced(prompt: str, completion: str) -> Listing:
-    return Listing.model_validate(
-        _listing(pricing={"prompt_usd_per_1m": prompt, "completion_usd_per_1m": completion})
-    )
+    return Listing.model_validate(_listing(pricing={"prompt_usd_per_1m": prompt, "completion_usd_per_1m": completion}))
 
 
 # -- shipped catalogs ------------------------------------------------------------------
@@ -110,9 +108,7 @@ def test_error_in_second_listing_names_that_listing_and_index():
 
 
 def test_every_problem_is_reported_at_once():
-    message = _error_for(
-        _catalog(_listing(engine={"tensor_parallel_size": 0, "pipeline_parallel_size": 0}))
-    )
+    message = _error_for(_catalog(_listing(engine={"tensor_parallel_size": 0, "pipeline_parallel_size": 0})))
     assert "engine.tensor_parallel_size" in message
     assert "engine.pipeline_parallel_size" in message
 
@@ -159,9 +155,7 @@ def test_min_replicas_above_max_replicas_is_rejected():
 
 
 def test_price_with_seven_decimals_is_rejected():
-    message = _error_for(
-        _catalog(_listing(pricing={"prompt_usd_per_1m": "0.0000001", "completion_usd_per_1m": "1"}))
-    )
+    message = _error_for(_catalog(_listing(pricing={"prompt_usd_per_1m": "0.0000001", "completion_usd_per_1m": "1"})))
     assert "pricing.prompt_usd_per_1m" in message
     assert "6 decimal places" in message
 

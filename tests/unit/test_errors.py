@@ -284,8 +284,11 @@ def test_unexpected_exception_is_500_without_leaking_text(client: TestClient):
 
 
 def test_body_over_limit_is_413_request_too_large(client: TestClient):
-    response = client.post("/v1/things", content=json.dumps({"model": "m" * (MAX_BODY + 10)}).encode(),
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/things",
+        content=json.dumps({"model": "m" * (MAX_BODY + 10)}).encode(),
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 413
     error = _error(response)
     assert error["code"] == "request_too_large"
@@ -315,8 +318,13 @@ def test_default_body_limit_is_one_mebibyte():
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("get", "/request-id"), ("get", "/v1/nope"), ("get", "/v1/things"), ("get", "/raise/credit"),
-     ("get", "/raise/unavailable")],
+    [
+        ("get", "/request-id"),
+        ("get", "/v1/nope"),
+        ("get", "/v1/things"),
+        ("get", "/raise/credit"),
+        ("get", "/raise/unavailable"),
+    ],
 )
 def test_every_response_carries_one_generated_request_id(client: TestClient, method: str, path: str):
     response = client.request(method, path)
@@ -368,3 +376,34 @@ def test_error_module_has_no_hand_built_status_table_gaps():
     # Every status the public contract names maps to an OpenAI error type.
     for status in (400, 401, 403, 404, 408, 413, 429, 503):
         assert status in errors._HTTP_STATUS_TYPES
+
+
+def _chunks(total: int, size: int = 512):
+    sent = 0
+    while sent < total:
+        piece = min(size, total - sent)
+        sent += piece
+        yield b"x" * piece
+
+
+def test_streamed_body_without_content_length_over_limit_is_413(client: TestClient):
+    response = client.post("/echo-size", content=_chunks(MAX_BODY * 5))
+    assert response.status_code == 413
+    assert _error(response)["code"] == "request_too_large"
+
+
+def test_streamed_json_body_over_limit_is_413_not_a_parse_error(client: TestClient):
+    response = client.post("/v1/things", content=_chunks(MAX_BODY * 5), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_streamed_body_under_limit_is_read_whole(client: TestClient):
+    response = client.post("/echo-size", content=_chunks(MAX_BODY - 10))
+    assert response.json() == {"size": MAX_BODY - 10}
+
+
+def test_unexpected_error_response_carries_a_request_id(client: TestClient):
+    response = client.get("/boom")
+    assert response.status_code == 500
+    assert len(response.headers.get_list("x-request-id")) == 1
+    assert SECRET not in response.text

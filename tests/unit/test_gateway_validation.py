@@ -88,9 +88,7 @@ def test_tool_conversation_roles_are_accepted(listing: Listing):
         {
             "role": "assistant",
             "content": None,
-            "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
-            ],
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]

@@ -70,7 +70,9 @@ def test_stream_with_include_usage_ends_with_priced_usage(stack: Stack) -> None:
 def test_stream_without_include_usage_has_no_usage_but_is_billed(stack: Stack) -> None:
     key = stack.new_key(credit_usd=1.0)
     before = httpx.get(f"{stack.api_base}/v1/usage", headers={"authorization": f"Bearer {key['key']}"}).json()
-    stream = client(stack, key["key"]).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, stream=True)
+    stream = client(stack, key["key"]).chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=16, stream=True
+    )
     chunks = list(stream)
     assert chunks and all(c.usage is None for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()

@@ -1,0 +1,79 @@
+"""The operator CLI against the running stack that `tokenmart up` recorded."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from .conftest import MODEL, Stack
+
+pytestmark = pytest.mark.e2e
+
+
+def tokenmart(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENMART_API_BASE", "TOKENMART_ADMIN_TOKEN")}
+    env["TOKENMART_STATE_DIR"] = str(stack.state_dir)
+    env["COLUMNS"] = "200"
+    return subprocess.run(
+        [sys.executable, "-m", "tokenmart.cluster.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_keys_credits_usage_and_revoke_through_the_cli(stack: Stack) -> None:
+    created = tokenmart(stack, "keys", "create", "cli-user", "--credit", "0.5", "--models", MODEL)
+    assert created.returncode == 0, created.stderr
+    key = re.search(r"API key: (sk-tm-\S+)", created.stdout)[1]
+    key_id = re.search(r"id: (key_\w+)", created.stdout)[1]
+    headers = {"authorization": f"Bearer {key}"}
+
+    record = httpx.get(f"{stack.api_base}/v1/key", headers=headers).json()
+    assert record["id"] == key_id and record["credit_usd"] == 0.5 and record["models"] == [MODEL]
+
+    listed = tokenmart(stack, "keys", "list")
+    assert listed.returncode == 0 and key_id in listed.stdout and key not in listed.stdout
+
+    added = tokenmart(stack, "credits", "add", key_id, "1.25")
+    assert added.returncode == 0, added.stderr
+    assert httpx.get(f"{stack.api_base}/v1/key", headers=headers).json()["credit_usd"] == 1.75
+
+    chat = httpx.post(
+        f"{stack.base_url}/chat/completions",
+        headers=headers,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4},
+        timeout=120,
+    )
+    assert chat.status_code == 200
+    completion_tokens = chat.json()["usage"]["completion_tokens"]
+
+    usage = tokenmart(stack, "usage", "--key-id", key_id)
+    assert usage.returncode == 0, usage.stderr
+    row = next(line for line in usage.stdout.splitlines() if MODEL in line)
+    cells = [cell.strip() for cell in re.split(r"[│|]", row) if cell.strip()]
+    assert cells[0] == MODEL and cells[1] == "1" and cells[3] == f"{completion_tokens:,}", usage.stdout
+
+    revoked = tokenmart(stack, "keys", "revoke", key_id)
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    after = httpx.get(f"{stack.api_base}/v1/key", headers=headers)
+    assert after.status_code == 401 and after.json()["error"]["code"] == "revoked_api_key"
+
+
+def test_models_and_status(stack: Stack) -> None:
+    models = tokenmart(stack, "models")
+    assert models.returncode == 0 and MODEL in models.stdout and "0.02" in models.stdout
+
+    status = tokenmart(stack, "status")
+    assert status.returncode == 0, status.stderr
+    assert "RUNNING" in status.stdout
+    row = next(line for line in status.stdout.splitlines() if "LLMServer:smollm2-135m-instruct" in line)
+    assert "HEALTHY" in row, status.stdout
+
+
+def test_errors_from_the_api_are_shown_plainly(stack: Stack) -> None:
+    result = tokenmart(stack, "credits", "add", "key_doesnotexist", "1")
+    assert result.returncode == 1
+    assert "404" in result.stderr and "key_doesnotexist" in result.stderr

@@ -27,10 +27,6 @@ credits_app = typer.Typer(help="Manage prepaid credit.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(credits_app, name="credits")
 
-# Local clusters run with Ray's token auth (see launcher.use_ray_token_auth); Ray reads
-# the mode once, so it is set before anything imports Ray.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-
 out = Console()
 err = Console(stderr=True)
 

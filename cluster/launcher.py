@@ -189,6 +189,8 @@ def serve_config(app_args: dict[str, Any], port: int) -> dict[str, Any]:
 
 def serve_client(dashboard_url: str) -> Any:
     """Ray's Serve REST client (it adds the cluster's auth token when token auth is on)."""
+    # Local clusters run with token auth (see use_ray_token_auth); this process must agree.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     try:

@@ -38,7 +38,7 @@ def _text_of(content: Any) -> str:
 
 
 def count_prompt_tokens(request: Any) -> tuple[int, str]:
-    if hasattr(request, "messages"):
+    if getattr(request, "messages", None) is not None:
         texts = [_text_of(m.get("content") if isinstance(m, dict) else m.content) for m in request.messages]
         joined = " ".join(texts)
         return sum(len(t.split()) for t in texts) + 3 * len(texts), joined

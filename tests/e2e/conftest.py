@@ -18,8 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = pytest.mark.e2e
-
 MODEL = "smollm2-135m-instruct"
 UP_TIMEOUT_S = 900
 

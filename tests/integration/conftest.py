@@ -1,4 +1,4 @@
-"""One local Ray cluster with the marketplace app on the fake engine, for the whole session.
+"""One local Ray cluster with the marketplace app on the fake engine, started once for this directory.
 
 Starting Ray and Serve costs tens of seconds on a small machine, so it happens once; every
 test makes its own API keys through the admin API, so tests do not share balances.
@@ -128,21 +128,15 @@ class Marketplace:
         )
         return -(-numerator // 1_000_000)
 
-    def cost_usd(self, model_id: str, prompt_tokens: int, completion_tokens: int) -> float:
-        return self.cost_micros(model_id, prompt_tokens, completion_tokens) / 1_000_000
-
-    @staticmethod
-    def chat_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-        """The fake engine's rule: words in all contents + 3 per message."""
-        return sum(len(m["content"].split()) for m in messages) + 3 * len(messages)
-
     wait_until = staticmethod(wait_until)
 
     def close(self) -> None:
         self.http.close()
 
 
-@pytest.fixture(scope="session")
+# Package scope: started once for this directory, and stopped as soon as its last test is
+# done, so a combined run does not keep four idle replicas up during the e2e tests.
+@pytest.fixture(scope="package")
 def marketplace(redis_server) -> Iterator[Marketplace]:
     ray = pytest.importorskip("ray")
     from ray import serve
@@ -153,16 +147,22 @@ def marketplace(redis_server) -> Iterator[Marketplace]:
     previous = os.environ.get("TOKENMART_ADMIN_TOKEN")
     # Set here too, so anything Ray starts from this process inherits it.
     os.environ["TOKENMART_ADMIN_TOKEN"] = admin_token
-    ray.init(
-        address="local",
-        num_cpus=8,
-        include_dashboard=False,
-        # Replica logs stay in the Ray session dir (/tmp/ray/session_latest/logs/serve).
-        log_to_driver=False,
-        runtime_env={"env_vars": {"TOKENMART_ADMIN_TOKEN": admin_token}},
-    )
+    # Ray caches RAY_AUTH_MODE when it is imported. A value set later in this process
+    # (the launcher's Serve client sets it) would start a token-auth GCS that this driver
+    # cannot talk to. Unset, ray.init chooses the mode for its new local cluster and
+    # applies it to this process as well.
+    previous_auth_mode = os.environ.pop("RAY_AUTH_MODE", None)
     market: Marketplace | None = None
     try:
+        ray.init(
+            # "local": always a fresh instance, never another session's running cluster.
+            address="local",
+            num_cpus=8,
+            include_dashboard=False,
+            # Replica logs stay in this Ray session's logs/serve dir under /tmp/ray.
+            log_to_driver=False,
+            runtime_env={"env_vars": {"TOKENMART_ADMIN_TOKEN": admin_token}},
+        )
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app(
@@ -186,11 +186,13 @@ def marketplace(redis_server) -> Iterator[Marketplace]:
     finally:
         if market is not None:
             market.close()
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if previous is None:
-                os.environ.pop("TOKENMART_ADMIN_TOKEN", None)
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        for name, value in (("TOKENMART_ADMIN_TOKEN", previous), ("RAY_AUTH_MODE", previous_auth_mode)):
+            if value is None:
+                os.environ.pop(name, None)
             else:
-                os.environ["TOKENMART_ADMIN_TOKEN"] = previous
+                os.environ[name] = value

@@ -29,7 +29,9 @@ def micros(usd: float) -> int:
     return round(usd * 1_000_000)
 
 
-def assert_error(response: httpx.Response, status: int, code: str | None, *, param: Any = ..., type: str | None = None):
+def assert_error(
+    response: httpx.Response, status: int, code: str | None, *, param: Any = ..., error_type: str | None = None
+) -> dict[str, Any]:
     """The one error envelope: exactly message/type/param/code, with the expected status."""
     assert response.status_code == status, response.text
     body = response.json()
@@ -40,8 +42,8 @@ def assert_error(response: httpx.Response, status: int, code: str | None, *, par
     assert error["code"] == code, error
     if param is not ...:
         assert error["param"] == param, error
-    if type is not None:
-        assert error["type"] == type, error
+    if error_type is not None:
+        assert error["type"] == error_type, error
     return error
 
 
@@ -219,7 +221,7 @@ def test_one_model_is_described_and_an_unknown_one_is_404(marketplace):
 
 def test_missing_api_key_is_401(marketplace):
     response = marketplace.http.post("/v1/chat/completions", json={"model": "alpha-chat", "messages": MESSAGES})
-    assert_error(response, 401, "missing_api_key", type="invalid_request_error")
+    assert_error(response, 401, "missing_api_key", error_type="invalid_request_error")
 
 
 @pytest.mark.parametrize(
@@ -269,7 +271,7 @@ def test_model_outside_the_keys_allowed_models_is_403(marketplace):
 
 def test_unknown_message_role_is_400_naming_the_param(marketplace, key):
     response = marketplace.chat(key["key"], messages=[{"role": "wizard", "content": "hi"}])
-    assert_error(response, 400, "invalid_value", param="messages.0.role", type="invalid_request_error")
+    assert_error(response, 400, "invalid_value", param="messages.0.role", error_type="invalid_request_error")
 
 
 def test_messages_of_the_wrong_type_is_400(marketplace, key):
@@ -307,7 +309,7 @@ def test_unknown_route_is_404_in_the_error_envelope(marketplace):
 
 def test_key_without_credit_is_402(marketplace):
     broke = marketplace.create_key(name="broke", credit_usd="0")
-    assert_error(marketplace.chat(broke["key"]), 402, "insufficient_quota", type="insufficient_quota")
+    assert_error(marketplace.chat(broke["key"]), 402, "insufficient_quota", error_type="insufficient_quota")
 
 
 def test_refused_requests_are_not_billed(marketplace, key):
@@ -324,7 +326,7 @@ def test_engine_failure_is_500_and_charges_no_completion_tokens(marketplace, key
     messages = [{"role": "user", "content": "please fail [[fake-error]] now"}]
     response = marketplace.chat(key["key"], messages=messages, stream=stream)
 
-    assert_error(response, 500, "engine_error", type="server_error")
+    assert_error(response, 500, "engine_error", error_type="server_error")
     total = marketplace.usage(key["key"])["total"]
     assert (total["requests"], total["completion_tokens"], total["cost_usd"]) == (1, 0, 0.0)
     assert marketplace.key_info(key["key"])["credit_usd"] == 1.0
@@ -469,13 +471,28 @@ def test_admin_patch_changes_limits_and_models(marketplace, key):
     assert body["limits"] == {"rpm": 60, "tpm": None, "max_concurrency": 2}
     assert (body["models"], body["credit_usd"]) == (["alpha-chat"], 1.0)
     assert_error(marketplace.chat(key["key"], model="beta-chat"), 403, "model_not_allowed", param="model")
-    assert marketplace.chat(key["key"], model="alpha-chat", max_tokens=1).status_code == 200
+    allowed = marketplace.chat(key["key"], model="alpha-chat", max_tokens=1)
+    assert allowed.status_code == 200, allowed.text
+    spent = micros(allowed.json()["usage"]["cost"])
 
     unknown = marketplace.http.patch(f"/admin/v1/keys/{key['id']}", json={"models": ["gamma-chat"]}, headers=headers)
     assert_error(unknown, 400, "invalid_value", param="models")
     extra = marketplace.http.patch(f"/admin/v1/keys/{key['id']}", json={"balance_micros": 10**9}, headers=headers)
     assert_error(extra, 400, "invalid_value", param="balance_micros")
-    assert marketplace.key_info(key["key"])["credit_usd"] < 1.0
+    assert micros(marketplace.key_info(key["key"])["credit_usd"]) == 1_000_000 - spent
+
+
+def test_admin_patch_status_suspends_and_reinstates_a_key(marketplace, key):
+    url, headers = f"/admin/v1/keys/{key['id']}", marketplace.admin_headers
+
+    suspended = marketplace.http.patch(url, json={"status": "revoked"}, headers=headers)
+    assert (suspended.status_code, suspended.json()["status"]) == (200, "revoked")
+    assert_error(marketplace.chat(key["key"], max_tokens=1), 401, "revoked_api_key")
+
+    reinstated = marketplace.http.patch(url, json={"status": "active"}, headers=headers)
+    assert (reinstated.status_code, reinstated.json()["status"]) == (200, "active")
+    assert marketplace.chat(key["key"], max_tokens=1).status_code == 200
+    assert_error(marketplace.http.patch(url, json={"status": "paused"}, headers=headers), 400, "invalid_value")
 
 
 def test_admin_delete_revokes_the_key(marketplace, key):

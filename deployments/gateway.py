@@ -18,6 +18,7 @@ from typing import Any, get_args
 
 import anyio
 from fastapi import Request
+from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .catalog import Catalog, Listing
@@ -137,10 +138,10 @@ class Gateway:
             logger.exception("dispatch to %s failed", listing.id)
             raise ServiceUnavailable(f"The model {listing.id!r} is not available right now.", retry_after_s=5) from exc
 
-        batch = first if isinstance(first, list) else [first]
-        if batch and not isinstance(batch[0], str) and type(batch[0]).__name__ == "ErrorResponse":
+        head = first[0] if isinstance(first, list) and first else first
+        if isinstance(head, ErrorResponse):
             await self._settle(admission, Usage(), "error")
-            raise _engine_error(batch[0])
+            raise _engine_error(head)
 
         if not stream:
             payload = first.model_dump()

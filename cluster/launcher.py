@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -143,20 +144,38 @@ def start_ray_head(num_cpus: int, env: dict[str, str]) -> tuple[str, str]:
 
 
 def _cluster_pids(gcs_address: str) -> list[int]:
-    """Processes of the one Ray cluster at this GCS address (others on the machine are left alone)."""
+    """Processes of the one Ray cluster whose GCS listens on this port, with their children.
+
+    Ray names its GCS by the node's IP (not always 127.0.0.1), so processes are matched on
+    the port in their GCS flags; helpers they fork (dashboard modules) are found as children.
+    Other Ray clusters on the machine are left alone.
+    """
     port = gcs_address.rsplit(":", 1)[-1]
-    needles = (gcs_address.encode(), f"--gcs_server_port={port}".encode())
-    pids = []
+    own = re.compile(
+        rb"(--gcs[-_]address=|--address=)[^\x00 ]*:"
+        + port.encode()
+        + rb"(\x00|$)|--gcs_server_port="
+        + port.encode()
+        + rb"(\x00|$)"
+    )
+    matched: set[int] = set()
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if any(needle in cmdline for needle in needles):
-            pids.append(int(entry.name))
-    return pids
+        if own.search(cmdline):
+            matched.add(int(entry.name))
+    grown = True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in matched} - matched
+        matched |= children
+        grown = bool(children)
+    return sorted(matched)
 
 
 def stop_ray(gcs_address: str, grace_s: float = 15) -> None:

@@ -16,6 +16,8 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from .catalog import Catalog, Listing, load_catalog
+from .metering import DEFAULT_LIMITS
+from .schemas import Limits
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -57,6 +59,8 @@ class AppArgs(BaseModel):
     engine: Literal["vllm", "fake"] = "vllm"
     fake_engine: FakeEngineOptions = FakeEngineOptions()
     ingress: IngressOptions = IngressOptions()
+    # Limits for keys that set none of their own (per key: rpm, tpm, max_concurrency).
+    default_limits: Limits = Field(default_factory=lambda: DEFAULT_LIMITS)
 
     @model_validator(mode="after")
     def _one_catalog(self) -> AppArgs:
@@ -162,4 +166,5 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         catalog=catalog.model_dump(mode="json"),
         redis_url=args.redis_url,
         redis_timeout_s=args.redis_timeout_s,
+        default_limits=args.default_limits.model_dump(),
     )

@@ -84,6 +84,14 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class RateLimited(APIError):
+    """429; `type` says which limit (`requests` or `tokens`), as OpenAI does."""
+
+    status_code = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
 class UpstreamTimeout(APIError):
     status_code = 408
     type = "timeout"

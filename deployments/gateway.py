@@ -19,6 +19,7 @@ from typing import Any, get_args
 import anyio
 from fastapi import Request
 from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
+from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .catalog import Catalog, Listing
@@ -93,6 +94,49 @@ def validate_request(body: Any, listing: Listing, *, chat: bool) -> None:
         setattr(body, fields[-1], listing.default_max_tokens)
 
 
+# Chat templates add role markers and separators; this bounds them generously per message.
+TEMPLATE_TOKENS_PER_MESSAGE = 8
+TEMPLATE_TOKENS_FIXED = 16
+
+
+def _text_bytes(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_bytes(part) for part in value)
+    if isinstance(value, dict):
+        return sum(_text_bytes(v) for v in value.values())
+    if isinstance(value, int):
+        return 1  # a token id of a pre-tokenized prompt
+    return len(str(value).encode())
+
+
+def estimate_prompt_tokens(body: Any, *, chat: bool) -> int:
+    """An upper bound on the prompt tokens the engine will count, with no tokenizer call.
+
+    Byte-level BPE tokenizers never produce more tokens than UTF-8 bytes, so bytes plus a
+    generous template allowance over-estimates, never under-estimates. The hold and the TPM
+    reservation use it; settlement refunds the difference.
+    """
+    if not chat:
+        return _text_bytes(body.prompt) + TEMPLATE_TOKENS_FIXED
+    messages = body.messages or []
+    tools = getattr(body, "tools", None)
+    return (
+        _text_bytes(list(messages))
+        + _text_bytes(tools)
+        + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
+        + TEMPLATE_TOKENS_FIXED
+    )
+
+
+def max_output_tokens(body: Any) -> int:
+    budget = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    return budget * (body.n or 1)
+
+
 class Gateway:
     def __init__(self, catalog: Catalog, handles: dict[str, Any], keys: KeyStore, meter: Meter) -> None:
         self.catalog = catalog
@@ -114,9 +158,17 @@ class Gateway:
         listing = self.resolve(body.model)
         if not record.allows(listing.id):
             raise PermissionDenied(f"This API key may not use the model {listing.id!r}.", param="model")
-        validate_request(body, listing, chat=method == "chat")
+        chat = method == "chat"
+        if chat:
+            # Materialise pydantic's lazy iterables (content parts) so the body can be
+            # inspected here and pickled to the engine replica.
+            body = _sanitize_chat_completion_request(body)
+        validate_request(body, listing, chat=chat)
 
-        admission = await self.meter.admit(record, listing)
+        admission = await self.meter.admit(
+            record, listing, estimate_prompt_tokens(body, chat=chat), max_output_tokens(body)
+        )
+        headers = admission.limits.headers() if admission.limits else {}
         # The billing id is the engine's request id, so the response id and the ledger match.
         body.request_id = admission.billing_id
         stream = bool(body.stream)
@@ -133,6 +185,8 @@ class Gateway:
             if cancelled and responses is not None:
                 responses.cancel()
             await self._settle(admission, Usage(), "aborted" if cancelled else "error")
+            if isinstance(exc, APIError):
+                exc.headers = {**headers, **exc.headers}
             if cancelled or isinstance(exc, APIError):
                 raise
             logger.exception("dispatch to %s failed", listing.id)
@@ -141,7 +195,9 @@ class Gateway:
         head = first[0] if isinstance(first, list) and first else first
         if isinstance(head, ErrorResponse):
             await self._settle(admission, Usage(), "error")
-            raise _engine_error(head)
+            error = _engine_error(head)
+            error.headers = {**headers, **error.headers}
+            raise error
 
         if not stream:
             payload = first.model_dump()
@@ -149,12 +205,12 @@ class Gateway:
             settlement = await self._settle(admission, usage, "completed")
             if payload.get("usage") is not None:
                 payload["usage"]["cost"] = settlement.cost_usd if settlement else None
-            return JSONResponse(payload)
+            return JSONResponse(payload, headers=headers)
 
         return StreamingResponse(
             self._stream(admission, first, responses, wants_usage),
             media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
         )
 
     async def _stream(self, admission: Admission, first: Any, responses: Any, wants_usage: bool) -> AsyncIterator[str]:

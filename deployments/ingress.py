@@ -33,7 +33,7 @@ from .errors import APIError, BadRequest, BillingUnavailable, NotFound, PayloadT
 from .gateway import Gateway
 from .keystore import KeyStore, connect
 from .metering import Meter
-from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, UpdateKeyRequest, usd_to_micros
+from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, UpdateKeyRequest, usd_to_micros
 
 logger = logging.getLogger("tokenmart.ingress")
 
@@ -142,12 +142,13 @@ class MarketplaceIngress(OpenAiIngress):
         catalog: dict[str, Any],
         redis_url: str,
         redis_timeout_s: float = 1.0,
+        default_limits: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self.catalog = Catalog.model_validate(catalog)
         self.redis = connect(redis_url, timeout_s=redis_timeout_s)
         self.keys = KeyStore(self.redis)
-        self.meter = Meter(self.redis)
+        self.meter = Meter(self.redis, Limits.model_validate(default_limits or {}) if default_limits else None)
         self.gateway = Gateway(self.catalog, llm_deployments, self.keys, self.meter)
         self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         self._cards = [listing_card(listing) for listing in self.catalog.listings]

@@ -1,9 +1,11 @@
 """Metering: admit a request against the key's credit, then settle its real tokens.
 
 The request pipeline calls exactly two methods, `admit` before dispatch and `settle` in a
-`finally` after it. Settlement is one Lua call (`lua/settle.lua`), idempotent per billing
-id. This cut admits on "credit left > 0"; the hold-based admission (rate limits plus a
-credit hold in one Lua call) replaces `admit` without changing its callers.
+`finally` after it; each is one Lua call. Admission (`lua/admit.lua`) checks concurrency,
+requests/min and tokens/min (prompt estimate + max output, counted up front) and places a
+credit hold for the worst case at the listing's prices. Settlement (`lua/settle.lua`),
+idempotent per billing id, refunds the unused hold, charges the real tokens, returns the
+unused tokens to the TPM bucket and releases the concurrency slot.
 
 Redis layout (per account, hash-tagged):
   {acct:<id>}:usage               hash "<UTC day>|<model>|<metric>" -> int
@@ -25,9 +27,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .catalog import Listing
-from .errors import BillingUnavailable, InsufficientCredit
+from .errors import APIError, BillingUnavailable, InsufficientCredit, RateLimited
 from .keystore import account_key
-from .schemas import KeyRecord, UsageReport, UsageRow, micros_to_usd
+from .schemas import KeyRecord, Limits, UsageReport, UsageRow, micros_to_usd
 
 logger = logging.getLogger("tokenmart.metering")
 
@@ -35,6 +37,45 @@ LUA_DIR = Path(__file__).parent / "lua"
 SETTLED_MARKER_TTL_S = 7 * 24 * 3600
 Outcome = Literal["completed", "aborted", "error"]
 _METRICS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
+# Operator defaults for keys that set no limits of their own (AppArgs.default_limits).
+DEFAULT_LIMITS = Limits(rpm=600, tpm=1_000_000, max_concurrency=64)
+
+
+# Unsettled admissions expire after this long, so a crashed ingress cannot hold a slot forever.
+LEASE_MS = 15 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class RateLimitState:
+    """What the `x-ratelimit-*` headers report after an admission decision."""
+
+    rpm: int
+    rpm_remaining: int
+    rpm_reset_ms: int
+    tpm: int
+    tpm_remaining: int
+    tpm_reset_ms: int
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-ratelimit-limit-requests": str(self.rpm),
+            "x-ratelimit-remaining-requests": str(self.rpm_remaining),
+            "x-ratelimit-reset-requests": _duration(self.rpm_reset_ms),
+            "x-ratelimit-limit-tokens": str(self.tpm),
+            "x-ratelimit-remaining-tokens": str(self.tpm_remaining),
+            "x-ratelimit-reset-tokens": _duration(self.tpm_reset_ms),
+        }
+
+
+def _duration(ms: int) -> str:
+    """OpenAI's reset format: `6ms`, `1.5s`, `2m3s`."""
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:g}s"
 
 
 @dataclass
@@ -45,6 +86,8 @@ class Admission:
     key_id: str
     listing: Listing
     hold_micros: int = 0
+    reserved_tokens: int = 0
+    limits: RateLimitState | None = None
     started_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
 
@@ -65,17 +108,76 @@ def new_billing_id() -> str:
     return uuid.uuid4().hex
 
 
+def _refusal(
+    verdict: int, retry_ms: int, limits: RateLimitState, tokens: int, hold: int, max_concurrency: int
+) -> APIError:
+    headers = limits.headers()
+    if verdict == 5:
+        return InsufficientCredit(
+            f"Your credit balance is too low for this request (it may cost up to ${micros_to_usd(hold):.6f} with "
+            "its max_tokens). Add credit, or lower max_tokens.",
+            headers=headers,
+        )
+    if verdict == 3:
+        return RateLimited(
+            f"This request needs up to {tokens} tokens, more than this key's whole limit of {limits.tpm} "
+            "tokens per minute. Lower max_tokens or shorten the prompt.",
+            type="tokens",
+            headers={**headers, "x-should-retry": "false"},
+        )
+    retry_headers = {**headers, "retry-after": str(max(1, -(-retry_ms // 1000))), "retry-after-ms": str(retry_ms)}
+    if verdict == 1:
+        message = f"Rate limit reached: {limits.rpm} requests per minute. Retry after {retry_ms} ms."
+        return RateLimited(message, type="requests", headers=retry_headers)
+    if verdict == 2:
+        message = f"Rate limit reached: {limits.tpm} tokens per minute. Retry after {retry_ms} ms."
+        return RateLimited(message, type="tokens", headers=retry_headers)
+    message = f"Too many concurrent requests for this key (limit {max_concurrency}). Retry when one finishes."
+    return RateLimited(message, type="requests", code="concurrency_limit_exceeded", headers=retry_headers)
+
+
 class Meter:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, defaults: Limits | None = None) -> None:
         self.redis = redis
+        self.defaults = defaults or DEFAULT_LIMITS
+        self._admit = redis.register_script((LUA_DIR / "admit.lua").read_text())
         self._settle = redis.register_script((LUA_DIR / "settle.lua").read_text())
 
-    async def admit(self, record: KeyRecord, listing: Listing) -> Admission:
-        if record.balance_micros <= 0:
-            raise InsufficientCredit(
-                "Your credit balance is used up. Add credit to this key to continue.",
-            )
-        return Admission(billing_id=new_billing_id(), key_id=record.id, listing=listing)
+    def effective_limits(self, record: KeyRecord) -> tuple[int, int, int]:
+        """(rpm, tpm, max_concurrency): the key's own limits, else the operator's defaults."""
+        own, default = record.limits, self.defaults
+        return (
+            own.rpm or default.rpm or 0,
+            own.tpm or default.tpm or 0,
+            own.max_concurrency or default.max_concurrency or 0,
+        )
+
+    async def admit(
+        self,
+        record: KeyRecord,
+        listing: Listing,
+        prompt_tokens: int,
+        max_output_tokens: int,
+        *,
+        now_ms: int | None = None,
+    ) -> Admission:
+        """Reserve limits and credit for the worst case; raise 429/402 with headers when refused."""
+        rpm, tpm, max_concurrency = self.effective_limits(record)
+        tokens = prompt_tokens + max_output_tokens
+        hold = listing.cost_micros(prompt_tokens, max_output_tokens)
+        billing_id = new_billing_id()
+        keys = [account_key(record.id, "key"), account_key(record.id, "buckets"), account_key(record.id, "inflight")]
+        args = [billing_id, rpm, tpm, max_concurrency, tokens, hold, LEASE_MS, "" if now_ms is None else now_ms]
+        try:
+            verdict, retry_ms, *state = await self._admit(keys=keys, args=args)
+        except RedisError as exc:
+            raise BillingUnavailable(
+                "The billing store is unavailable; the request was not served. Retry shortly.", retry_after_s=2
+            ) from exc
+        limits = RateLimitState(rpm, state[0], state[1], tpm, state[2], state[3])
+        if verdict != 0:
+            raise _refusal(int(verdict), int(retry_ms), limits, tokens, hold, max_concurrency)
+        return Admission(billing_id, record.id, listing, hold, tokens, limits)
 
     async def settle(
         self, admission: Admission, prompt_tokens: int, completion_tokens: int, outcome: Outcome
@@ -89,6 +191,7 @@ class Meter:
             account_key(key_id, "ledger"),
             account_key(key_id, f"settled:{admission.billing_id}"),
         ]
+        keys += [account_key(key_id, "buckets"), account_key(key_id, "inflight")]
         args = [
             admission.billing_id,
             key_id,
@@ -100,6 +203,7 @@ class Meter:
             outcome,
             admission.started_at_ms,
             SETTLED_MARKER_TTL_S,
+            max(admission.reserved_tokens - prompt_tokens - completion_tokens, 0),
         ]
         try:
             settled, balance = await self._settle(keys=keys, args=args)

@@ -5,8 +5,10 @@
 -- KEYS[2] {acct:ID}:usage     counters (hash): "<YYYY-MM-DD>|<model>|<metric>" -> integer
 -- KEYS[3] {acct:ID}:ledger    usage events (stream)
 -- KEYS[4] {acct:ID}:settled:<billing id>   idempotency marker
+-- KEYS[5] {acct:ID}:buckets   rate-limit state: unused reserved tokens go back to the TPM bucket
+-- KEYS[6] {acct:ID}:inflight  the request's concurrency slot is released
 -- ARGV: billing_id, key_id, model, prompt_tokens, completion_tokens, cost_micros,
---       hold_micros, status, started_at_ms, marker_ttl_s
+--       hold_micros, status, started_at_ms, marker_ttl_s, unused_tokens
 --
 -- Returns {settled (1 or 0 when already settled), balance_micros}
 
@@ -16,6 +18,7 @@ local completion_tokens = tonumber(ARGV[5])
 local cost = tonumber(ARGV[6])
 local hold = tonumber(ARGV[7])
 local status, started_at_ms, marker_ttl = ARGV[8], ARGV[9], tonumber(ARGV[10])
+local unused_tokens = tonumber(ARGV[11] or '0')
 
 if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', marker_ttl) then
   return {0, tonumber(redis.call('HGET', KEYS[1], 'balance_micros') or '0')}
@@ -42,6 +45,11 @@ if hold ~= 0 then
   redis.call('HINCRBY', KEYS[1], 'hold_micros', -hold)
 end
 redis.call('HINCRBY', KEYS[1], 'spent_micros', cost)
+redis.call('ZREM', KEYS[6], billing_id)
+if unused_tokens > 0 and redis.call('HEXISTS', KEYS[5], 'tok_level') == 1 then
+  -- levels are scaled by 60 000 (see admit.lua); the next admission caps at capacity
+  redis.call('HINCRBY', KEYS[5], 'tok_level', unused_tokens * 60000)
+end
 
 local field = day .. '|' .. model .. '|'
 redis.call('HINCRBY', KEYS[2], field .. 'requests', 1)

@@ -56,16 +56,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     log_path = state_dir / "up.log"
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "TOKENMART_ADMIN_TOKEN", "RAY_ADDRESS")}
     port = _free_port()
-    with log_path.open("w") as log:
-        result = subprocess.run(
-            _tokenmart("up", "--port", str(port), "--state-dir", str(state_dir)),
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=env,
-            timeout=UP_TIMEOUT_S,
-        )
     try:
+        with log_path.open("w") as log:
+            result = subprocess.run(
+                _tokenmart("up", "--port", str(port), "--state-dir", str(state_dir)),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=env,
+                timeout=UP_TIMEOUT_S,
+            )
         assert result.returncode == 0, f"tokenmart up failed:\n{result.stdout}\n{log_path.read_text()[-5000:]}"
         found = dict(re.findall(r"^(API base URL|API key|Admin token): (\S+)$", result.stdout, re.MULTILINE))
         assert set(found) == {"API base URL", "API key", "Admin token"}, result.stdout

@@ -18,7 +18,7 @@ import pytest
 
 from tokenmart.deployments.catalog import Catalog, Listing
 
-SERVE_READY_TIMEOUT_S = 120.0
+SERVE_READY_TIMEOUT_S = 300.0
 
 
 TEST_CATALOG = Catalog.model_validate(

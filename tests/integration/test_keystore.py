@@ -155,7 +155,7 @@ def test_add_credit_increases_the_balance_exactly(redis_server, redis_client):
 def test_update_changes_limits_and_models_but_never_the_balance_counters(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, Any]:
         record, _ = await keys.create(CreateKeyRequest(name="erin", credit_usd=1))
-        await meter.settle(await meter.admit(record, ALPHA), 100, 50, "completed")
+        await meter.settle(await meter.admit(record, ALPHA, 20, 40), 100, 50, "completed")
         before = await keys.require(record.id)
         # A settlement landing while the admin edits the key must not be overwritten.
         redis_client.hincrby(account_key(record.id, "key"), "balance_micros", -7)
@@ -174,7 +174,7 @@ def test_admit_refuses_a_key_without_credit(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> None:
         record, _ = await keys.create(CreateKeyRequest(name="broke", credit_usd=0))
         with pytest.raises(InsufficientCredit) as refused:
-            await meter.admit(record, ALPHA)
+            await meter.admit(record, ALPHA, 20, 40)
         assert (refused.value.status_code, refused.value.code) == (402, "insufficient_quota")
 
     run(redis_server.url, scenario)
@@ -183,7 +183,7 @@ def test_admit_refuses_a_key_without_credit(redis_server, redis_client):
 def test_settle_is_idempotent_per_billing_id(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, Any, str]:
         record, _ = await keys.create(CreateKeyRequest(name="frank", credit_usd=1))
-        admission = await meter.admit(record, BETA)
+        admission = await meter.admit(record, BETA, 20, 40)
         first = await meter.settle(admission, 10, 20, "completed")
         second = await meter.settle(admission, 10, 20, "completed")
         return first, second, record.id
@@ -204,9 +204,9 @@ def test_settle_is_idempotent_per_billing_id(redis_server, redis_client):
 def test_settle_writes_daily_model_counters_and_a_ledger_event(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> tuple[str, str]:
         record, _ = await keys.create(CreateKeyRequest(name="grace", credit_usd=1))
-        completed = await meter.admit(record, ALPHA)
+        completed = await meter.admit(record, ALPHA, 20, 40)
         await meter.settle(completed, 7, 3, "completed")
-        aborted = await meter.admit(record, ALPHA)
+        aborted = await meter.admit(record, ALPHA, 20, 40)
         await meter.settle(aborted, 5, 2, "aborted")
         return record.id, completed.billing_id
 
@@ -232,9 +232,9 @@ def test_settle_writes_daily_model_counters_and_a_ledger_event(redis_server, red
 def test_usage_report_groups_by_model_and_day_within_the_date_range(redis_server, redis_client):
     async def settle_today(keys: KeyStore, meter: Meter) -> str:
         record, _ = await keys.create(CreateKeyRequest(name="heidi", credit_usd=1))
-        await meter.settle(await meter.admit(record, ALPHA), 10, 4, "completed")
-        await meter.settle(await meter.admit(record, BETA), 6, 2, "completed")
-        await meter.settle(await meter.admit(record, BETA), 4, 2, "completed")
+        await meter.settle(await meter.admit(record, ALPHA, 20, 40), 10, 4, "completed")
+        await meter.settle(await meter.admit(record, BETA, 20, 40), 6, 2, "completed")
+        await meter.settle(await meter.admit(record, BETA, 20, 40), 4, 2, "completed")
         return record.id
 
     key_id = run(redis_server.url, settle_today)
@@ -280,3 +280,32 @@ def test_usage_report_groups_by_model_and_day_within_the_date_range(redis_server
     nothing = report(today - timedelta(days=10), today - timedelta(days=1), "day")
     assert nothing.data == []
     assert (nothing.total.requests, nothing.total.cost_usd) == (0, 0.0)
+
+
+def test_admission_holds_the_worst_case_and_settlement_refunds_the_rest(redis_server, redis_client):
+    async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, dict, dict, str]:
+        record, _ = await keys.create(CreateKeyRequest(name="hana", credit_usd=1))
+        admission = await meter.admit(record, BETA, 100, 400)
+        during = redis_client.hgetall(account_key(record.id, "key"))
+        settlement = await meter.settle(admission, 60, 30, "completed")
+        after = redis_client.hgetall(account_key(record.id, "key"))
+        return admission, during, after, settlement
+
+    admission, during, after, settlement = run(redis_server.url, scenario)
+    hold = BETA.cost_micros(100, 400)
+    assert admission.hold_micros == hold and admission.reserved_tokens == 500
+    assert (int(during["balance_micros"]), int(during["hold_micros"])) == (1_000_000 - hold, hold)
+    cost = BETA.cost_micros(60, 30)
+    assert settlement.cost_micros == cost
+    assert (int(after["balance_micros"]), int(after["hold_micros"])) == (1_000_000 - cost, 0)
+
+
+def test_a_hold_larger_than_the_balance_is_refused_with_402(redis_server, redis_client):
+    async def scenario(keys: KeyStore, meter: Meter) -> None:
+        record, _ = await keys.create(CreateKeyRequest(name="ivan", credit_usd="0.000100"))
+        with pytest.raises(InsufficientCredit) as refused:
+            await meter.admit(record, BETA, 10, 100)  # up to 1025 micro-USD
+        assert refused.value.status_code == 402
+        assert refused.value.headers["x-ratelimit-limit-requests"]
+
+    run(redis_server.url, scenario)

@@ -1,0 +1,102 @@
+"""Admission across two ingress replicas: exact limits, holds that never overspend, 429/402 shape."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from threading import Barrier
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+RATE_HEADERS = {
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+}
+
+
+def burst(marketplace, key: str, count: int, **body) -> list[httpx.Response]:
+    """`count` requests released together from a barrier, each on its own connection."""
+    barrier = Barrier(count)
+
+    def one(_: int) -> httpx.Response:
+        with httpx.Client(base_url=marketplace.base_url, timeout=60) as client:
+            barrier.wait()
+            return client.post(
+                "/v1/chat/completions",
+                headers=marketplace.auth(key),
+                json={"model": "alpha-chat", "messages": [{"role": "user", "content": "hi"}], **body},
+            )
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_exactly_rpm_requests_of_a_concurrent_burst_are_admitted(marketplace) -> None:
+    key = marketplace.create_key(credit_usd="5", rpm=5)["key"]
+    responses = burst(marketplace, key, 16, max_tokens=2)
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 5 + [429] * 11
+    for response in responses:
+        assert set(response.headers) >= RATE_HEADERS, response.headers
+        assert response.headers["x-ratelimit-limit-requests"] == "5"
+    refused = next(r for r in responses if r.status_code == 429)
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    retry_ms = int(refused.headers["retry-after-ms"])
+    assert 0 < retry_ms <= 12_000  # one request refills in 60 s / 5
+    assert int(refused.headers["retry-after"]) == -(-retry_ms // 1000)
+
+
+def test_a_request_larger_than_the_whole_tpm_is_never_retryable(marketplace) -> None:
+    key = marketplace.create_key(credit_usd="5", tpm=100)["key"]
+    response = marketplace.chat(key, max_tokens=500)
+    assert response.status_code == 429
+    assert response.json()["error"]["type"] == "tokens"
+    assert response.headers["x-should-retry"] == "false"
+
+
+def test_tpm_is_counted_up_front_and_refunded_on_settle(marketplace) -> None:
+    key = marketplace.create_key(credit_usd="5", tpm=1000)["key"]
+    first = marketplace.chat(key, max_tokens=400)
+    assert first.status_code == 200
+    # Up front: prompt estimate + 400 were taken; after settlement the unused part is back.
+    reserved_left = int(first.headers["x-ratelimit-remaining-tokens"])
+    assert reserved_left <= 1000 - 400
+    used = first.json()["usage"]["total_tokens"]
+    second = marketplace.chat(key, max_tokens=2)
+    assert second.status_code == 200
+    assert int(second.headers["x-ratelimit-remaining-tokens"]) >= 1000 - used - 2 - 64
+
+
+def test_concurrent_burst_never_spends_more_than_the_credit(marketplace) -> None:
+    listing = marketplace.listing("alpha-chat")
+    hold = listing.cost_micros(64, 16)  # generous: the estimate of a short prompt plus max_tokens
+    credit_micros = hold * 3 + hold // 2
+    credit = f"{credit_micros / 1_000_000:.6f}"
+    created = marketplace.create_key(credit_usd=credit, rpm=1000)
+    responses = burst(marketplace, created["key"], 12, max_tokens=16)
+    served = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert served and refused
+    assert {r.status_code for r in refused} == {402}
+    assert all(r.json()["error"]["code"] == "insufficient_quota" for r in refused)
+    spent = sum(round(r.json()["usage"]["cost"] * 1_000_000) for r in served)
+    info = marketplace.key_info(created["key"])
+    assert info["on_hold_usd"] == 0
+    assert round(info["credit_usd"] * 1_000_000) == credit_micros - spent >= 0
+    assert round(info["spent_usd"] * 1_000_000) == spent
+
+
+def test_concurrency_limit_refuses_the_extra_streams(marketplace) -> None:
+    key = marketplace.create_key(credit_usd="5", max_concurrency=2)["key"]
+    responses = burst(marketplace, key, 6, max_tokens=16)
+    assert sorted(r.status_code for r in responses).count(200) >= 2
+    limited = [r for r in responses if r.status_code == 429]
+    assert limited
+    assert all(r.json()["error"]["code"] == "concurrency_limit_exceeded" for r in limited)

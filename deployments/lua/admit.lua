@@ -70,6 +70,8 @@ tok_level = tok_level - tok_cost
 redis.call('HSET', KEYS[2], 'req_level', req_level, 'req_ts', now, 'tok_level', tok_level, 'tok_ts', now)
 redis.call('PEXPIRE', KEYS[2], 120000)
 redis.call('ZADD', KEYS[3], now + lease_ms, billing_id)
-redis.call('HINCRBY', KEYS[1], 'balance_micros', -hold)
-redis.call('HINCRBY', KEYS[1], 'hold_micros', hold)
+if hold > 0 then  -- (Redis refuses "-0" as an increment)
+  redis.call('HINCRBY', KEYS[1], 'balance_micros', -hold)
+  redis.call('HINCRBY', KEYS[1], 'hold_micros', hold)
+end
 return report(0, 0, req_level, tok_level)

@@ -10,6 +10,7 @@ mid-stream is still billed for what it received, exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -144,6 +145,12 @@ class Gateway:
         self.meter = meter
         # One configured handle per model, made once: `.options()` per request is costly.
         self._handles = {model_id: handle.options(stream=True) for model_id, handle in handles.items()}
+        self._replayer: asyncio.Task | None = None
+
+    def _ensure_replayer(self) -> None:
+        """Start the spool replay loop on the serving event loop (once per replica)."""
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.get_running_loop().create_task(self.meter.replay_forever())
 
     def resolve(self, model_id: str | None) -> Listing:
         if not model_id:
@@ -154,6 +161,7 @@ class Gateway:
         return listing
 
     async def handle(self, body: Any, request: Request, *, method: str) -> Response:
+        self._ensure_replayer()
         record = await self.keys.authenticate(request.headers.get("authorization"))
         listing = self.resolve(body.model)
         if not record.allows(listing.id):

@@ -15,6 +15,7 @@ Redis layout (per account, hash-tagged):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -30,6 +31,7 @@ from .catalog import Listing
 from .errors import APIError, BillingUnavailable, InsufficientCredit, RateLimited
 from .keystore import account_key
 from .schemas import KeyRecord, Limits, UsageReport, UsageRow, micros_to_usd
+from .spool import SettlementSpool
 
 logger = logging.getLogger("tokenmart.metering")
 
@@ -96,8 +98,9 @@ class Settlement:
     prompt_tokens: int
     completion_tokens: int
     cost_micros: int
-    balance_micros: int
+    balance_micros: int  # -1 when the settlement was spooled (balance unknown)
     duplicate: bool = False
+    spooled: bool = False
 
     @property
     def cost_usd(self) -> float:
@@ -137,9 +140,12 @@ def _refusal(
 
 
 class Meter:
-    def __init__(self, redis: aioredis.Redis, defaults: Limits | None = None) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, defaults: Limits | None = None, spool: SettlementSpool | None = None
+    ) -> None:
         self.redis = redis
         self.defaults = defaults or DEFAULT_LIMITS
+        self.spool = spool or SettlementSpool()
         self._admit = redis.register_script((LUA_DIR / "admit.lua").read_text())
         self._settle = redis.register_script((LUA_DIR / "settle.lua").read_text())
 
@@ -208,16 +214,32 @@ class Meter:
         try:
             settled, balance = await self._settle(keys=keys, args=args)
         except RedisError as exc:
-            # The first cut has no spool yet: the event is logged with everything needed to
-            # replay it by hand. The next metering cut writes it to a local spool instead.
-            logger.error(
-                "settlement failed, usage NOT recorded: billing_id=%s key=%s model=%s prompt=%d completion=%d "
-                "cost_micros=%d outcome=%s: %s",
-                admission.billing_id, key_id, admission.listing.id, prompt_tokens, completion_tokens,
-                cost, outcome, exc,
-            )  # fmt: skip
-            raise BillingUnavailable("Usage could not be recorded.") from exc
+            self.spool.append(keys, args)
+            logger.warning("Redis unavailable at settlement of %s (%s); spooled for replay", admission.billing_id, exc)
+            return Settlement(prompt_tokens, completion_tokens, cost, balance_micros=-1, spooled=True)
         return Settlement(prompt_tokens, completion_tokens, cost, int(balance), duplicate=not settled)
+
+    async def replay_forever(self, interval_s: float = 2.0) -> None:
+        """Background task of each ingress replica: drain the spool whenever Redis answers."""
+        while True:
+            if self.spool.pending():
+                await self.replay_spool()
+            await asyncio.sleep(interval_s)
+
+    async def replay_spool(self) -> int:
+        """Send spooled settlements again, in order; stop at the first failure. Returns how many went."""
+        entries = self.spool.pending()
+        replayed = 0
+        for entry in entries:
+            try:
+                await self._settle(keys=entry["keys"], args=entry["args"])
+            except RedisError:
+                break
+            replayed += 1
+        if replayed:
+            self.spool.keep_only(entries, replayed)
+            logger.info("replayed %d spooled settlement(s)", replayed)
+        return replayed
 
     async def usage(self, key_ids: list[str], start: date, end: date, group_by: Literal["model", "day"]) -> UsageReport:
         """Totals over [start, end] (UTC days, inclusive), grouped by model or by day."""

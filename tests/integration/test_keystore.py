@@ -13,36 +13,20 @@ import pytest
 import redis
 
 from tokenmart.deployments import auth
-from tokenmart.deployments.catalog import Listing
 from tokenmart.deployments.errors import AuthenticationFailed, InsufficientCredit
 from tokenmart.deployments.keystore import KeyStore, account_key, connect
 from tokenmart.deployments.metering import Meter
 from tokenmart.deployments.schemas import CreateKeyRequest, UpdateKeyRequest
 
+from .conftest import TEST_CATALOG
+
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 
-ALPHA = Listing.model_validate(
-    {
-        "id": "alpha-chat",
-        "owner": "alpha-labs",
-        "source": "fake/alpha",
-        "context_length": 4096,
-        "pricing": {"prompt_usd_per_1m": "0.15", "completion_usd_per_1m": "0.6"},
-        "accelerator": {"kind": "cpu"},
-    }
-)
-BETA = Listing.model_validate(
-    {
-        "id": "beta-chat",
-        "owner": "beta-labs",
-        "source": "fake/beta",
-        "context_length": 8192,
-        "pricing": {"prompt_usd_per_1m": "2.5", "completion_usd_per_1m": "10"},
-        "accelerator": {"kind": "cpu"},
-    }
-)
+# The same listings the Ray-backed tests serve.
+ALPHA = TEST_CATALOG.get("alpha-chat")
+BETA = TEST_CATALOG.get("beta-chat")
 
 
 def run(redis_url: str, scenario: Callable[[KeyStore, Meter], Awaitable[T]]) -> T:

@@ -212,7 +212,7 @@ class Gateway:
             usage = Usage.from_openai(payload.get("usage"))
             settlement = await self._settle(admission, usage, "completed")
             if payload.get("usage") is not None:
-                payload["usage"]["cost"] = settlement.cost_usd if settlement else None
+                payload["usage"]["cost"] = settlement.cost_usd
             return JSONResponse(payload, headers=headers)
 
         return StreamingResponse(
@@ -251,7 +251,7 @@ class Gateway:
             settlement = await self._settle(admission, usage, outcome)
             settled = True
             if usage_chunk is not None and wants_usage:
-                usage_chunk["usage"]["cost"] = settlement.cost_usd if settlement else None
+                usage_chunk["usage"]["cost"] = settlement.cost_usd
                 yield _sse(usage_chunk)
             yield "data: [DONE]\n\n"
         finally:
@@ -260,15 +260,15 @@ class Gateway:
                 responses.cancel()
                 await self._settle(admission, usage, outcome)
 
-    async def _settle(self, admission: Admission, usage: Usage, outcome: Outcome) -> Settlement | None:
-        """Settle, even when the surrounding task is being cancelled. Engine errors bill no output."""
+    async def _settle(self, admission: Admission, usage: Usage, outcome: Outcome) -> Settlement:
+        """Settle, even when the surrounding task is being cancelled. Engine errors bill no output.
+
+        It does not fail when Redis does: the meter spools the settlement for replay.
+        """
         if outcome == "error":
             usage = Usage(usage.prompt_tokens, 0)
         with anyio.CancelScope(shield=True):
-            try:
-                return await self.meter.settle(admission, usage.prompt_tokens, usage.completion_tokens, outcome)
-            except APIError:
-                return None
+            return await self.meter.settle(admission, usage.prompt_tokens, usage.completion_tokens, outcome)
 
 
 def _sse(payload: dict) -> str:

@@ -148,7 +148,7 @@ class MarketplaceIngress(OpenAiIngress):
         self.catalog = Catalog.model_validate(catalog)
         self.redis = connect(redis_url, timeout_s=redis_timeout_s)
         self.keys = KeyStore(self.redis)
-        self.meter = Meter(self.redis, Limits.model_validate(default_limits or {}) if default_limits else None)
+        self.meter = Meter(self.redis, Limits.model_validate(default_limits) if default_limits else None)
         self.gateway = Gateway(self.catalog, llm_deployments, self.keys, self.meter)
         self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         self._cards = [listing_card(listing) for listing in self.catalog.listings]

@@ -98,7 +98,7 @@ class Settlement:
     prompt_tokens: int
     completion_tokens: int
     cost_micros: int
-    balance_micros: int  # -1 when the settlement was spooled (balance unknown)
+    balance_micros: int | None  # None when the settlement was spooled (balance unknown)
     duplicate: bool = False
     spooled: bool = False
 
@@ -216,14 +216,13 @@ class Meter:
         except RedisError as exc:
             self.spool.append(keys, args)
             logger.warning("Redis unavailable at settlement of %s (%s); spooled for replay", admission.billing_id, exc)
-            return Settlement(prompt_tokens, completion_tokens, cost, balance_micros=-1, spooled=True)
+            return Settlement(prompt_tokens, completion_tokens, cost, balance_micros=None, spooled=True)
         return Settlement(prompt_tokens, completion_tokens, cost, int(balance), duplicate=not settled)
 
     async def replay_forever(self, interval_s: float = 2.0) -> None:
         """Background task of each ingress replica: drain the spool whenever Redis answers."""
         while True:
-            if self.spool.pending():
-                await self.replay_spool()
+            await self.replay_spool()
             await asyncio.sleep(interval_s)
 
     async def replay_spool(self) -> int:
@@ -237,7 +236,7 @@ class Meter:
                 break
             replayed += 1
         if replayed:
-            self.spool.keep_only(entries, replayed)
+            self.spool.drop_first(replayed)
             logger.info("replayed %d spooled settlement(s)", replayed)
         return replayed
 

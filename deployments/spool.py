@@ -39,11 +39,10 @@ class SettlementSpool:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def keep_only(self, remaining: list[dict[str, Any]], replayed: int) -> None:
-        """Drop the first `replayed` entries, keeping any appended meanwhile."""
+    def drop_first(self, count: int) -> None:
+        """Drop the first `count` entries (the replayed ones), keeping any appended meanwhile."""
         with self._lock:
-            current = self.pending()
-            rest = current[replayed:]
+            rest = self.pending()[count:]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in rest))
             tmp.replace(self.path)

@@ -167,4 +167,13 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         redis_url=args.redis_url,
         redis_timeout_s=args.redis_timeout_s,
         default_limits=args.default_limits.model_dump(),
+        tokenizer_sources=_tokenizer_sources(catalog, args),
     )
+
+
+def _tokenizer_sources(catalog: Catalog, args: AppArgs) -> dict[str, str]:
+    """Where the ingress finds each listing's tokenizer, to count prompts as the engine will."""
+    if args.engine == "fake":
+        return {}  # the fake engine counts words, which the byte bound covers
+    model_dir = Path(args.model_dir) if args.model_dir else None
+    return {listing.id: listing.resolved_source(model_dir) for listing in catalog.listings}

@@ -23,10 +23,11 @@ from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
 from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from . import auth
 from .catalog import Catalog, Listing
-from .errors import APIError, BadRequest, EngineError, ModelNotFound, PermissionDenied, ServiceUnavailable
-from .keystore import KeyStore
+from .errors import APIError, BadRequest, EngineError, ModelNotFound, ServiceUnavailable
 from .metering import Admission, Meter, Outcome, Settlement
+from .tokens import PromptCounter, prompt_count
 
 logger = logging.getLogger("tokenmart.gateway")
 
@@ -95,53 +96,18 @@ def validate_request(body: Any, listing: Listing, *, chat: bool) -> None:
         setattr(body, fields[-1], listing.default_max_tokens)
 
 
-# Chat templates add role markers and separators; this bounds them generously per message.
-TEMPLATE_TOKENS_PER_MESSAGE = 8
-TEMPLATE_TOKENS_FIXED = 16
-
-
-def _text_bytes(value: Any) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        return len(value.encode())
-    if isinstance(value, (list, tuple)):
-        return sum(_text_bytes(part) for part in value)
-    if isinstance(value, dict):
-        return sum(_text_bytes(v) for v in value.values())
-    if isinstance(value, int):
-        return 1  # a token id of a pre-tokenized prompt
-    return len(str(value).encode())
-
-
-def estimate_prompt_tokens(body: Any, *, chat: bool) -> int:
-    """An upper bound on the prompt tokens the engine will count, with no tokenizer call.
-
-    Byte-level BPE tokenizers never produce more tokens than UTF-8 bytes, so bytes plus a
-    generous template allowance over-estimates, never under-estimates. The hold and the TPM
-    reservation use it; settlement refunds the difference.
-    """
-    if not chat:
-        return _text_bytes(body.prompt) + TEMPLATE_TOKENS_FIXED
-    messages = body.messages or []
-    tools = getattr(body, "tools", None)
-    return (
-        _text_bytes(list(messages))
-        + _text_bytes(tools)
-        + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
-        + TEMPLATE_TOKENS_FIXED
-    )
-
-
-def max_output_tokens(body: Any) -> int:
+def max_output_tokens(body: Any, *, chat: bool) -> int:
+    """The most tokens the engine may generate: the budget, for each choice of each prompt."""
     budget = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    return budget * (body.n or 1)
+    return budget * (body.n or 1) * (1 if chat else prompt_count(body))
 
 
 class Gateway:
-    def __init__(self, catalog: Catalog, handles: dict[str, Any], keys: KeyStore, meter: Meter) -> None:
+    def __init__(
+        self, catalog: Catalog, handles: dict[str, Any], meter: Meter, counters: dict[str, PromptCounter] | None = None
+    ) -> None:
         self.catalog = catalog
-        self.keys = keys
+        self._counters = counters or {}
         self.meter = meter
         # One configured handle per model, made once: `.options()` per request is costly.
         self._handles = {model_id: handle.options(stream=True) for model_id, handle in handles.items()}
@@ -162,10 +128,10 @@ class Gateway:
 
     async def handle(self, body: Any, request: Request, *, method: str) -> Response:
         self._ensure_replayer()
-        record = await self.keys.authenticate(request.headers.get("authorization"))
+        # Format and checksum only; the key record is read by the admission script below, so
+        # a request costs two Redis round trips in all (admit, settle).
+        key_id, key_hash = auth.parse_api_key(request.headers.get("authorization"))
         listing = self.resolve(body.model)
-        if not record.allows(listing.id):
-            raise PermissionDenied(f"This API key may not use the model {listing.id!r}.", param="model")
         chat = method == "chat"
         if chat:
             # Materialise pydantic's lazy iterables (content parts) so the body can be
@@ -173,9 +139,9 @@ class Gateway:
             body = _sanitize_chat_completion_request(body)
         validate_request(body, listing, chat=chat)
 
-        admission = await self.meter.admit(
-            record, listing, estimate_prompt_tokens(body, chat=chat), max_output_tokens(body)
-        )
+        counter = self._counters.get(listing.id) or PromptCounter()
+        prompt_tokens = await counter.count_async(body, chat=chat)
+        admission = await self.meter.admit(key_id, key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat))
         headers = admission.limits.headers() if admission.limits else {}
         # The billing id is the engine's request id, so the response id and the ledger match.
         body.request_id = admission.billing_id

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from .gateway import Gateway
 from .keystore import KeyStore, connect
 from .metering import Meter
 from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, UpdateKeyRequest, usd_to_micros
+from .tokens import PromptCounter
 
 logger = logging.getLogger("tokenmart.ingress")
 
@@ -41,13 +43,22 @@ ADMIN_TOKEN_ENV = "TOKENMART_ADMIN_TOKEN"
 DEFAULT_USAGE_WINDOW_DAYS = 30
 
 
+RateLimitSource = Callable[[str | None, int], Awaitable[dict[str, str]]]
+_RATE_LIMIT_HEADER = b"x-ratelimit-limit-requests"
+
+
 class RequestContextMiddleware:
-    """Every response carries x-request-id; bodies over the limit get 413, declared or streamed.
+    """Every response carries x-request-id and the x-ratelimit-* headers; bodies over the limit get 413.
 
     Behind Ray Serve's proxy the request already has an id and the proxy echoes it on the
     response, so the id is only added here when the request came without one. Unexpected
     errors are turned into the 500 envelope here, inside the id handling, so they carry it too.
+    Admission puts the rate-limit headers on inference responses; every other response gets
+    them from `rate_limits`, which the ingress replica sets (the calling key's state, or the
+    operator's defaults when there is no key).
     """
+
+    rate_limits: RateLimitSource | None = None
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
@@ -69,8 +80,16 @@ class RequestContextMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                extra = []
                 if echo_id:
-                    message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                    extra.append((b"x-request-id", request_id.encode()))
+                source = RequestContextMiddleware.rate_limits
+                if source is not None and not any(name == _RATE_LIMIT_HEADER for name, _ in message.get("headers", [])):
+                    authorization = headers.get(b"authorization", b"").decode(errors="replace") or None
+                    limits = await source(authorization, message["status"])
+                    extra += [(name.encode(), value.encode()) for name, value in limits.items()]
+                if extra:
+                    message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         received = 0
@@ -143,15 +162,34 @@ class MarketplaceIngress(OpenAiIngress):
         redis_url: str,
         redis_timeout_s: float = 1.0,
         default_limits: dict[str, Any] | None = None,
+        tokenizer_sources: dict[str, str] | None = None,
     ) -> None:
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self.catalog = Catalog.model_validate(catalog)
         self.redis = connect(redis_url, timeout_s=redis_timeout_s)
         self.keys = KeyStore(self.redis)
         self.meter = Meter(self.redis, Limits.model_validate(default_limits) if default_limits else None)
-        self.gateway = Gateway(self.catalog, llm_deployments, self.keys, self.meter)
+        # Exact prompt counts where the listing's tokenizer is on this node; byte bounds elsewhere.
+        counters = {model_id: PromptCounter.for_source(src) for model_id, src in (tokenizer_sources or {}).items()}
+        self.gateway = Gateway(self.catalog, llm_deployments, self.meter, counters)
+        RequestContextMiddleware.rate_limits = self._rate_limit_headers
         self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         self._cards = [listing_card(listing) for listing in self.catalog.listings]
+
+    async def _rate_limit_headers(self, authorization: str | None, status: int) -> dict[str, str]:
+        """The calling key's current limits for responses that admission did not decide.
+
+        Unknown callers, 401s and 5xx get the operator's defaults without a Redis call, so a
+        Redis outage never slows its own 503s down.
+        """
+        state = self.meter.default_state()
+        if status != 401 and status < 500 and authorization:
+            try:
+                key_id, _ = auth.parse_api_key(authorization)
+                state = await self.meter.current_state(key_id)
+            except (APIError, RedisError):
+                pass
+        return state.headers()
 
     # -- OpenAI-compatible inference -------------------------------------------------
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:

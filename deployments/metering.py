@@ -28,9 +28,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .catalog import Listing
-from .errors import APIError, BillingUnavailable, InsufficientCredit, RateLimited
+from .errors import (
+    APIError,
+    AuthenticationFailed,
+    BillingUnavailable,
+    InsufficientCredit,
+    PermissionDenied,
+    RateLimited,
+)
 from .keystore import account_key
-from .schemas import KeyRecord, Limits, UsageReport, UsageRow, micros_to_usd
+from .schemas import Limits, UsageReport, UsageRow, micros_to_usd
 from .spool import SettlementSpool
 
 logger = logging.getLogger("tokenmart.metering")
@@ -57,6 +64,7 @@ class RateLimitState:
     tpm: int
     tpm_remaining: int
     tpm_reset_ms: int
+    max_concurrency: int = 0
 
     def headers(self) -> dict[str, str]:
         return {
@@ -67,6 +75,21 @@ class RateLimitState:
             "x-ratelimit-remaining-tokens": str(self.tpm_remaining),
             "x-ratelimit-reset-tokens": _duration(self.tpm_reset_ms),
         }
+
+
+SCALE = 60_000  # bucket levels are stored scaled (see lua/admit.lua)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def bucket_level(limit: int, stored: str | None, ts: str | None, now_ms: int) -> int:
+    """A token bucket's scaled level at `now_ms`, refilled as admit.lua refills it."""
+    capacity = limit * SCALE
+    if stored is None or ts is None:
+        return capacity
+    return min(capacity, int(float(stored)) + max(0, now_ms - int(float(ts))) * limit)
 
 
 def _duration(ms: int) -> str:
@@ -111,9 +134,19 @@ def new_billing_id() -> str:
     return uuid.uuid4().hex
 
 
-def _refusal(
-    verdict: int, retry_ms: int, limits: RateLimitState, tokens: int, hold: int, max_concurrency: int
-) -> APIError:
+_AUTH_REFUSALS = {
+    6: ("Incorrect API key provided.", "invalid_api_key"),
+    7: ("This API key has been revoked.", "revoked_api_key"),
+    8: ("This API key has expired.", "expired_api_key"),
+}
+
+
+def _refusal(verdict: int, retry_ms: int, limits: RateLimitState, tokens: int, hold: int, model: str) -> APIError:
+    if verdict in _AUTH_REFUSALS:
+        message, code = _AUTH_REFUSALS[verdict]
+        return AuthenticationFailed(message, code=code)
+    if verdict == 9:
+        return PermissionDenied(f"This API key may not use the model {model!r}.", param="model")
     headers = limits.headers()
     if verdict == 5:
         return InsufficientCredit(
@@ -135,7 +168,7 @@ def _refusal(
     if verdict == 2:
         message = f"Rate limit reached: {limits.tpm} tokens per minute. Retry after {retry_ms} ms."
         return RateLimited(message, type="tokens", headers=retry_headers)
-    message = f"Too many concurrent requests for this key (limit {max_concurrency}). Retry when one finishes."
+    message = f"Too many concurrent requests for this key (limit {limits.max_concurrency}). Retry when one finishes."
     return RateLimited(message, type="requests", code="concurrency_limit_exceeded", headers=retry_headers)
 
 
@@ -149,41 +182,70 @@ class Meter:
         self._admit = redis.register_script((LUA_DIR / "admit.lua").read_text())
         self._settle = redis.register_script((LUA_DIR / "settle.lua").read_text())
 
-    def effective_limits(self, record: KeyRecord) -> tuple[int, int, int]:
+    def effective_limits(self, own: Limits) -> tuple[int, int, int]:
         """(rpm, tpm, max_concurrency): the key's own limits, else the operator's defaults."""
-        own, default = record.limits, self.defaults
+        default = self.defaults
         return (
             own.rpm or default.rpm or 0,
             own.tpm or default.tpm or 0,
             own.max_concurrency or default.max_concurrency or 0,
         )
 
+    def default_state(self) -> RateLimitState:
+        """What the headers say when no key is known: the operator's defaults, untouched."""
+        rpm, tpm, max_concurrency = self.effective_limits(Limits())
+        return RateLimitState(rpm, rpm, 0, tpm, tpm, 0, max_concurrency)
+
     async def admit(
         self,
-        record: KeyRecord,
+        key_id: str,
+        key_hash: str,
         listing: Listing,
         prompt_tokens: int,
         max_output_tokens: int,
         *,
         now_ms: int | None = None,
     ) -> Admission:
-        """Reserve limits and credit for the worst case; raise 429/402 with headers when refused."""
-        rpm, tpm, max_concurrency = self.effective_limits(record)
+        """Authenticate the key and reserve limits and credit for the worst case, in one Redis call.
+
+        Raises 401 (unknown, revoked or expired key), 403 (model not allowed), 429 or 402
+        (with the rate-limit headers), or 503 when Redis does not answer.
+        """
         tokens = prompt_tokens + max_output_tokens
         hold = listing.cost_micros(prompt_tokens, max_output_tokens)
         billing_id = new_billing_id()
-        keys = [account_key(record.id, "key"), account_key(record.id, "buckets"), account_key(record.id, "inflight")]
-        args = [billing_id, rpm, tpm, max_concurrency, tokens, hold, LEASE_MS, "" if now_ms is None else now_ms]
+        keys = [account_key(key_id, "key"), account_key(key_id, "buckets"), account_key(key_id, "inflight")]
+        rpm, tpm, max_concurrency = self.effective_limits(Limits())
+        args = [billing_id, key_hash, listing.id, rpm, tpm, max_concurrency, tokens, hold, LEASE_MS]
+        args.append("" if now_ms is None else now_ms)
         try:
             verdict, retry_ms, *state = await self._admit(keys=keys, args=args)
         except RedisError as exc:
             raise BillingUnavailable(
                 "The billing store is unavailable; the request was not served. Retry shortly.", retry_after_s=2
             ) from exc
-        limits = RateLimitState(rpm, state[0], state[1], tpm, state[2], state[3])
+        limits = RateLimitState(*(int(v) for v in state))
         if verdict != 0:
-            raise _refusal(int(verdict), int(retry_ms), limits, tokens, hold, max_concurrency)
-        return Admission(billing_id, record.id, listing, hold, tokens, limits)
+            raise _refusal(int(verdict), int(retry_ms), limits, tokens, hold, listing.id)
+        return Admission(billing_id, key_id, listing, hold, tokens, limits)
+
+    async def current_state(self, key_id: str) -> RateLimitState:
+        """The key's limits and bucket levels now, without consuming anything (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(account_key(key_id, "key"), "limits")
+        pipe.hmget(account_key(key_id, "buckets"), ["req_level", "req_ts", "tok_level", "tok_ts"])
+        pipe.time()
+        raw_limits, (req_level, req_ts, tok_level, tok_ts), (seconds, micros) = await pipe.execute()
+        own = Limits.model_validate_json(raw_limits) if raw_limits else Limits()
+        rpm, tpm, max_concurrency = self.effective_limits(own)
+        now_ms = seconds * 1000 + micros // 1000
+        req = bucket_level(rpm, req_level, req_ts, now_ms)
+        tok = bucket_level(tpm, tok_level, tok_ts, now_ms)
+        return RateLimitState(
+            rpm, req // SCALE, _ceil_div(rpm * SCALE - req, rpm),
+            tpm, tok // SCALE, _ceil_div(tpm * SCALE - tok, tpm),
+            max_concurrency,
+        )  # fmt: skip
 
     async def settle(
         self, admission: Admission, prompt_tokens: int, completion_tokens: int, outcome: Outcome

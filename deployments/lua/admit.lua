@@ -1,37 +1,63 @@
--- Admit one request in one round trip: concurrency, requests/min, tokens/min, credit hold.
+-- Authenticate and admit one request in one round trip: key lookup, status, expiry, model
+-- permission, concurrency, requests/min, tokens/min and the credit hold.
 -- Nothing changes unless every check passes.
 --
 -- Rate limits are token buckets refilled continuously: capacity = the per-minute limit,
 -- refill = limit per 60 000 ms. Levels are stored scaled by 60 000 so all arithmetic is
 -- exact integers (refill per ms = the limit itself).
 --
--- KEYS[1] {acct:ID}:key        key record (hash): balance_micros, hold_micros
+-- KEYS[1] {acct:ID}:key        key record (hash): key_hash, status, expires_at, models,
+--                              limits (JSON), balance_micros, hold_micros
 -- KEYS[2] {acct:ID}:buckets    rate-limit state (hash): req_level, req_ts, tok_level, tok_ts
 -- KEYS[3] {acct:ID}:inflight   admitted, unsettled requests (zset: billing id -> lease expiry ms)
--- ARGV: billing_id, rpm, tpm, max_concurrency, tokens, hold_micros, lease_ms, now_ms ('' = Redis TIME)
+-- ARGV: billing_id, key_hash, model, default_rpm, default_tpm, default_max_concurrency,
+--       tokens, hold_micros, lease_ms, now_ms ('' = Redis TIME)
 --
--- Returns {verdict, retry_after_ms, rpm_remaining, rpm_reset_ms, tpm_remaining, tpm_reset_ms}
+-- Returns {verdict, retry_after_ms, rpm, rpm_remaining, rpm_reset_ms,
+--          tpm, tpm_remaining, tpm_reset_ms, max_concurrency}
 -- verdict: 0 admitted, 1 requests/min, 2 tokens/min, 3 larger than the whole TPM,
---          4 concurrency, 5 insufficient credit
+--          4 concurrency, 5 insufficient credit, 6 unknown key, 7 revoked, 8 expired,
+--          9 model not allowed for this key
 
-local billing_id = ARGV[1]
-local rpm, tpm, max_conc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local tokens, hold, lease_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local billing_id, key_hash, model = ARGV[1], ARGV[2], ARGV[3]
+local tokens, hold, lease_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local now
-if ARGV[8] ~= '' then
-  now = tonumber(ARGV[8])
+if ARGV[10] ~= '' then
+  now = tonumber(ARGV[10])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local SCALE = 60000
 
+local record = redis.call('HMGET', KEYS[1], 'key_hash', 'status', 'expires_at', 'models', 'limits', 'balance_micros')
+-- Lua strings are interned, so this equality is a pointer comparison, not a byte-by-byte scan.
+if record[1] ~= key_hash then return {6, 0, 0, 0, 0, 0, 0, 0, 0} end
+if record[2] ~= 'active' then return {7, 0, 0, 0, 0, 0, 0, 0, 0} end
+if record[3] and record[3] ~= '' and now >= tonumber(record[3]) * 1000 then return {8, 0, 0, 0, 0, 0, 0, 0, 0} end
+if record[4] and record[4] ~= 'null' and record[4] ~= '' then
+  local allowed = false
+  for _, id in ipairs(cjson.decode(record[4])) do
+    if id == model then allowed = true break end
+  end
+  if not allowed then return {9, 0, 0, 0, 0, 0, 0, 0, 0} end
+end
+
+-- The key's own limits, else the operator's defaults.
+local own = (record[5] and record[5] ~= '') and cjson.decode(record[5]) or {}
+local function limit(name, default)
+  local value = own[name]
+  if type(value) == 'number' and value > 0 then return value end
+  return tonumber(default)
+end
+local rpm, tpm, max_conc = limit('rpm', ARGV[4]), limit('tpm', ARGV[5]), limit('max_concurrency', ARGV[6])
+
+local SCALE = 60000
 local state = redis.call('HMGET', KEYS[2], 'req_level', 'req_ts', 'tok_level', 'tok_ts')
 
-local function level(limit, stored, ts)
-  local cap = limit * SCALE
+local function level(lim, stored, ts)
+  local cap = lim * SCALE
   if not stored then return cap end
-  local lvl = tonumber(stored) + math.max(0, now - tonumber(ts)) * limit
+  local lvl = tonumber(stored) + math.max(0, now - tonumber(ts)) * lim
   if lvl > cap then lvl = cap end
   return lvl
 end
@@ -43,8 +69,9 @@ local req_cost, tok_cost = SCALE, tokens * SCALE
 local function ceil_div(a, b) return math.floor((a + b - 1) / b) end
 local function report(verdict, retry_ms, rl, tl)
   return {verdict, retry_ms,
-          math.floor(rl / SCALE), ceil_div(rpm * SCALE - rl, rpm),
-          math.floor(tl / SCALE), ceil_div(tpm * SCALE - tl, tpm)}
+          rpm, math.floor(rl / SCALE), ceil_div(rpm * SCALE - rl, rpm),
+          tpm, math.floor(tl / SCALE), ceil_div(tpm * SCALE - tl, tpm),
+          max_conc}
 end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -60,7 +87,7 @@ end
 if tok_level < tok_cost then
   return report(2, ceil_div(tok_cost - tok_level, tpm), req_level, tok_level)
 end
-local balance = tonumber(redis.call('HGET', KEYS[1], 'balance_micros') or '0')
+local balance = tonumber(record[6] or '0')
 if balance < hold or balance <= 0 then
   return report(5, 0, req_level, tok_level)
 end

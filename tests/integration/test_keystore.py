@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from tokenmart.deployments import auth
-from tokenmart.deployments.errors import AuthenticationFailed, InsufficientCredit
+from tokenmart.deployments.errors import APIError, AuthenticationFailed, InsufficientCredit
 from tokenmart.deployments.keystore import KeyStore, account_key, connect
 from tokenmart.deployments.metering import Meter
 from tokenmart.deployments.schemas import CreateKeyRequest, UpdateKeyRequest
@@ -139,7 +139,7 @@ def test_add_credit_increases_the_balance_exactly(redis_server, redis_client):
 def test_update_changes_limits_and_models_but_never_the_balance_counters(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, Any]:
         record, _ = await keys.create(CreateKeyRequest(name="erin", credit_usd=1))
-        await meter.settle(await meter.admit(record, ALPHA, 20, 40), 100, 50, "completed")
+        await meter.settle(await meter.admit(record.id, record.key_hash, ALPHA, 20, 40), 100, 50, "completed")
         before = await keys.require(record.id)
         # A settlement landing while the admin edits the key must not be overwritten.
         redis_client.hincrby(account_key(record.id, "key"), "balance_micros", -7)
@@ -158,16 +158,66 @@ def test_admit_refuses_a_key_without_credit(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> None:
         record, _ = await keys.create(CreateKeyRequest(name="broke", credit_usd=0))
         with pytest.raises(InsufficientCredit) as refused:
-            await meter.admit(record, ALPHA, 20, 40)
+            await meter.admit(record.id, record.key_hash, ALPHA, 20, 40)
         assert (refused.value.status_code, refused.value.code) == (402, "insufficient_quota")
 
     run(redis_server.url, scenario)
 
 
+def test_admission_authenticates_the_key_in_the_same_call(redis_server, redis_client):
+    async def scenario(keys: KeyStore, meter: Meter) -> dict[str, tuple[int, str]]:
+        live, _ = await keys.create(CreateKeyRequest(name="gina", credit_usd=1))
+        revoked, _ = await keys.create(CreateKeyRequest(name="gina-revoked", credit_usd=1))
+        await keys.revoke(revoked.id)
+        expired, _ = await keys.create(
+            CreateKeyRequest(name="gina-expired", credit_usd=1, expires_at=datetime(2020, 1, 1, tzinfo=timezone.utc))
+        )
+        narrow, _ = await keys.create(CreateKeyRequest(name="gina-narrow", credit_usd=1, models=["beta-chat"]))
+        attempts = {
+            "unknown": (auth.key_id_for_hash("f" * 64), "f" * 64),
+            "wrong hash": (live.id, "0" * 64),
+            "revoked": (revoked.id, revoked.key_hash),
+            "expired": (expired.id, expired.key_hash),
+            "model": (narrow.id, narrow.key_hash),
+        }
+        outcomes = {}
+        for name, (key_id, key_hash) in attempts.items():
+            with pytest.raises(APIError) as refused:
+                await meter.admit(key_id, key_hash, ALPHA, 20, 40)
+            outcomes[name] = (refused.value.status_code, refused.value.code)
+        await meter.admit(narrow.id, narrow.key_hash, BETA, 20, 40)  # its allowed model is admitted
+        return outcomes
+
+    assert run(redis_server.url, scenario) == {
+        "unknown": (401, "invalid_api_key"),
+        "wrong hash": (401, "invalid_api_key"),
+        "revoked": (401, "revoked_api_key"),
+        "expired": (401, "expired_api_key"),
+        "model": (403, "model_not_allowed"),
+    }
+
+
+def test_a_keys_own_limits_override_the_operator_defaults(redis_server, redis_client):
+    async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, Any, Any]:
+        own, _ = await keys.create(CreateKeyRequest(name="hana", credit_usd=1, rpm=7, tpm=900, max_concurrency=3))
+        default, _ = await keys.create(CreateKeyRequest(name="hana-default", credit_usd=1))
+        first = await meter.admit(own.id, own.key_hash, ALPHA, 20, 40)
+        second = await meter.admit(default.id, default.key_hash, ALPHA, 20, 40)
+        return first.limits, second.limits, await meter.current_state(own.id)
+
+    own, default, peeked = run(redis_server.url, scenario)
+    assert (own.rpm, own.tpm, own.max_concurrency) == (7, 900, 3)
+    assert (own.rpm_remaining, own.tpm_remaining) == (6, 900 - 60)
+    assert (default.rpm, default.tpm, default.max_concurrency) == (600, 1_000_000, 64)
+    # Reading the state consumes nothing: the same figures (give or take the refill since).
+    assert (peeked.rpm, peeked.tpm) == (7, 900)
+    assert peeked.rpm_remaining == 6 and 840 <= peeked.tpm_remaining <= 900
+
+
 def test_settle_is_idempotent_per_billing_id(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, Any, str]:
         record, _ = await keys.create(CreateKeyRequest(name="frank", credit_usd=1))
-        admission = await meter.admit(record, BETA, 20, 40)
+        admission = await meter.admit(record.id, record.key_hash, BETA, 20, 40)
         first = await meter.settle(admission, 10, 20, "completed")
         second = await meter.settle(admission, 10, 20, "completed")
         return first, second, record.id
@@ -188,9 +238,9 @@ def test_settle_is_idempotent_per_billing_id(redis_server, redis_client):
 def test_settle_writes_daily_model_counters_and_a_ledger_event(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> tuple[str, str]:
         record, _ = await keys.create(CreateKeyRequest(name="grace", credit_usd=1))
-        completed = await meter.admit(record, ALPHA, 20, 40)
+        completed = await meter.admit(record.id, record.key_hash, ALPHA, 20, 40)
         await meter.settle(completed, 7, 3, "completed")
-        aborted = await meter.admit(record, ALPHA, 20, 40)
+        aborted = await meter.admit(record.id, record.key_hash, ALPHA, 20, 40)
         await meter.settle(aborted, 5, 2, "aborted")
         return record.id, completed.billing_id
 
@@ -216,9 +266,9 @@ def test_settle_writes_daily_model_counters_and_a_ledger_event(redis_server, red
 def test_usage_report_groups_by_model_and_day_within_the_date_range(redis_server, redis_client):
     async def settle_today(keys: KeyStore, meter: Meter) -> str:
         record, _ = await keys.create(CreateKeyRequest(name="heidi", credit_usd=1))
-        await meter.settle(await meter.admit(record, ALPHA, 20, 40), 10, 4, "completed")
-        await meter.settle(await meter.admit(record, BETA, 20, 40), 6, 2, "completed")
-        await meter.settle(await meter.admit(record, BETA, 20, 40), 4, 2, "completed")
+        await meter.settle(await meter.admit(record.id, record.key_hash, ALPHA, 20, 40), 10, 4, "completed")
+        await meter.settle(await meter.admit(record.id, record.key_hash, BETA, 20, 40), 6, 2, "completed")
+        await meter.settle(await meter.admit(record.id, record.key_hash, BETA, 20, 40), 4, 2, "completed")
         return record.id
 
     key_id = run(redis_server.url, settle_today)
@@ -269,7 +319,7 @@ def test_usage_report_groups_by_model_and_day_within_the_date_range(redis_server
 def test_admission_holds_the_worst_case_and_settlement_refunds_the_rest(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, dict, dict, str]:
         record, _ = await keys.create(CreateKeyRequest(name="hana", credit_usd=1))
-        admission = await meter.admit(record, BETA, 100, 400)
+        admission = await meter.admit(record.id, record.key_hash, BETA, 100, 400)
         during = redis_client.hgetall(account_key(record.id, "key"))
         settlement = await meter.settle(admission, 60, 30, "completed")
         after = redis_client.hgetall(account_key(record.id, "key"))
@@ -288,7 +338,7 @@ def test_a_hold_larger_than_the_balance_is_refused_with_402(redis_server, redis_
     async def scenario(keys: KeyStore, meter: Meter) -> None:
         record, _ = await keys.create(CreateKeyRequest(name="ivan", credit_usd="0.000100"))
         with pytest.raises(InsufficientCredit) as refused:
-            await meter.admit(record, BETA, 10, 100)  # up to 1025 micro-USD
+            await meter.admit(record.id, record.key_hash, BETA, 10, 100)  # up to 1025 micro-USD
         assert refused.value.status_code == 402
         assert refused.value.headers["x-ratelimit-limit-requests"]
 
@@ -304,7 +354,7 @@ def test_settlement_during_a_redis_outage_is_spooled_and_replayed_once(redis_ser
         client = connect(redis_server.url, timeout_s=0.3)
         keys, meter = KeyStore(client), Meter(client, spool=spool)
         record, _ = await keys.create(CreateKeyRequest(name="outage", credit_usd=1))
-        admission = await meter.admit(record, BETA, 20, 40)
+        admission = await meter.admit(record.id, record.key_hash, BETA, 20, 40)
         # Redis stops answering for 1.5 s: the settlement times out (its command may still run
         # later, which is the "reply lost" case) and goes to the spool.
         redis_client.execute_command("CLIENT", "PAUSE", 1500, "ALL")

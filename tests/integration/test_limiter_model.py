@@ -7,6 +7,7 @@ verdict, every retry-after and every remaining/reset figure, and on the balance.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.integration
 
 SCALE = 60_000
 KEY_ID = "key_model"
+KEY_HASH = "0" * 64
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -47,8 +49,9 @@ class Model:
         def report(verdict: int, retry: int, r: int, t: int) -> list[int]:
             return [
                 verdict, retry,
-                r // SCALE, ceil_div(self.rpm * SCALE - r, self.rpm),
-                t // SCALE, ceil_div(self.tpm * SCALE - t, self.tpm),
+                self.rpm, r // SCALE, ceil_div(self.rpm * SCALE - r, self.rpm),
+                self.tpm, t // SCALE, ceil_div(self.tpm * SCALE - t, self.tpm),
+                self.max_concurrency,
             ]  # fmt: skip
 
         self.inflight = {b: e for b, e in self.inflight.items() if e > now}
@@ -97,14 +100,31 @@ operations = st.lists(
     tpm=st.integers(min_value=50, max_value=1000),
     max_concurrency=st.integers(min_value=1, max_value=4),
     balance=st.integers(min_value=0, max_value=2000),
+    own_limits=st.booleans(),
     ops=operations,
 )
-def test_lua_limiter_matches_the_model(redis_client, rpm, tpm, max_concurrency, balance, ops) -> None:
+def test_lua_limiter_matches_the_model(redis_client, rpm, tpm, max_concurrency, balance, own_limits, ops) -> None:
     redis_client.flushall()
     admit = redis_client.register_script((LUA_DIR / "admit.lua").read_text())
     settle = redis_client.register_script((LUA_DIR / "settle.lua").read_text())
     record = account_key(KEY_ID, "key")
-    redis_client.hset(record, mapping={"balance_micros": balance, "hold_micros": 0, "spent_micros": 0})
+    limits = {"rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency}
+    # The limits come from the key's own record, or (when it sets none) from the operator defaults.
+    stored = limits if own_limits else dict.fromkeys(limits)
+    defaults = [10_000, 10_000_000, 1000] if own_limits else [rpm, tpm, max_concurrency]
+    redis_client.hset(
+        record,
+        mapping={
+            "key_hash": KEY_HASH,
+            "status": "active",
+            "models": "null",
+            "limits": json.dumps(stored),
+            "expires_at": "",
+            "balance_micros": balance,
+            "hold_micros": 0,
+            "spent_micros": 0,
+        },
+    )
     model = Model(rpm, tpm, max_concurrency, balance)
     lease = 30_000
     now = 1_800_000_000_000
@@ -116,7 +136,7 @@ def test_lua_limiter_matches_the_model(redis_client, rpm, tpm, max_concurrency, 
             now += step
             billing_id = f"b{index}"
             keys = [record, account_key(KEY_ID, "buckets"), account_key(KEY_ID, "inflight")]
-            got = admit(keys=keys, args=[billing_id, rpm, tpm, max_concurrency, tokens, hold, lease, now])
+            got = admit(keys=keys, args=[billing_id, KEY_HASH, "m", *defaults, tokens, hold, lease, now])
             want = model.admit(billing_id, tokens, hold, now, lease)
             assert [int(v) for v in got] == want, (index, op)
             if want[0] == 0:

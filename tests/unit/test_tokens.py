@@ -1,0 +1,125 @@
+"""Prompt counting for admission: exact with a tokenizer, a byte bound otherwise, never under."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
+from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+
+from tokenmart.deployments.gateway import max_output_tokens
+from tokenmart.deployments.tokens import (
+    INLINE_TOKENIZE_CHARS,
+    TEMPLATE_TOKENS_FIXED,
+    TEMPLATE_TOKENS_PER_MESSAGE,
+    PromptCounter,
+    byte_bound,
+    prompt_count,
+)
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: one token per word, a template of `<role>: content` lines."""
+
+    chat_template = "{% for m in messages %}...{% endfor %}"
+
+    def __init__(self) -> None:
+        self.encoded: list[tuple[str, bool]] = []
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool, tokenize: bool):
+        assert tokenize is False and add_generation_prompt is True
+        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        self.encoded.append((text, add_special_tokens))
+        return list(range(len(text.split()) + (1 if add_special_tokens else 0)))
+
+
+def chat(messages: list[dict[str, Any]] | None = None, **fields: Any) -> ChatCompletionRequest:
+    body = {"model": "m", "messages": messages or [{"role": "user", "content": "hello there"}], **fields}
+    return _sanitize_chat_completion_request(ChatCompletionRequest.model_validate(body))
+
+
+def completion(prompt: Any, **fields: Any) -> CompletionRequest:
+    return CompletionRequest.model_validate({"model": "m", "prompt": prompt, **fields})
+
+
+def test_without_a_tokenizer_chat_is_bounded_by_bytes_plus_the_template_allowance() -> None:
+    body = chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}])
+    counted = PromptCounter().count(body, chat=True)
+    text_bytes = len("system") + len("be brief") + len("user") + len("héllo".encode())
+    assert counted == text_bytes + 2 * TEMPLATE_TOKENS_PER_MESSAGE + TEMPLATE_TOKENS_FIXED
+
+
+def test_without_a_tokenizer_completions_count_bytes_and_token_ids() -> None:
+    assert PromptCounter().count(completion("abc"), chat=False) == 3 + TEMPLATE_TOKENS_FIXED
+    assert PromptCounter().count(completion([5, 6, 7]), chat=False) == 3 + TEMPLATE_TOKENS_FIXED
+    assert PromptCounter().count(completion(["ab", "cde"]), chat=False) == 5 + 2 * TEMPLATE_TOKENS_FIXED
+
+
+def test_chat_with_a_tokenizer_renders_the_template_and_encodes_without_special_tokens() -> None:
+    tokenizer = WordTokenizer()
+    body = chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}])
+    assert PromptCounter(tokenizer).count(body, chat=True) == 7  # <system> be brief <user> hello there <assistant>
+    assert tokenizer.encoded == [("<system> be brief <user> hello there <assistant>", False)]
+
+
+def test_completions_with_a_tokenizer_encode_each_prompt_with_special_tokens() -> None:
+    tokenizer = WordTokenizer()
+    counter = PromptCounter(tokenizer)
+    assert counter.count(completion("one two three"), chat=False) == 4
+    assert counter.count(completion(["one", "two three"]), chat=False) == 2 + 3
+    assert counter.count(completion([[1, 2], [3, 4, 5]]), chat=False) == 5
+    assert counter.count(completion("one", add_special_tokens=False), chat=False) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+        chat(chat_template="{{ messages }}"),
+        chat(chat_template_kwargs={"enable_thinking": True}),
+        chat([{"role": "user", "content": [{"type": "text", "text": "parts"}]}]),
+        chat([{"role": "user", "content": "hi", "name": "alice"}]),
+        chat(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Once"}],
+            continue_final_message=True,
+            add_generation_prompt=False,
+        ),
+    ],
+    ids=["tools", "chat_template", "chat_template_kwargs", "content_parts", "name", "continue_final_message"],
+)
+def test_requests_the_tokenizer_path_cannot_reproduce_fall_back_to_the_byte_bound(body: Any) -> None:
+    tokenizer = WordTokenizer()
+    assert PromptCounter(tokenizer).count(body, chat=True) == byte_bound(body, chat=True)
+    assert tokenizer.encoded == []
+
+
+def test_a_tokenizer_without_a_chat_template_bounds_chat_but_counts_completions() -> None:
+    tokenizer = WordTokenizer()
+    tokenizer.chat_template = None
+    counter = PromptCounter(tokenizer)
+    assert counter.count(chat(), chat=True) == byte_bound(chat(), chat=True)
+    assert counter.count(completion("one two"), chat=False) == 3
+
+
+def test_a_listing_whose_tokenizer_is_not_on_disk_falls_back_to_the_byte_bound(tmp_path) -> None:
+    counter = PromptCounter.for_source(str(tmp_path / "missing-model"))
+    assert not counter.exact
+    assert counter.count(chat(), chat=True) == byte_bound(chat(), chat=True)
+
+
+def test_long_prompts_are_counted_off_the_event_loop_with_the_same_result() -> None:
+    tokenizer = WordTokenizer()
+    body = chat([{"role": "user", "content": "word " * INLINE_TOKENIZE_CHARS}])
+    assert asyncio.run(PromptCounter(tokenizer).count_async(body, chat=True)) == INLINE_TOKENIZE_CHARS + 2
+
+
+def test_output_budget_covers_every_choice_of_every_prompt() -> None:
+    assert max_output_tokens(chat(max_tokens=10, n=3), chat=True) == 30
+    assert max_output_tokens(chat(max_completion_tokens=7, max_tokens=10), chat=True) == 7
+    assert max_output_tokens(completion(["a", "b"], max_tokens=5, n=2), chat=False) == 20
+    assert max_output_tokens(completion([1, 2, 3], max_tokens=5), chat=False) == 5
+    assert (prompt_count(completion("a")), prompt_count(completion([[1], [2], [3]]))) == (1, 3)

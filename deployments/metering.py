@@ -8,9 +8,16 @@ idempotent per billing id, refunds the unused hold, charges the real tokens, ret
 unused tokens to the TPM bucket and releases the concurrency slot.
 
 Redis layout (per account, hash-tagged):
+  {acct:<id>}:key                 the key record, with balance/hold/spent/credited micro-USD
+  {acct:<id>}:buckets             rate-limit token buckets (levels scaled by 60 000)
+  {acct:<id>}:inflight            zset: admitted, unsettled billing ids -> lease expiry (ms)
+  {acct:<id>}:holds               hash: billing id -> the credit it holds
   {acct:<id>}:usage               hash "<UTC day>|<model>|<metric>" -> int
   {acct:<id>}:ledger              stream of usage events
   {acct:<id>}:settled:<billing>   idempotency marker (7 days)
+
+An admission whose ingress dies before settling keeps its slot and hold until its lease
+(LEASE_MS) runs out; the next admission of that key frees both.
 """
 
 from __future__ import annotations
@@ -214,7 +221,7 @@ class Meter:
         tokens = prompt_tokens + max_output_tokens
         hold = listing.cost_micros(prompt_tokens, max_output_tokens)
         billing_id = new_billing_id()
-        keys = [account_key(key_id, "key"), account_key(key_id, "buckets"), account_key(key_id, "inflight")]
+        keys = [account_key(key_id, name) for name in ("key", "buckets", "inflight", "holds")]
         rpm, tpm, max_concurrency = self.effective_limits(Limits())
         args = [billing_id, key_hash, listing.id, rpm, tpm, max_concurrency, tokens, hold, LEASE_MS]
         args.append("" if now_ms is None else now_ms)
@@ -259,7 +266,7 @@ class Meter:
             account_key(key_id, "ledger"),
             account_key(key_id, f"settled:{admission.billing_id}"),
         ]
-        keys += [account_key(key_id, "buckets"), account_key(key_id, "inflight")]
+        keys += [account_key(key_id, "buckets"), account_key(key_id, "inflight"), account_key(key_id, "holds")]
         args = [
             admission.billing_id,
             key_id,

@@ -10,6 +10,7 @@
 --                              limits (JSON), balance_micros, hold_micros
 -- KEYS[2] {acct:ID}:buckets    rate-limit state (hash): req_level, req_ts, tok_level, tok_ts
 -- KEYS[3] {acct:ID}:inflight   admitted, unsettled requests (zset: billing id -> lease expiry ms)
+-- KEYS[4] {acct:ID}:holds      the credit each of those holds (hash: billing id -> micro-USD)
 -- ARGV: billing_id, key_hash, model, default_rpm, default_tpm, default_max_concurrency,
 --       tokens, hold_micros, lease_ms, now_ms ('' = Redis TIME)
 --
@@ -74,7 +75,22 @@ local function report(verdict, retry_ms, rl, tl)
           max_conc}
 end
 
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+-- Admissions whose lease ran out were never settled (their ingress died): free their slot
+-- and give their hold back. A settlement that still arrives later charges without a hold.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+if #expired > 0 then
+  local refund = 0
+  for _, id in ipairs(expired) do
+    refund = refund + tonumber(redis.call('HGET', KEYS[4], id) or '0')
+    redis.call('HDEL', KEYS[4], id)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if refund > 0 then
+    redis.call('HINCRBY', KEYS[1], 'balance_micros', refund)
+    redis.call('HINCRBY', KEYS[1], 'hold_micros', -refund)
+    record[6] = tostring(tonumber(record[6] or '0') + refund)
+  end
+end
 if redis.call('ZCARD', KEYS[3]) >= max_conc then
   return report(4, 1000, req_level, tok_level)
 end
@@ -100,5 +116,6 @@ redis.call('ZADD', KEYS[3], now + lease_ms, billing_id)
 if hold > 0 then  -- (Redis refuses "-0" as an increment)
   redis.call('HINCRBY', KEYS[1], 'balance_micros', -hold)
   redis.call('HINCRBY', KEYS[1], 'hold_micros', hold)
+  redis.call('HSET', KEYS[4], billing_id, hold)
 end
 return report(0, 0, req_level, tok_level)

@@ -7,6 +7,8 @@
 -- KEYS[4] {acct:ID}:settled:<billing id>   idempotency marker
 -- KEYS[5] {acct:ID}:buckets   rate-limit state: unused reserved tokens go back to the TPM bucket
 -- KEYS[6] {acct:ID}:inflight  the request's concurrency slot is released
+-- KEYS[7] {acct:ID}:holds     the request's hold; absent when its lease expired and admit.lua
+--                             already gave it back, in which case only the cost is taken
 -- ARGV: billing_id, key_id, model, prompt_tokens, completion_tokens, cost_micros,
 --       hold_micros, status, started_at_ms, marker_ttl_s, unused_tokens
 --
@@ -40,6 +42,9 @@ local m = mp < 10 and mp + 3 or mp - 9
 local y = yoe + era * 400 + (m <= 2 and 1 or 0)
 local day = string.format('%04d-%02d-%02d', y, m, d)
 
+if hold ~= 0 and redis.call('HDEL', KEYS[7], billing_id) == 0 then
+  hold = 0
+end
 local balance = redis.call('HINCRBY', KEYS[1], 'balance_micros', hold - cost)
 if hold ~= 0 then
   redis.call('HINCRBY', KEYS[1], 'hold_micros', -hold)

@@ -15,7 +15,7 @@ import redis
 from tokenmart.deployments import auth
 from tokenmart.deployments.errors import APIError, AuthenticationFailed, InsufficientCredit
 from tokenmart.deployments.keystore import KeyStore, account_key, connect
-from tokenmart.deployments.metering import Meter
+from tokenmart.deployments.metering import LEASE_MS, Meter
 from tokenmart.deployments.schemas import CreateKeyRequest, UpdateKeyRequest
 
 from .conftest import TEST_CATALOG
@@ -332,6 +332,29 @@ def test_admission_holds_the_worst_case_and_settlement_refunds_the_rest(redis_se
     cost = BETA.cost_micros(60, 30)
     assert settlement.cost_micros == cost
     assert (int(after["balance_micros"]), int(after["hold_micros"])) == (1_000_000 - cost, 0)
+
+
+def test_a_lapsed_lease_gives_its_hold_back_and_a_late_settlement_charges_only_the_cost(redis_server, redis_client):
+    async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, ...]:
+        record, _ = await keys.create(CreateKeyRequest(name="ines", credit_usd=1, max_concurrency=1))
+        seconds, _ = await meter.redis.time()
+        now = seconds * 1000
+        lost = await meter.admit(record.id, record.key_hash, BETA, 100, 400, now_ms=now)  # its ingress "dies"
+        with pytest.raises(APIError) as busy:
+            await meter.admit(record.id, record.key_hash, BETA, 10, 10, now_ms=now + 1000)
+        later = await meter.admit(record.id, record.key_hash, BETA, 10, 10, now_ms=now + LEASE_MS + 1)
+        during = await keys.require(record.id)
+        late = await meter.settle(lost, 100, 5, "completed")
+        await meter.settle(later, 10, 10, "completed")
+        return later, busy.value, during, late, await keys.require(record.id)
+
+    later, busy, during, late, after = run(redis_server.url, scenario)
+    assert (busy.status_code, busy.code) == (429, "concurrency_limit_exceeded")
+    # Only the live admission holds credit once the lost one's lease lapsed.
+    assert (during.balance_micros, during.hold_micros) == (1_000_000 - later.hold_micros, later.hold_micros)
+    assert late.cost_micros == BETA.cost_micros(100, 5)
+    spent = BETA.cost_micros(100, 5) + BETA.cost_micros(10, 10)
+    assert (after.balance_micros, after.hold_micros, after.spent_micros) == (1_000_000 - spent, 0, spent)
 
 
 def test_a_hold_larger_than_the_balance_is_refused_with_402(redis_server, redis_client):

@@ -36,6 +36,7 @@ class Model:
     balance: int
     levels: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (level, ts)
     inflight: dict[str, int] = field(default_factory=dict)  # billing id -> lease expiry
+    holds: dict[str, int] = field(default_factory=dict)  # billing id -> hold
 
     def level(self, name: str, limit: int, now: int) -> int:
         if name not in self.levels:
@@ -54,7 +55,9 @@ class Model:
                 self.max_concurrency,
             ]  # fmt: skip
 
-        self.inflight = {b: e for b, e in self.inflight.items() if e > now}
+        for expired in [b for b, e in self.inflight.items() if e <= now]:
+            del self.inflight[expired]
+            self.balance += self.holds.pop(expired, 0)  # a lapsed lease gives its hold back
         if len(self.inflight) >= self.max_concurrency:
             return report(4, 1000, req, tok)
         if req < SCALE:
@@ -68,12 +71,15 @@ class Model:
         req, tok = req - SCALE, tok - tokens * SCALE
         self.levels = {"req": (req, now), "tok": (tok, now)}
         self.inflight[billing_id] = now + lease
+        if hold:
+            self.holds[billing_id] = hold
         self.balance -= hold
         return report(0, 0, req, tok)
 
     def settle(self, billing_id: str, hold: int, cost: int, unused: int) -> None:
         self.inflight.pop(billing_id, None)
-        self.balance += hold - cost
+        held = self.holds.pop(billing_id, 0)  # 0 when the lease lapsed and the hold went back already
+        self.balance += held - cost
         if unused > 0 and "tok" in self.levels:
             level, ts = self.levels["tok"]
             self.levels["tok"] = (level + unused * SCALE, ts)
@@ -135,7 +141,7 @@ def test_lua_limiter_matches_the_model(redis_client, rpm, tpm, max_concurrency, 
             _, tokens, hold, step = op
             now += step
             billing_id = f"b{index}"
-            keys = [record, account_key(KEY_ID, "buckets"), account_key(KEY_ID, "inflight")]
+            keys = [record, *(account_key(KEY_ID, name) for name in ("buckets", "inflight", "holds"))]
             got = admit(keys=keys, args=[billing_id, KEY_HASH, "m", *defaults, tokens, hold, lease, now])
             want = model.admit(billing_id, tokens, hold, now, lease)
             assert [int(v) for v in got] == want, (index, op)
@@ -153,9 +159,11 @@ def test_lua_limiter_matches_the_model(redis_client, rpm, tpm, max_concurrency, 
                 account_key(KEY_ID, f"settled:{billing_id}"),
                 account_key(KEY_ID, "buckets"),
                 account_key(KEY_ID, "inflight"),
+                account_key(KEY_ID, "holds"),
             ]
             args = [billing_id, KEY_ID, "m", used, 0, cost, hold, "completed", now, 60, tokens - used]
             settle(keys=keys, args=args)
             model.settle(billing_id, hold, cost, tokens - used)
         assert int(redis_client.hget(record, "balance_micros")) == model.balance
+        assert int(redis_client.hget(record, "hold_micros")) == sum(model.holds.values())
         assert model.balance >= 0

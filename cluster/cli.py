@@ -1,4 +1,4 @@
-"""`tokenmart`: run a local marketplace and operate it (keys, credit, usage, models).
+"""`tokenmart`: run a local marketplace and operate it (keys, credit, usage, reconcile, models).
 
 Operator commands talk to the running cluster's admin API, so they work the same against
 a local cluster (found through the state file) and a remote one (TOKENMART_API_BASE and
@@ -226,6 +226,37 @@ def usage(
             _money(row["cost_usd"]),
         )  # fmt: skip
     out.print(table)
+
+
+@app.command()
+def reconcile(
+    key_id: str | None = typer.Option(None, help="One key (default: all keys)."),
+    state_dir: Path | None = StateDir,
+) -> None:
+    """Check the ledger stream against the usage counters and the balances; exit 1 on any difference."""
+    report = AdminClient(state_dir).call("GET", "/admin/v1/reconcile", params={"key_id": key_id} if key_id else None)
+    table = Table(title="reconciliation: ledger vs counters vs balances")
+    columns = ("key", "name", "events", "ledger cost", "counters cost", "spent", "credited", "balance", "on hold", "")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("key", "name") else "right")
+    for row in report["keys"]:
+        table.add_row(
+            row["key_id"], row["name"], f"{row['events']:,}", _money(row["ledger_cost_usd"]),
+            _money(row["counters_cost_usd"]), _money(row["spent_usd"]), _money(row["credited_usd"]),
+            _money(row["balance_usd"]), _money(row["on_hold_usd"]),
+            "[green]ok[/]" if row["ok"] else "[bold red]MISMATCH[/]",
+        )  # fmt: skip
+    out.print(table)
+    if report["ok"]:
+        out.print(f"[green]ok:[/] {len(report['keys'])} key(s) reconcile exactly")
+        return
+    differences = Table(title="differences")
+    for column in ("key", "check", "field", "expected", "actual"):
+        differences.add_column(column)
+    for diff in report["differences"]:
+        differences.add_row(diff["key_id"], diff["check"], diff["field"], str(diff["expected"]), str(diff["actual"]))
+    out.print(differences)
+    raise typer.Exit(1)
 
 
 @app.command()

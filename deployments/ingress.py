@@ -34,6 +34,7 @@ from .errors import APIError, BadRequest, BillingUnavailable, NotFound, PayloadT
 from .gateway import Gateway
 from .keystore import KeyStore, connect
 from .metering import Meter
+from .reconcile import reconcile
 from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, UpdateKeyRequest, usd_to_micros
 from .tokens import PromptCounter
 
@@ -280,6 +281,14 @@ class MarketplaceIngress(OpenAiIngress):
         key_ids = [(await self.keys.require(key_id)).id] if key_id else [r.id for r in await self.keys.list()]
         return (await self.meter.usage(key_ids, first, last, group_by)).model_dump()
 
+    async def admin_reconcile(self, request: Request, key_id: str | None = Query(default=None)) -> dict[str, Any]:
+        self._admin(request)
+        key_ids = [(await self.keys.require(key_id)).id] if key_id else sorted(await self.keys.ids())
+        try:
+            return (await reconcile(self.redis, key_ids)).model_dump()
+        except RedisError as exc:
+            raise BillingUnavailable("The billing store is unavailable. Retry shortly.", retry_after_s=2) from exc
+
 
 def _route(method: str, *paths: str, **kwargs: Any):
     """An endpoint-map entry that serves one method on several paths (the public aliases)."""
@@ -310,4 +319,5 @@ ENDPOINTS = {
     "admin_revoke_key": _route("delete", "/admin/v1/keys/{key_id}"),
     "admin_add_credit": _route("post", "/admin/v1/keys/{key_id}/credit"),
     "admin_usage": _route("get", "/admin/v1/usage"),
+    "admin_reconcile": _route("get", "/admin/v1/reconcile"),
 }

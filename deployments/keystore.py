@@ -53,6 +53,7 @@ def _to_hash(record: KeyRecord) -> dict[str, str]:
         "balance_micros": str(record.balance_micros),
         "hold_micros": str(record.hold_micros),
         "spent_micros": str(record.spent_micros),
+        "credited_micros": str(record.credited_micros),
     }
 
 
@@ -112,6 +113,7 @@ class KeyStore:
             created_at=int(time.time()),
             expires_at=request.expires_at_epoch,
             balance_micros=usd_to_micros(request.credit_usd),
+            credited_micros=usd_to_micros(request.credit_usd),
         )
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(account_key(record.id, "key"), mapping=_to_hash(record))
@@ -119,8 +121,11 @@ class KeyStore:
         await self._call(pipe.execute())
         return record, key
 
+    async def ids(self) -> set[str]:
+        return await self._call(self.redis.smembers(KEY_INDEX))
+
     async def list(self) -> list[KeyRecord]:
-        ids = sorted(await self._call(self.redis.smembers(KEY_INDEX)))
+        ids = sorted(await self.ids())
         pipe = self.redis.pipeline(transaction=False)
         for key_id in ids:
             pipe.hgetall(account_key(key_id, "key"))
@@ -155,5 +160,8 @@ class KeyStore:
 
     async def add_credit(self, key_id: str, micros: int) -> KeyRecord:
         await self.require(key_id)
-        await self._call(self.redis.hincrby(account_key(key_id, "key"), "balance_micros", micros))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hincrby(account_key(key_id, "key"), "balance_micros", micros)
+        pipe.hincrby(account_key(key_id, "key"), "credited_micros", micros)
+        await self._call(pipe.execute())
         return await self.require(key_id)

@@ -54,6 +54,8 @@ class KeyRecord(BaseModel):
     balance_micros: int = 0
     hold_micros: int = 0
     spent_micros: int = 0
+    # Every credit ever granted; balance + hold + spent always equals it (see reconcile.py).
+    credited_micros: int = 0
 
     def is_expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -174,3 +176,34 @@ class UsageReport(BaseModel):
     group_by: Literal["model", "day"]
     data: list[UsageRow]
     total: UsageRow
+
+
+class Discrepancy(BaseModel):
+    """One figure that disagrees between the ledger, the counters and the key's balances."""
+
+    key_id: str
+    check: Literal["ledger_vs_counters", "ledger_vs_spent", "credit_balance", "holds"]
+    field: str
+    expected: int
+    actual: int
+
+
+class KeyReconciliation(BaseModel):
+    key_id: str
+    name: str
+    events: int
+    ledger_cost_usd: float
+    counters_cost_usd: float
+    spent_usd: float
+    credited_usd: float
+    balance_usd: float
+    on_hold_usd: float
+    in_flight: int  # admissions holding credit
+    ok: bool
+
+
+class ReconciliationReport(BaseModel):
+    object: Literal["reconciliation"] = "reconciliation"
+    ok: bool
+    keys: list[KeyReconciliation]
+    differences: list[Discrepancy]

@@ -8,13 +8,15 @@ and autoscaling can be exercised on machines with no engine and no GPU.
 Deterministic rules (tests rely on them):
   prompt tokens     = words in all message contents (or the prompt) + 3 per message
   completion tokens = min(max_tokens, `reply_tokens`), one token (" w<i>") per stream chunk
-A prompt containing `[[fake-error]]` makes the engine fail before producing output.
+A prompt containing `[[fake-error]]` makes the engine fail before producing output, and
+`[[fake-tokens=N]]` replaces `reply_tokens` for that request (long streams on demand).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +29,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
 )
 
 FAIL_MARKER = "[[fake-error]]"
+LENGTH_MARKER = re.compile(r"\[\[fake-tokens=(\d+)\]\]")
 
 
 def _text_of(content: Any) -> str:
@@ -69,7 +72,8 @@ class FakeEngine:
             yield ErrorResponse(error=ErrorInfo(message="fake engine failure", type="InternalServerError", code=500))
             return
         max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens or self.reply_tokens
-        n_tokens = min(max_tokens, self.reply_tokens)
+        length = LENGTH_MARKER.search(prompt_text)
+        n_tokens = min(max_tokens, int(length.group(1)) if length else self.reply_tokens)
         choices = request.n or 1
         rid = request.request_id
         created = int(time.time())

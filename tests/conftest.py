@@ -35,6 +35,7 @@ class RedisServer:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.durable = False
 
     @property
     def url(self) -> str:
@@ -56,7 +57,10 @@ class RedisServer:
         if executable is None:
             pytest.skip("redis-server is not installed")
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - the process owns it
-        options = {"port": self.port, "bind": "127.0.0.1", "save": "", "appendonly": "no", "dir": self.data_dir}
+        options = {"port": self.port, "bind": "127.0.0.1", "save": "", "dir": self.data_dir}
+        # Durable: every write is fsynced to the AOF before it is acknowledged, so even a
+        # SIGKILL loses nothing and a restart loads it all back.
+        options |= {"appendonly": "yes", "appendfsync": "always"} if self.durable else {"appendonly": "no"}
         argv = [executable]
         for name, value in options.items():
             argv += [f"--{name}", str(value)]
@@ -101,9 +105,32 @@ class RedisServer:
         process.wait(timeout=5)
 
     def restart(self) -> None:
-        """Stop if running, then start again on the same port (the data is gone: no persistence)."""
+        """Stop if running, then start again on the same port (the data survives only if durable)."""
         self.stop()
         self.start()
+
+    def make_durable(self, durable: bool = True) -> None:
+        """Switch the running server's AOF (fsync always) on or off; restarts keep the setting."""
+        client = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+        try:
+            client.config_set("appendonly", "yes" if durable else "no")
+            if durable:
+                client.config_set("appendfsync", "always")
+                deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+
+                def writing() -> bool:
+                    info = client.info("persistence")
+                    return bool(
+                        info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"] or not info["aof_enabled"]
+                    )
+
+                while writing():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("redis-server did not finish writing its AOF")
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        self.durable = durable
 
     @property
     def running(self) -> bool:

@@ -295,18 +295,30 @@ class Meter:
             await asyncio.sleep(interval_s)
 
     async def replay_spool(self) -> int:
-        """Send spooled settlements again, in order; stop at the first failure. Returns how many went."""
-        entries = self.spool.pending()
+        """Send spooled settlements again, in order, stopping at the first failure; also adopt
+        the spools of ingress processes that died. Returns how many went."""
+        replayed = await self._replay(self.spool)
+        for orphan in self.spool.orphans():
+            sent = await self._replay(orphan)
+            replayed += sent
+            if orphan.pending():
+                orphan.release()  # Redis failed part way; adopted again on a later pass
+            else:
+                orphan.remove()
+                logger.info("adopted and replayed the spool %s of a stopped ingress", orphan.path.name)
+        return replayed
+
+    async def _replay(self, spool: SettlementSpool) -> int:
         replayed = 0
-        for entry in entries:
+        for entry in spool.pending():
             try:
                 await self._settle(keys=entry["keys"], args=entry["args"])
             except RedisError:
                 break
             replayed += 1
         if replayed:
-            self.spool.drop_first(replayed)
-            logger.info("replayed %d spooled settlement(s)", replayed)
+            spool.drop_first(replayed)
+            logger.info("replayed %d spooled settlement(s) from %s", replayed, spool.path.name)
         return replayed
 
     async def usage(self, key_ids: list[str], start: date, end: date, group_by: Literal["model", "day"]) -> UsageReport:

@@ -18,7 +18,7 @@ from tokenmart.deployments.keystore import KeyStore, account_key, connect
 from tokenmart.deployments.metering import LEASE_MS, Meter
 from tokenmart.deployments.schemas import CreateKeyRequest, UpdateKeyRequest
 
-from .conftest import TEST_CATALOG
+from .conftest import TEST_CATALOG, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -397,3 +397,41 @@ def test_settlement_during_a_redis_outage_is_spooled_and_replayed_once(redis_ser
     assert (int(stored["balance_micros"]), int(stored["hold_micros"])) == (1_000_000 - cost, 0)
     ledger = redis_client.xrange(account_key(record.id, "ledger"))
     assert [fields["request_id"] for _, fields in ledger] == [billing_id]
+
+
+def test_the_spool_of_a_stopped_ingress_is_adopted_but_a_live_ones_is_not(redis_server, redis_client, tmp_path):
+    from tokenmart.deployments.spool import SettlementSpool
+
+    dead_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: every settlement spools
+
+    async def scenario() -> tuple[list[str], list[str], int, list[str], list[str]]:
+        client = connect(redis_server.url)
+        keys, meter = KeyStore(client), Meter(client, spool=SettlementSpool(tmp_path / "settlements-333.jsonl"))
+        record, _ = await keys.create(CreateKeyRequest(name="orphans", credit_usd=1))
+        stopped, running = (
+            SettlementSpool(tmp_path / "settlements-111.jsonl"),
+            SettlementSpool(tmp_path / "settlements-222.jsonl"),
+        )
+        ids = []
+        for spool in (stopped, running):
+            admission = await meter.admit(record.id, record.key_hash, ALPHA, 20, 40)
+            offline = connect(dead_url, timeout_s=0.3)
+            assert (await Meter(offline, spool=spool).settle(admission, 10, 5, "completed")).spooled
+            await offline.aclose()
+            ids.append(admission.billing_id)
+        stopped.release()  # its process exits; `running` keeps its owner lock
+
+        first = await meter.replay_spool()
+        ledger_after_first = [f["request_id"] for _, f in await client.xrange(account_key(record.id, "ledger"))]
+        files_after_first = sorted(p.name for p in tmp_path.iterdir())
+        running.release()
+        second = await meter.replay_spool()
+        ledger = [f["request_id"] for _, f in await client.xrange(account_key(record.id, "ledger"))]
+        await client.aclose()
+        assert (first, second) == (1, 1)
+        return ids, ledger_after_first, files_after_first, ledger, sorted(p.name for p in tmp_path.iterdir())
+
+    ids, ledger_after_first, files_after_first, ledger, files = asyncio.run(scenario())
+    assert ledger_after_first == ids[:1]
+    assert files_after_first == ["settlements-222.jsonl", "settlements-222.lock"]
+    assert ledger == ids and files == []

@@ -14,6 +14,9 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import auth
@@ -28,14 +31,19 @@ def account_key(key_id: str, suffix: str) -> str:
 
 
 def connect(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis:
-    """A pooled client whose calls fail fast, so a dead Redis turns into a 503, not a hang."""
+    """A pooled client whose calls fail fast, so a dead Redis turns into a 503, not a hang.
+
+    A connection error is retried once on a fresh connection: after Redis restarts, every
+    pooled connection is dead, and without the retry each would fail one request first.
+    Timeouts are not retried (a slow Redis must answer 503 quickly).
+    """
     return aioredis.Redis.from_url(
         url,
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=15,
-        retry_on_timeout=False,
+        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
     )
 
 

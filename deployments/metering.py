@@ -228,6 +228,7 @@ class Meter:
         try:
             verdict, retry_ms, *state = await self._admit(keys=keys, args=args)
         except RedisError as exc:
+            logger.warning("admission of %s refused: Redis failed (%r)", key_id, exc)
             raise BillingUnavailable(
                 "The billing store is unavailable; the request was not served. Retry shortly.", retry_after_s=2
             ) from exc

@@ -77,3 +77,20 @@ def test_errors_from_the_api_are_shown_plainly(stack: Stack) -> None:
     result = tokenmart(stack, "credits", "add", "key_doesnotexist", "1")
     assert result.returncode == 1
     assert "404" in result.stderr and "key_doesnotexist" in result.stderr
+
+
+def test_reconcile_finds_the_books_in_order_after_real_traffic(stack: Stack) -> None:
+    key = stack.new_key(credit_usd=0.25)
+    headers = {"authorization": f"Bearer {key['key']}"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to three"}], "max_tokens": 6}
+    for stream in (False, True):
+        response = httpx.post(
+            f"{stack.base_url}/chat/completions", headers=headers, json=body | {"stream": stream}, timeout=120
+        )
+        assert response.status_code == 200
+
+    result = tokenmart(stack, "reconcile")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reconcile exactly" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if key["id"] in line)
+    assert "ok" in row and "MISMATCH" not in result.stdout

@@ -81,6 +81,60 @@ def test_stream_without_include_usage_has_no_usage_but_is_billed(stack: Stack) -
     assert after["total"]["completion_tokens"] > 0
 
 
+def test_streamed_and_json_runs_of_the_same_prompt_are_billed_identically(stack: Stack) -> None:
+    key = stack.new_key(credit_usd=1.0)
+    api = client(stack, key["key"])
+    whole = api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=32, temperature=0)
+    chunks = list(
+        api.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            max_tokens=32,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed_text == whole.choices[0].message.content
+    streamed = chunks[-1].usage
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (
+        whole.usage.prompt_tokens,
+        whole.usage.completion_tokens,
+    )
+    assert streamed.model_extra["cost"] == whole.usage.model_extra["cost"]
+
+    usage = httpx.get(f"{stack.api_base}/v1/usage", headers={"authorization": f"Bearer {key['key']}"}).json()
+    assert usage["total"]["requests"] == 2
+    assert usage["total"]["cost_usd"] == pytest.approx(2 * whole.usage.model_extra["cost"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat/completions", {"messages": [{"role": "system", "content": "Be terse."}, *QUESTION]}),
+        ("/chat/completions", {"messages": QUESTION}),
+        ("/completions", {"prompt": "The three primary colours are"}),
+    ],
+    ids=["chat-with-system", "chat", "completions"],
+)
+def test_admission_counts_the_prompt_exactly_as_the_engine_does(stack: Stack, path: str, body: dict) -> None:
+    # A fresh key's token bucket is full, so the remaining figure after admission shows
+    # exactly what was reserved: the prompt as counted up front plus max_tokens.
+    tpm = 100_000
+    key = stack.new_key(credit_usd=1.0, tpm=tpm)
+    response = httpx.post(
+        f"{stack.base_url}{path}",
+        headers={"authorization": f"Bearer {key['key']}"},
+        json={"model": MODEL, "max_tokens": 7, "temperature": 0, **body},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    prompt_tokens = response.json()["usage"]["prompt_tokens"]
+    assert int(response.headers["x-ratelimit-remaining-tokens"]) == tpm - (prompt_tokens + 7)
+    assert response.headers["x-ratelimit-limit-tokens"] == str(tpm)
+
+
 def test_errors_use_the_openai_envelope(stack: Stack) -> None:
     with pytest.raises(openai.AuthenticationError) as bad_key:
         client(stack, "sk-tm-not-a-real-key").chat.completions.create(model=MODEL, messages=QUESTION)

@@ -135,6 +135,7 @@ def test_lua_limiter_matches_the_model(redis_client, rpm, tpm, max_concurrency, 
     lease = 30_000
     now = 1_800_000_000_000
     admitted: list[tuple[str, int, int]] = []  # (billing id, hold, tokens)
+    late = False
 
     for index, op in enumerate(ops):
         if op[0] == "admit":
@@ -162,8 +163,11 @@ def test_lua_limiter_matches_the_model(redis_client, rpm, tpm, max_concurrency, 
                 account_key(KEY_ID, "holds"),
             ]
             args = [billing_id, KEY_ID, "m", used, 0, cost, hold, "completed", now, 60, tokens - used]
+            late = late or (hold > 0 and billing_id not in model.holds)
             settle(keys=keys, args=args)
             model.settle(billing_id, hold, cost, tokens - used)
         assert int(redis_client.hget(record, "balance_micros")) == model.balance
         assert int(redis_client.hget(record, "hold_micros")) == sum(model.holds.values())
-        assert model.balance >= 0
+        # Spend stays within credit, except after a settlement that came later than its lease
+        # (its hold had gone back already): then only the cost is taken.
+        assert model.balance >= 0 or late

@@ -22,7 +22,7 @@ from . import launcher
 from .state import ClusterState, default_state_dir
 
 app = typer.Typer(help="tokenmart: an OpenAI-compatible pay-per-token LLM marketplace on Ray.", no_args_is_help=True)
-keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list, update and revoke API keys.", no_args_is_help=True)
 credits_app = typer.Typer(help="Manage prepaid credit.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(credits_app, name="credits")
@@ -81,11 +81,17 @@ def up(
     num_cpus: int = typer.Option(launcher.DEFAULT_NUM_CPUS, help="Logical CPUs the Ray head declares."),
     engine: str = typer.Option("vllm", help="vllm, or fake (deterministic stand-in engine, no model needed)."),
     timeout: float = typer.Option(900, help="Seconds to wait for the models to become ready."),
+    default_rpm: int | None = typer.Option(None, min=1, help="Requests/min for keys without their own (600)."),
+    default_tpm: int | None = typer.Option(None, min=1, help="Tokens/min for keys without their own (1,000,000)."),
+    default_max_concurrency: int | None = typer.Option(
+        None, min=1, help="Concurrent requests for keys without their own (64)."
+    ),
     state_dir: Path | None = StateDir,
 ) -> None:
     """Start Redis, a local Ray cluster and the marketplace; print the endpoint and a key."""
     if engine not in ("vllm", "fake"):
         _fail("--engine must be vllm or fake")
+    defaults = {"rpm": default_rpm, "tpm": default_tpm, "max_concurrency": default_max_concurrency}
     try:
         state, key = launcher.up(
             _state_dir(state_dir),
@@ -95,6 +101,7 @@ def up(
             num_cpus=num_cpus,
             engine=engine,
             timeout_s=timeout,
+            default_limits={k: v for k, v in defaults.items() if v is not None},
         )
     except (launcher.LaunchError, CatalogError) as exc:
         _fail(str(exc))
@@ -169,6 +176,35 @@ def keys_create(
     created = AdminClient(state_dir).call("POST", "/admin/v1/keys", json=body)
     out.print(f"API key: {created['key']}", soft_wrap=True)
     out.print(f"id: {created['id']}  credit: {_money(created['credit_usd'])}")
+
+
+@keys_app.command("update")
+def keys_update(
+    key_id: str = typer.Argument(...),
+    name: str | None = typer.Option(None, help="A new label."),
+    models: str | None = typer.Option(None, help="Comma-separated listing ids this key may use."),
+    rpm: int | None = typer.Option(None, min=1, help="Requests per minute."),
+    tpm: int | None = typer.Option(None, min=1, help="Tokens per minute."),
+    max_concurrency: int | None = typer.Option(None, min=1, help="Concurrent requests."),
+    status: str | None = typer.Option(None, help="active or revoked."),
+    expires_at: str | None = typer.Option(None, help="Expiry, ISO 8601 (UTC if no zone)."),
+    state_dir: Path | None = StateDir,
+) -> None:
+    """Change a key's limits, models, name, status or expiry (takes effect on the next request)."""
+    changes = {"name": name, "rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency, "status": status}
+    body: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
+    if expires_at is not None:
+        body["expires_at"] = expires_at
+    if models is not None:
+        body["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    if not body:
+        _fail("nothing to change: give at least one option")
+    key = AdminClient(state_dir).call("PATCH", f"/admin/v1/keys/{key_id}", json=body)
+    limits = key["limits"]
+    out.print(
+        f"{key['id']} {key['status']}  rpm: {limits['rpm'] or 'default'}  tpm: {limits['tpm'] or 'default'}  "
+        f"concurrency: {limits['max_concurrency'] or 'default'}  models: {', '.join(key['models'] or ['all'])}"
+    )
 
 
 @keys_app.command("list")

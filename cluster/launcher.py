@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tokenmart.deployments.catalog import BUILTIN_PREFIX, Catalog, load_catalog
+from tokenmart.deployments.metering import DEFAULT_LIMITS
 
 from .state import ClusterState
 
@@ -299,6 +300,7 @@ def up(
     engine: str = "vllm",
     timeout_s: float = 900,
     demo_credit_usd: float = 10.0,
+    default_limits: dict[str, int] | None = None,
 ) -> tuple[ClusterState, str]:
     """Start everything and return (state, a fresh demo API key)."""
     if ClusterState.load(state_dir) is not None:
@@ -341,6 +343,9 @@ def up(
         state.save(state_dir)  # from here on, `down` can find and stop this cluster
         wait_for(lambda: serve_client(dashboard_url), 120, "the Ray dashboard")
         app_args = {"catalog": catalog.model_dump(mode="json"), "redis_url": redis_url, "engine": engine}
+        if default_limits:
+            # The operator's limits for keys that set none of their own (unset ones keep the built-in defaults).
+            app_args["default_limits"] = {**DEFAULT_LIMITS.model_dump(), **default_limits}
         deploy(dashboard_url, serve_config(app_args, port))
         wait_until_serving(dashboard_url, api_base, timeout_s)
         created = create_key(api_base, admin_token, {"name": "demo", "credit_usd": demo_credit_usd})

@@ -56,6 +56,19 @@ def test_keys_credits_usage_and_revoke_through_the_cli(stack: Stack) -> None:
     cells = [cell.strip() for cell in re.split(r"[│|]", row) if cell.strip()]
     assert cells[0] == MODEL and cells[1] == "1" and cells[3] == f"{completion_tokens:,}", usage.stdout
 
+    updated = tokenmart(stack, "keys", "update", key_id, "--rpm", "7", "--tpm", "9000")
+    assert updated.returncode == 0, updated.stderr
+    assert "rpm: 7" in updated.stdout and "tpm: 9000" in updated.stdout
+    limited = httpx.post(
+        f"{stack.base_url}/chat/completions",
+        headers=headers,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2},
+        timeout=120,
+    )
+    assert limited.status_code == 200
+    assert (limited.headers["x-ratelimit-limit-requests"], limited.headers["x-ratelimit-limit-tokens"]) == ("7", "9000")
+    assert tokenmart(stack, "keys", "update", key_id).returncode == 1  # nothing to change
+
     revoked = tokenmart(stack, "keys", "revoke", key_id)
     assert revoked.returncode == 0 and "revoked" in revoked.stdout
     after = httpx.get(f"{stack.api_base}/v1/key", headers=headers)

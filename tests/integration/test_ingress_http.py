@@ -360,6 +360,45 @@ def test_every_response_carries_exactly_one_request_id(marketplace, key):
     assert len({r.headers["x-request-id"] for r in responses}) == len(responses)
 
 
+RATE_LIMIT_HEADERS = [
+    f"x-ratelimit-{kind}-{unit}" for kind in ("limit", "remaining", "reset") for unit in ("requests", "tokens")
+]
+
+
+def test_every_response_carries_the_rate_limit_headers_of_the_calling_key(marketplace):
+    # rpm=2 refills one request per 30 s, so "1 remaining" holds for the whole test.
+    created = marketplace.create_key(name="headers", rpm=2, tpm=50_000)
+    key, http, auth_header = created["key"], marketplace.http, marketplace.auth(created["key"])
+    assert marketplace.chat(key, max_tokens=5).status_code == 200
+    keyed = {
+        "key": http.get("/v1/key", headers=auth_header),
+        "usage": http.get("/v1/usage", headers=auth_header),
+        "models": http.get("/v1/models", headers=auth_header),
+        "unknown model": marketplace.chat(key, model="gamma-chat"),
+        "bad body": marketplace.chat(key, messages="x"),
+    }
+    for label, response in keyed.items():
+        headers = response.headers
+        assert all(len(headers.get_list(name)) == 1 for name in RATE_LIMIT_HEADERS), (label, headers)
+        # The key's own limits and the one request it made; these calls consume nothing.
+        assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-limit-tokens"]) == ("2", "50000"), label
+        assert headers["x-ratelimit-remaining-requests"] == "1", label
+        assert 0 < int(headers["x-ratelimit-remaining-tokens"]) <= 50_000, label
+
+    anonymous = {
+        "no key": http.post("/v1/chat/completions", json={"model": "alpha-chat", "messages": MESSAGES}),
+        "bad key": marketplace.chat("sk-tm-bad"),
+        "models": http.get("/v1/models"),
+        "healthz": http.get("/healthz"),
+        "unknown route": http.get("/nowhere"),
+    }
+    for label, response in anonymous.items():
+        headers = response.headers
+        # No key to report on: the operator's defaults, untouched.
+        assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("600", "600")
+        assert headers["x-ratelimit-limit-tokens"] == "1000000", label
+
+
 def test_a_client_request_id_is_echoed(marketplace, key):
     response = marketplace.http.get(
         "/v1/key", headers={**marketplace.auth(key["key"]), "x-request-id": "client-chosen-id-42"}

@@ -98,3 +98,24 @@ def test_state_file_is_private(tmp_path: Path) -> None:
     state.save(tmp_path)
     assert ClusterState.path(tmp_path).stat().st_mode & 0o077 == 0
     assert ClusterState.load(tmp_path) == state
+
+
+def test_up_passes_the_operators_default_limits_to_the_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmart.deployments.app import AppArgs
+
+    deployed: list[dict] = []
+    monkeypatch.setattr(launcher, "port_in_use", lambda port: False)
+    monkeypatch.setattr(launcher, "start_redis", lambda state_dir: ("redis://127.0.0.1:1/0", None))
+    monkeypatch.setattr(launcher, "start_ray_head", lambda *a, **k: ("127.0.0.1:1", "http://127.0.0.1:2"))
+    monkeypatch.setattr(launcher, "wait_for", lambda *a, **k: None)
+    monkeypatch.setattr(launcher, "deploy", lambda dashboard, config: deployed.append(config))
+    monkeypatch.setattr(launcher, "wait_until_serving", lambda *a, **k: None)
+    monkeypatch.setattr(launcher, "create_key", lambda *a, **k: {"id": "key_demo", "key": "sk-tm-demo"})
+    monkeypatch.delenv("REDIS_URL", raising=False)
+
+    launcher.up(tmp_path, engine="fake", default_limits={"rpm": 5, "max_concurrency": 2})
+
+    (config,) = deployed
+    args = config["applications"][0]["args"]
+    assert args["default_limits"] == {"rpm": 5, "tpm": 1_000_000, "max_concurrency": 2}
+    assert AppArgs.model_validate(args).default_limits.rpm == 5

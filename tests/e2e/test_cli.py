@@ -24,6 +24,11 @@ def tokenmart(stack: Stack, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def say_hi(stack: Stack, headers: dict[str, str], max_tokens: int) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": max_tokens}
+    return httpx.post(f"{stack.base_url}/chat/completions", headers=headers, json=body, timeout=120)
+
+
 def test_keys_credits_usage_and_revoke_through_the_cli(stack: Stack) -> None:
     created = tokenmart(stack, "keys", "create", "cli-user", "--credit", "0.5", "--models", MODEL)
     assert created.returncode == 0, created.stderr
@@ -41,12 +46,7 @@ def test_keys_credits_usage_and_revoke_through_the_cli(stack: Stack) -> None:
     assert added.returncode == 0, added.stderr
     assert httpx.get(f"{stack.api_base}/v1/key", headers=headers).json()["credit_usd"] == 1.75
 
-    chat = httpx.post(
-        f"{stack.base_url}/chat/completions",
-        headers=headers,
-        json={"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4},
-        timeout=120,
-    )
+    chat = say_hi(stack, headers, max_tokens=4)
     assert chat.status_code == 200
     completion_tokens = chat.json()["usage"]["completion_tokens"]
 
@@ -59,12 +59,7 @@ def test_keys_credits_usage_and_revoke_through_the_cli(stack: Stack) -> None:
     updated = tokenmart(stack, "keys", "update", key_id, "--rpm", "7", "--tpm", "9000")
     assert updated.returncode == 0, updated.stderr
     assert "rpm: 7" in updated.stdout and "tpm: 9000" in updated.stdout
-    limited = httpx.post(
-        f"{stack.base_url}/chat/completions",
-        headers=headers,
-        json={"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2},
-        timeout=120,
-    )
+    limited = say_hi(stack, headers, max_tokens=2)
     assert limited.status_code == 200
     assert (limited.headers["x-ratelimit-limit-requests"], limited.headers["x-ratelimit-limit-tokens"]) == ("7", "9000")
     assert tokenmart(stack, "keys", "update", key_id).returncode == 1  # nothing to change

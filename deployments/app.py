@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.deployment import Application
 
-from .catalog import Catalog, Listing, load_catalog
+from .catalog import Catalog, Listing, WorkerGroup, load_catalog
 from .metering import DEFAULT_LIMITS
+from .placement import placement_for
 from .schemas import Limits
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -31,6 +32,10 @@ class IngressOptions(BaseModel):
     max_replicas: int = Field(default=2, ge=1)
     target_ongoing_requests: float = Field(default=32, gt=0)
     max_ongoing_requests: int = Field(default=128, ge=1)
+    # Requests waiting for an ingress replica beyond this get a fast 503 from the proxy.
+    max_queued_requests: int = Field(default=512, ge=1)
+    upscale_delay_s: float = Field(default=3.0, ge=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
     # Logical CPUs per replica; small, so it schedules next to CPU engines on one machine.
     num_cpus: float = Field(default=0.5, ge=0)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
@@ -79,10 +84,25 @@ def _autoscaling(listing: Listing) -> dict[str, Any]:
         "initial_replicas": max(scaling.min_replicas, 1),
         "max_replicas": scaling.max_replicas,
         "target_ongoing_requests": scaling.target_ongoing_requests,
+        "upscale_delay_s": scaling.upscale_delay_s,
+        "downscale_delay_s": scaling.downscale_delay_s,
+        "look_back_period_s": scaling.look_back_period_s,
+        "metrics_interval_s": scaling.metrics_interval_s,
     }
 
 
-def llm_config_for(listing: Listing, model_dir: Path | None = None):
+def _deployment_config(listing: Listing) -> dict[str, Any]:
+    """Serve options shared by the vLLM and the fake engine deployments of a listing."""
+    return {
+        "autoscaling_config": _autoscaling(listing),
+        # Without an explicit bound Ray Serve LLM admits ~unbounded work per replica.
+        "max_ongoing_requests": listing.autoscaling.replica_concurrency,
+        # Past this many waiting requests the ingress gets BackPressureError: a fast 503.
+        "max_queued_requests": listing.autoscaling.max_queued_requests,
+    }
+
+
+def llm_config_for(listing: Listing, model_dir: Path | None = None, groups: dict[str, WorkerGroup] | None = None):
     """The Ray Serve LLM config of one listing (pure: no Ray cluster needed)."""
     from ray.serve.llm import LLMConfig
 
@@ -99,20 +119,34 @@ def llm_config_for(listing: Listing, model_dir: Path | None = None):
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": listing.id, "model_source": listing.resolved_source(model_dir)},
         "engine_kwargs": engine_kwargs,
-        "deployment_config": {
-            "autoscaling_config": _autoscaling(listing),
-            # Without an explicit bound Ray Serve LLM admits ~unbounded work per replica.
-            "max_ongoing_requests": max(int(listing.autoscaling.target_ongoing_requests * 4), 16),
-        },
+        "deployment_config": _deployment_config(listing),
     }
-    if listing.accelerator.kind == "cpu":
+    placement = placement_for(listing, groups)
+    if placement is None:
         config["accelerator_config"] = {"kind": "cpu"}
-    elif listing.accelerator.type:
-        config["accelerator_type"] = listing.accelerator.type
+    else:
+        config["placement_group_config"] = placement.as_config()
+        if placement.accelerator_type:
+            config["accelerator_type"] = placement.accelerator_type
     return LLMConfig(**config)
 
 
-def _engine_deployment(listing: Listing, args: AppArgs) -> Application:
+def fake_engine_placement(listing: Listing, groups: dict[str, WorkerGroup], num_cpus: float) -> dict[str, Any]:
+    """The placement group a GPU listing's LLMServer replica gets, for the fake engine.
+
+    The bundles come from Ray Serve LLM's own engine config for this listing; the replica
+    actor's CPU joins the first bundle, as LLMServer does, and the GPUs stay reserved as
+    vLLM's workers would hold them. CPU listings get no placement group.
+    """
+    if placement_for(listing, groups) is None:
+        return {}
+    engine_config = llm_config_for(listing, groups=groups).get_engine_config()
+    bundles = [dict(bundle) for bundle in engine_config.placement_bundles]
+    bundles[0]["CPU"] = bundles[0].get("CPU", 0) + num_cpus
+    return {"placement_group_bundles": bundles, "placement_group_strategy": engine_config.placement_strategy}
+
+
+def _engine_deployment(listing: Listing, args: AppArgs, groups: dict[str, WorkerGroup]) -> Application:
     if args.engine == "fake":
         from .fake_engine import FakeEngine
 
@@ -120,15 +154,15 @@ def _engine_deployment(listing: Listing, args: AppArgs) -> Application:
         return serve.deployment(
             FakeEngine,
             name=f"fake:{listing.id}",
-            autoscaling_config=_autoscaling(listing),
-            max_ongoing_requests=max(int(listing.autoscaling.target_ongoing_requests * 4), 16),
             ray_actor_options={"num_cpus": fake.num_cpus},
+            **_deployment_config(listing),
+            **fake_engine_placement(listing, groups, fake.num_cpus),
         ).bind(listing.id, reply_tokens=fake.reply_tokens, token_delay_s=fake.token_delay_s)
 
     from ray.serve.llm import build_llm_deployment
 
     model_dir = Path(args.model_dir) if args.model_dir else None
-    return build_llm_deployment(llm_config_for(listing, model_dir))
+    return build_llm_deployment(llm_config_for(listing, model_dir, groups))
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:
@@ -141,7 +175,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
 
     from .ingress import ENDPOINTS, MarketplaceIngress, create_fastapi_app
 
-    deployments = {listing.id: _engine_deployment(listing, args) for listing in catalog.listings}
+    deployments = {listing.id: _engine_deployment(listing, args, catalog.groups) for listing in catalog.listings}
     cards = {
         listing.id: ModelCard(id=listing.id, object="model", owned_by=listing.owner, permission=[], metadata={})
         for listing in catalog.listings
@@ -154,10 +188,13 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         ingress_cls,
         name="MarketplaceIngress",
         max_ongoing_requests=options.max_ongoing_requests,
+        max_queued_requests=options.max_queued_requests,
         autoscaling_config={
             "min_replicas": options.min_replicas,
             "max_replicas": options.max_replicas,
             "target_ongoing_requests": options.target_ongoing_requests,
+            "upscale_delay_s": options.upscale_delay_s,
+            "downscale_delay_s": options.downscale_delay_s,
         },
         ray_actor_options={"num_cpus": options.num_cpus},
     ).bind(

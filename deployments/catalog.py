@@ -87,14 +87,35 @@ class EngineArgs(_Strict):
 
 
 class Autoscaling(_Strict):
-    min_replicas: int = Field(default=1, ge=0)
+    """Replica autoscaling of one listing. The defaults scale within seconds, unlike Ray Serve
+    LLM's own (target 1e9 ongoing requests: effectively off)."""
+
+    min_replicas: int = Field(default=1, ge=0)  # 0: scale to zero when idle
     max_replicas: int = Field(default=1, ge=1)
     target_ongoing_requests: float = Field(default=8, gt=0)
+    # Requests one replica takes at once; more wait in the caller's queue.
+    max_ongoing_requests: int | None = Field(default=None, ge=1)  # default: 4 x target, at least 16
+    # Requests that may wait for a replica; beyond this the caller gets a fast 503.
+    max_queued_requests: int = Field(default=64, ge=1)
+    upscale_delay_s: float = Field(default=3.0, ge=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
+    look_back_period_s: float = Field(default=5.0, gt=0)
+    # How often replicas and handles report load to the Serve controller.
+    metrics_interval_s: float = Field(default=1.0, gt=0)
+
+    @property
+    def replica_concurrency(self) -> int:
+        return self.max_ongoing_requests or max(int(self.target_ongoing_requests * 4), 16)
 
     @model_validator(mode="after")
     def _ordered(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is larger than max_replicas ({self.max_replicas})")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(
+                f"look_back_period_s ({self.look_back_period_s}) must be longer than metrics_interval_s "
+                f"({self.metrics_interval_s})"
+            )
         return self
 
 
@@ -112,6 +133,9 @@ class Listing(_Strict):
     accelerator: Accelerator = Accelerator()
     engine: EngineArgs = EngineArgs()
     autoscaling: Autoscaling = Autoscaling()
+    # The model's attention heads (config.json num_attention_heads), so a tensor-parallel size
+    # that does not divide them is refused before anything starts.
+    attention_heads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _fits_context(self) -> Listing:
@@ -138,8 +162,22 @@ class Listing(_Strict):
         return -(-numerator // TOKENS_PER_PRICE_UNIT)
 
 
+class WorkerGroup(_Strict):
+    """A pool of identical GPU nodes (a KubeRay worker group) that listings name."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    accelerator_type: str | None = None
+    gpus_per_worker: int = Field(ge=1)
+    min_replicas: int = Field(default=0, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    # Kubernetes pod resources (requests/limits) for the Helm chart; not used by Ray itself.
+    resources: dict[str, Any] = Field(default_factory=dict)
+
+
 class Catalog(_Strict):
     listings: list[Listing] = Field(min_length=1)
+    # The GPU node pools listings run on (optional for CPU-only catalogs).
+    worker_groups: list[WorkerGroup] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Catalog:
@@ -149,6 +187,20 @@ class Catalog(_Strict):
                 raise ValueError(f"listing id {listing.id!r} appears more than once")
             seen.add(listing.id)
         return self
+
+    @model_validator(mode="after")
+    def _placeable(self) -> Catalog:
+        from .placement import placement_problems
+
+        groups = {group.name: group for group in self.worker_groups}
+        problems = [problem for listing in self.listings for problem in placement_problems(listing, groups)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def groups(self) -> dict[str, WorkerGroup]:
+        return {group.name: group for group in self.worker_groups}
 
     def get(self, model_id: str) -> Listing | None:
         return next((listing for listing in self.listings if listing.id == model_id), None)

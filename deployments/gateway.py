@@ -21,6 +21,7 @@ import anyio
 from fastapi import Request
 from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
 from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import auth
@@ -163,6 +164,13 @@ class Gateway:
                 exc.headers = {**headers, **exc.headers}
             if cancelled or isinstance(exc, APIError):
                 raise
+            if isinstance(exc, BackPressureError):
+                raise ServiceUnavailable(
+                    f"The model {listing.id!r} is at capacity right now; retry shortly.",
+                    code="model_overloaded",
+                    retry_after_s=1,
+                    headers=headers,
+                ) from None
             logger.exception("dispatch to %s failed", listing.id)
             raise ServiceUnavailable(f"The model {listing.id!r} is not available right now.", retry_after_s=5) from exc
 

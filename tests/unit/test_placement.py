@@ -1,0 +1,143 @@
+"""Placement: tensor x pipeline parallel GPUs per replica, kept to one node where TP requires."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tokenmart.deployments.app import fake_engine_placement, llm_config_for
+from tokenmart.deployments.catalog import CatalogError, Listing, WorkerGroup, load_catalog, parse_catalog
+from tokenmart.deployments.placement import PlacementError, placement_for
+
+GROUPS = {
+    "l4x1": WorkerGroup(name="l4x1", accelerator_type="L4", gpus_per_worker=1, max_replicas=8),
+    "a100x4": WorkerGroup(name="a100x4", accelerator_type="A100", gpus_per_worker=4, max_replicas=2),
+    "a100x8": WorkerGroup(name="a100x8", accelerator_type="A100", gpus_per_worker=8, max_replicas=2),
+    "t4x2": WorkerGroup(name="t4x2", accelerator_type="T4", gpus_per_worker=2, max_replicas=4),
+    "h100x6": WorkerGroup(name="h100x6", accelerator_type="H100", gpus_per_worker=6, max_replicas=2),
+}
+
+
+def listing(tp: int = 1, pp: int = 1, group: str | None = None, heads: int | None = 32, **extra: Any) -> Listing:
+    accelerator: dict[str, Any] = {"kind": "gpu", "group": group}
+    accelerator.update(extra.pop("accelerator", {}))
+    return Listing.model_validate(
+        {
+            "id": "m",
+            "owner": "o",
+            "source": "org/model",
+            "context_length": 4096,
+            "pricing": {"prompt_usd_per_1m": "1", "completion_usd_per_1m": "2"},
+            "accelerator": accelerator,
+            "engine": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp},
+            "attention_heads": heads,
+            **extra,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "group", "gpus", "strategy", "accelerator"),
+    [
+        (1, 1, "l4x1", 1, "STRICT_PACK", "L4"),
+        (4, 1, "a100x4", 4, "STRICT_PACK", "A100"),
+        (8, 1, "a100x8", 8, "STRICT_PACK", "A100"),
+        (2, 2, "a100x4", 4, "STRICT_PACK", "A100"),  # the whole replica fits one node
+        (2, 2, "t4x2", 4, "PACK", "T4"),  # one TP group per node, stages across nodes
+        (4, 2, "a100x4", 8, "PACK", "A100"),
+        (1, 4, "l4x1", 4, "PACK", "L4"),
+        (2, 3, "h100x6", 6, "STRICT_PACK", "H100"),
+        (4, 1, None, 4, "STRICT_PACK", None),  # no group named: TP alone is one node
+        (2, 2, None, 4, "PACK", None),
+    ],
+)
+def test_placement_of_tp_x_pp_replicas(tp, pp, group, gpus, strategy, accelerator) -> None:
+    placement = placement_for(listing(tp, pp, group), GROUPS)
+    assert (placement.gpus, placement.strategy, placement.accelerator_type) == (gpus, strategy, accelerator)
+    assert placement.as_config() == {"bundles": [{"GPU": 1}] * gpus, "strategy": strategy}
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "group", "heads", "message"),
+    [
+        (3, 1, "a100x4", 32, "size 3 does not divide its 32 attention heads; use one of 1, 2, 4, 8, 16"),
+        (8, 1, "a100x4", 32, "tensor_parallel_size 8 is larger than the 4 GPUs per node of worker group 'a100x4'"),
+        (2, 1, "l4x1", 32, "tensor_parallel_size 2 is larger than the 1 GPUs per node of worker group 'l4x1'"),
+        (4, 3, "h100x6", 32, "6 GPUs per node of worker group 'h100x6' must be a multiple of tensor_parallel_size 4"),
+        (4, 2, "t4x2", 32, "larger than the 2 GPUs per node"),
+        (4, 4, "a100x4", 32, "one replica needs 16 GPUs but worker group 'a100x4' has at most 8"),
+        (1, 1, "nope", 32, "group 'nope' is not a worker group (known: a100x4, a100x8, h100x6, l4x1, t4x2)"),
+    ],
+)  # fmt: skip
+def test_impossible_layouts_are_refused_with_what_to_change(tp, pp, group, heads, message) -> None:
+    with pytest.raises(PlacementError) as refused:
+        placement_for(listing(tp, pp, group, heads), GROUPS)
+    assert "listing 'm'" in str(refused.value)
+    assert message in str(refused.value)
+
+
+def test_an_accelerator_type_that_contradicts_the_group_is_refused() -> None:
+    with pytest.raises(PlacementError) as refused:
+        placement_for(listing(4, 1, "a100x4", accelerator={"type": "H100"}), GROUPS)
+    assert "accelerator.type 'H100' does not match worker group 'a100x4'" in str(refused.value)
+
+
+def test_cpu_listings_get_no_gpu_placement() -> None:
+    cpu = listing(heads=None, accelerator={"kind": "cpu", "group": None})
+    assert placement_for(cpu, GROUPS) is None
+    assert fake_engine_placement(cpu, GROUPS, 0.1) == {}
+
+
+def test_the_catalog_is_refused_before_anything_starts_naming_the_listing() -> None:
+    raw = {
+        "worker_groups": [{"name": "a100x4", "accelerator_type": "A100", "gpus_per_worker": 4}],
+        "listings": [
+            {
+                "id": "big-model",
+                "owner": "o",
+                "source": "org/big",
+                "context_length": 4096,
+                "attention_heads": 64,
+                "pricing": {"prompt_usd_per_1m": "1", "completion_usd_per_1m": "2"},
+                "accelerator": {"kind": "gpu", "group": "a100x4"},
+                "engine": {"tensor_parallel_size": 8},
+            }
+        ],
+    }
+    with pytest.raises(CatalogError) as refused:
+        parse_catalog(raw)
+    assert "listing 'big-model': tensor_parallel_size 8 is larger than the 4 GPUs per node" in str(refused.value)
+
+
+def test_ray_serve_llm_gets_the_bundles_and_strategy() -> None:
+    catalog = load_catalog("cluster/catalog/gpu-example.yaml")
+    big = catalog.get("llama-3.3-70b-instruct")
+    engine = llm_config_for(big, groups=catalog.groups).get_engine_config()
+    assert engine.placement_strategy == "STRICT_PACK"
+    assert engine.placement_bundles == [{"GPU": 1.0, "accelerator_type:A100-80G": 0.001}] * 4
+
+
+def test_the_fake_engine_reserves_the_same_placement_group_as_llmserver() -> None:
+    spread = listing(2, 2, "t4x2")
+    options = fake_engine_placement(spread, GROUPS, num_cpus=0.1)
+    assert options["placement_group_strategy"] == "PACK"
+    bundles = options["placement_group_bundles"]
+    assert bundles[0] == {"GPU": 1.0, "accelerator_type:T4": 0.001, "CPU": 0.1}  # the replica actor joins bundle 0
+    assert bundles[1:] == [{"GPU": 1.0, "accelerator_type:T4": 0.001}] * 3
+
+
+def test_autoscaling_comes_from_the_catalog_and_actually_scales() -> None:
+    scaled = listing(1, 1, "l4x1", autoscaling={"min_replicas": 0, "max_replicas": 5, "upscale_delay_s": 2})
+    config = llm_config_for(scaled, groups=GROUPS).deployment_config
+    assert config["autoscaling_config"] == {
+        "min_replicas": 0,
+        "initial_replicas": 1,
+        "max_replicas": 5,
+        "target_ongoing_requests": 8.0,
+        "upscale_delay_s": 2.0,
+        "downscale_delay_s": 30.0,
+        "look_back_period_s": 5.0,
+        "metrics_interval_s": 1.0,
+    }
+    assert (config["max_ongoing_requests"], config["max_queued_requests"]) == (32, 64)

@@ -34,8 +34,8 @@ def listing(listing_id: str, group: str | None, tp: int = 1, pp: int = 1, replic
         "default_max_tokens": 64,
         "accelerator": {"kind": "gpu", "group": group} if group else {"kind": "cpu"},
         "engine": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp},
-        "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
         **extra,
+        "autoscaling": {"min_replicas": replicas, "max_replicas": replicas, **extra.get("autoscaling", {})},
     }
 
 
@@ -53,6 +53,8 @@ MARKET_CATALOG = Catalog.model_validate(
             listing("big-tp4", "a100x4", tp=4, replicas=2),
             listing("split-tp2-pp2", "t4x2", tp=2, pp=2, pricing={"prompt_usd_per_1m": "3", "completion_usd_per_1m": "5"}),  # noqa: E501
             listing("small-cpu", None, pricing={"prompt_usd_per_1m": "0.1", "completion_usd_per_1m": "0.2"}),
+            # One request at a time and one waiting: the rest are turned away at once.
+            listing("narrow-cpu", None, autoscaling={"max_ongoing_requests": 1, "max_queued_requests": 1}),
         ],
     }
 )  # fmt: skip

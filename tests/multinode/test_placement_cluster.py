@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import pytest
 
 from .conftest import MARKET_CATALOG, SimulatedCluster
@@ -76,3 +80,34 @@ def test_the_ingress_routes_each_request_to_its_listing_and_bills_its_price(gpu_
 def gpu_cluster_cost(listing_id: str, prompt_tokens: int, completion_tokens: int) -> float:
     listing = MARKET_CATALOG.get(listing_id)
     return listing.cost_micros(prompt_tokens, completion_tokens) / 1_000_000
+
+
+def test_overload_beyond_the_queue_is_a_fast_503_and_is_not_billed(gpu_cluster) -> None:
+    created = gpu_cluster.create_key(name="overload", credit_usd="1")
+    key = created["key"]
+    body = {
+        "model": "narrow-cpu",
+        "messages": [{"role": "user", "content": "long [[fake-tokens=150]]"}],
+        "max_tokens": 200,
+    }
+
+    def send(_: int) -> tuple[int, float, dict]:
+        started = time.monotonic()
+        with httpx.Client(base_url=gpu_cluster.base_url, timeout=60) as client:
+            response = client.post("/v1/chat/completions", json=body, headers=gpu_cluster.auth(key))
+        return response.status_code, time.monotonic() - started, response
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(send, range(6)))
+    served = [r for status, _, r in results if status == 200]
+    refused = [(seconds, r) for status, seconds, r in results if status == 503]
+    assert len(served) + len(refused) == 6
+    assert len(served) >= 2 and len(refused) >= 1  # one running + one queued at least; the rest turned away
+    for seconds, response in refused:
+        assert seconds < 1.0  # well before a served request (1.5 s of tokens) could finish
+        assert response.json()["error"]["code"] == "model_overloaded"
+        assert int(response.headers["retry-after"]) >= 1
+    spent = sum(r.json()["usage"]["cost"] for r in served)
+    info = gpu_cluster.key_info(key)
+    assert round(info["credit_usd"] * 1e6) == 1_000_000 - round(spent * 1e6)
+    assert info["on_hold_usd"] == 0.0

@@ -205,6 +205,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         redis_timeout_s=args.redis_timeout_s,
         default_limits=args.default_limits.model_dump(),
         tokenizer_sources=_tokenizer_sources(catalog, args),
+        plain_requests=args.engine == "fake",
     )
 
 

@@ -1,9 +1,11 @@
 """A small stand-in for an LLMServer deployment, for tests and load tests without vLLM.
 
 It speaks the same handle protocol as Ray Serve LLM's LLMServer (`chat` / `completions`
-returning an async stream: one response object, or batches of SSE strings) and answers
-with a deterministic token stream and plausible usage, so the ingress, billing, placement
-and autoscaling can be exercised on machines with no engine and no GPU.
+returning an async stream: one response, or batches of SSE strings) and answers with a
+deterministic token stream and plausible usage, so the ingress, billing, placement and
+autoscaling can be exercised on machines with no engine and no GPU. Requests arrive as
+plain dicts and responses leave as dicts and strings, so a fake replica never imports vLLM
+and starts in seconds.
 
 Deterministic rules (tests rely on them):
   prompt tokens     = words in all message contents (or the prompt) + 3 per message
@@ -21,13 +23,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionResponse,
-    CompletionResponse,
-    ErrorInfo,
-    ErrorResponse,
-)
-
 FAIL_MARKER = "[[fake-error]]"
 LENGTH_MARKER = re.compile(r"\[\[fake-tokens=(\d+)\]\]")
 
@@ -40,12 +35,19 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _field(request: Any, name: str) -> Any:
+    """A request field, whether the request is a dict or an OpenAI request object."""
+    return request.get(name) if isinstance(request, dict) else getattr(request, name, None)
+
+
 def count_prompt_tokens(request: Any) -> tuple[int, str]:
-    if getattr(request, "messages", None) is not None:
-        texts = [_text_of(m.get("content") if isinstance(m, dict) else m.content) for m in request.messages]
+    messages = _field(request, "messages")
+    if messages is not None:
+        texts = [_text_of(m.get("content") if isinstance(m, dict) else m.content) for m in messages]
         joined = " ".join(texts)
         return sum(len(t.split()) for t in texts) + 3 * len(texts), joined
-    prompt = request.prompt if isinstance(request.prompt, str) else " ".join(map(str, request.prompt))
+    prompt = _field(request, "prompt")
+    prompt = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
     return len(prompt.split()), prompt
 
 
@@ -69,13 +71,13 @@ class FakeEngine:
     async def _run(self, request: Any, *, chat: bool) -> AsyncIterator[Any]:
         prompt_tokens, prompt_text = count_prompt_tokens(request)
         if FAIL_MARKER in prompt_text:
-            yield ErrorResponse(error=ErrorInfo(message="fake engine failure", type="InternalServerError", code=500))
+            yield {"error": {"message": "fake engine failure", "type": "InternalServerError", "code": 500}}
             return
-        max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens or self.reply_tokens
+        max_tokens = _field(request, "max_completion_tokens") or _field(request, "max_tokens") or self.reply_tokens
         length = LENGTH_MARKER.search(prompt_text)
         n_tokens = min(max_tokens, int(length.group(1)) if length else self.reply_tokens)
-        choices = request.n or 1
-        rid = request.request_id
+        choices = _field(request, "n") or 1
+        rid = _field(request, "request_id")
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
@@ -87,7 +89,7 @@ class FakeEngine:
                 "total_tokens": prompt_tokens + completion,
             }
 
-        if not request.stream:
+        if not _field(request, "stream"):
             await asyncio.sleep(self.token_delay_s * n_tokens)
             text = "".join(f" w{i}" for i in range(n_tokens))
             body = {
@@ -103,12 +105,12 @@ class FakeEngine:
                 ],
                 "usage": usage(n_tokens * choices),
             }
-            yield (ChatCompletionResponse if chat else CompletionResponse).model_validate(body)
+            yield body
             return
 
-        options = request.stream_options
-        continuous = bool(options and options.continuous_usage_stats)
-        include_usage = bool(options and options.include_usage)
+        options = _field(request, "stream_options") or {}
+        continuous = bool(_field(options, "continuous_usage_stats"))
+        include_usage = bool(_field(options, "include_usage"))
 
         def chunk(choice_list: list[dict], produced: int | None) -> str:
             body: dict[str, Any] = {

@@ -105,9 +105,16 @@ def max_output_tokens(body: Any, *, chat: bool) -> int:
 
 class Gateway:
     def __init__(
-        self, catalog: Catalog, handles: dict[str, Any], meter: Meter, counters: dict[str, PromptCounter] | None = None
+        self,
+        catalog: Catalog,
+        handles: dict[str, Any],
+        meter: Meter,
+        counters: dict[str, PromptCounter] | None = None,
+        *,
+        plain_requests: bool = False,
     ) -> None:
         self.catalog = catalog
+        self._plain_requests = plain_requests
         self._counters = counters or {}
         self.meter = meter
         # One configured handle per model, made once: `.options()` per request is costly.
@@ -153,7 +160,10 @@ class Gateway:
 
         responses = None
         try:
-            responses = getattr(self._handles[listing.id], method).remote(body, None)
+            # Plain engines (the fake one) take the body as a dict, so their replicas never
+            # import vLLM to unpickle it.
+            request = body.model_dump() if self._plain_requests else body
+            responses = getattr(self._handles[listing.id], method).remote(request, None)
             first = await anext(responses)
         except BaseException as exc:
             cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
@@ -175,14 +185,14 @@ class Gateway:
             raise ServiceUnavailable(f"The model {listing.id!r} is not available right now.", retry_after_s=5) from exc
 
         head = first[0] if isinstance(first, list) and first else first
-        if isinstance(head, ErrorResponse):
+        if isinstance(head, ErrorResponse) or (isinstance(head, dict) and "error" in head):
             await self._settle(admission, Usage(), "error")
             error = _engine_error(head)
             error.headers = {**headers, **error.headers}
             raise error
 
         if not stream:
-            payload = first.model_dump()
+            payload = first if isinstance(first, dict) else first.model_dump()
             usage = Usage.from_openai(payload.get("usage"))
             settlement = await self._settle(admission, usage, "completed")
             if payload.get("usage") is not None:

@@ -164,6 +164,7 @@ class MarketplaceIngress(OpenAiIngress):
         redis_timeout_s: float = 1.0,
         default_limits: dict[str, Any] | None = None,
         tokenizer_sources: dict[str, str] | None = None,
+        plain_requests: bool = False,
     ) -> None:
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self.catalog = Catalog.model_validate(catalog)
@@ -172,7 +173,7 @@ class MarketplaceIngress(OpenAiIngress):
         self.meter = Meter(self.redis, Limits.model_validate(default_limits) if default_limits else None)
         # Exact prompt counts where the listing's tokenizer is on this node; byte bounds elsewhere.
         counters = {model_id: PromptCounter.for_source(src) for model_id, src in (tokenizer_sources or {}).items()}
-        self.gateway = Gateway(self.catalog, llm_deployments, self.meter, counters)
+        self.gateway = Gateway(self.catalog, llm_deployments, self.meter, counters, plain_requests=plain_requests)
         RequestContextMiddleware.rate_limits = self._rate_limit_headers
         self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         self._cards = [listing_card(listing) for listing in self.catalog.listings]

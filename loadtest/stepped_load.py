@@ -176,27 +176,33 @@ def scaling_events(run: Run, name: str) -> list[str]:
     lines = []
     series = [(s.t, s.replicas.get(name, 0)) for s in run.samples]
     decided = [(s.t, s.targets.get(name, 0)) for s in run.samples]
-    for start, before, after in run.step_starts():
+    starts = run.step_starts()
+    for index, (start, before, after) in enumerate(starts):
         if after == before:
             continue
+        # Only what happens before the next load change counts for this one.
+        end = starts[index + 1][0] if index + 1 < len(starts) else float("inf")
         at_start = next((count for t, count in series if t >= start), None)
         if at_start is None:
             continue
-        later = [(t, count) for t, count in series if t >= start]
+        later = [(t, count) for t, count in series if start <= t < end]
         if after > before:
             moved = next(((t, c) for t, c in later if c > at_start), None)
             what = "a new replica RUNNING"
-        else:
+        elif later:
             floor = min(c for _, c in later)
             moved = next(((t, c) for t, c in later if c == floor and c < at_start), None)
             what = f"back down to {floor}"
+        else:
+            continue
         verb = "up" if after > before else "down"
         if moved is None:
             lines.append(f"| {name} | {before} -> {after} users at {start:.0f} s | {verb}: no change ({at_start}) | |")
             continue
         target_then = next((c for t, c in decided if t >= start), at_start)
         decision = next(
-            (t for t, c in decided if t >= start and (c > target_then if after > before else c < target_then)), None
+            (t for t, c in decided if start <= t < end and (c > target_then if after > before else c < target_then)),
+            None,
         )
         decided_text = f"{decision - start:.1f} s" if decision is not None else "before the step"
         lines.append(
@@ -234,6 +240,26 @@ def summarize(run: Run, names: list[str], latency: list, locust_dir: Path, path:
     return text
 
 
+def load_run(out: Path, steps: str) -> tuple[Run, list[str]]:
+    """Rebuild a run from its samples.csv (to redo the report without rerunning the load)."""
+    run = Run([(int(u), float(s)) for u, s in (part.split(":") for part in steps.split(","))])
+    with (out / "samples.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    names = [k for k in rows[0] if k not in ("t_s", "users") and not k.endswith(" (target)")]
+    for row in rows:
+        running = {n: int(row[n]) for n in names}
+        targets = {n: int(row[f"{n} (target)"]) for n in names}
+        run.samples.append(Sample(float(row["t_s"]), int(row["users"]), running, targets))
+    return run, names
+
+
+def report(run: Run, names: list[str], out: Path, started_epoch: float, title: str) -> None:
+    latency = read_latency(out / "locust_stats_history.csv", started_epoch)
+    plot(run, names, latency, out / "autoscaling.png")
+    console.print(summarize(run, names, latency, out, out / "summary.md", title))
+    console.print(f"wrote {out}/samples.csv, autoscaling.png, summary.md")
+
+
 def main(
     steps: str = typer.Option("6:40,18:90,6:60", help="users:seconds,... (e.g. a 3x step and back)."),
     cooldown: float = typer.Option(60, help="Seconds to keep sampling after the load stops (scale-down)."),
@@ -243,7 +269,14 @@ def main(
     prompt: str = typer.Option("", help='Extra prompt text, e.g. "[[fake-tokens=48]]" for the fake engine.'),
     out: Path = typer.Option(Path("loadtest/results/stepped"), help="Output directory."),
     title: str = typer.Option("Stepped load", help="Title of summary.md."),
+    report_only: bool = typer.Option(False, help="Redo plot and summary from an earlier run in --out."),
 ) -> None:
+    if report_only:
+        run, names = load_run(out, steps)
+        if not (out / "started_at").exists():
+            raise SystemExit(f"{out} holds no earlier run (started_at is missing)")
+        report(run, names, out, float((out / "started_at").read_text()), title)
+        return
     state = ClusterState.load(default_state_dir())
     if state is None:
         raise SystemExit("no running cluster found: run `tokenmart up` first")
@@ -274,6 +307,7 @@ def main(
     total = sum(seconds for _, seconds in run.steps) + cooldown
     stop = threading.Event()
     started, started_epoch = time.monotonic(), time.time()
+    (out / "started_at").write_text(f"{started_epoch}\n")
     sampler = threading.Thread(target=sample_loop, args=(run, client, started, stop), daemon=True)
     with (out / "locust.log").open("w") as log:
         locust = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -294,10 +328,7 @@ def main(
         locust.wait(30)
 
     names = write_samples(run, out / "samples.csv")
-    latency = read_latency(out / "locust_stats_history.csv", started_epoch)
-    plot(run, names, latency, out / "autoscaling.png")
-    console.print(summarize(run, names, latency, out, out / "summary.md", title))
-    console.print(f"wrote {out}/samples.csv, autoscaling.png, summary.md")
+    report(run, names, out, started_epoch, title)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Ray dashboard's Serve API). Afterwards it keeps sampling through a cool-down to 
 scale-down. It writes, to --out:
   samples.csv      one row a second: time, users, replicas per deployment
   locust_*.csv     Locust's own stats (incl. ttft / itl / tokens_per_s, see locustfile.py)
-  autoscaling.png  load, replicas per deployment and p50/p99 latency over time
+  autoscaling.png  load, replicas per deployment and p50/p99 time to first token over time
   summary.md       the steps, and per deployment: time from each load step to a new replica
                    serving, peak replicas, and time to scale back down after the load drops
 
@@ -115,23 +115,23 @@ def write_samples(run: Run, path: Path) -> list[str]:
 
 
 def read_latency(history: Path, started_epoch: float) -> list[tuple[float, float, float, float]]:
-    """(t, requests/s, p50 ms, p99 ms) of Locust's aggregated history, aligned to our clock."""
+    """(t, requests/s, TTFT p50 ms, TTFT p99 ms) per second of Locust's history, on our clock.
+
+    Requests/s counts the HTTP requests only (not the ttft/itl/tokens_per_s entries), and
+    latency is the streams' time to first token: what a chat user waits for.
+    """
     if not history.exists():
         return []
-    rows = []
+    by_time: dict[float, dict[str, float]] = {}
     with history.open() as handle:
         for row in csv.DictReader(handle):
-            if row["Name"] != "Aggregated" or row["50%"] in ("N/A", ""):
-                continue
-            rows.append(
-                (
-                    float(row["Timestamp"]) - started_epoch,
-                    float(row["Requests/s"]),
-                    float(row["50%"]),
-                    float(row["99%"]),
-                )
-            )
-    return rows
+            t = float(row["Timestamp"]) - started_epoch
+            point = by_time.setdefault(t, {"rps": 0.0})
+            if row["Type"] == "POST":
+                point["rps"] += float(row["Requests/s"])
+            elif row["Type"] == "metric" and row["Name"] == "ttft" and row["50%"] not in ("N/A", ""):
+                point["p50"], point["p99"] = float(row["50%"]), float(row["99%"])
+    return [(t, p["rps"], p["p50"], p["p99"]) for t, p in sorted(by_time.items()) if "p50" in p]
 
 
 def plot(run: Run, names: list[str], latency: list[tuple[float, float, float, float]], path: Path) -> None:
@@ -161,9 +161,9 @@ def plot(run: Run, names: list[str], latency: list[tuple[float, float, float, fl
         latency_ax.plot([r[0] for r in latency], [r[2] for r in latency], label="p50")
         latency_ax.plot([r[0] for r in latency], [r[3] for r in latency], label="p99")
         latency_ax.legend(fontsize="small", loc="upper right")
-    latency_ax.set_ylabel("latency (ms)")
+    latency_ax.set_ylabel("ms")
     latency_ax.set_xlabel("seconds since the load started")
-    latency_ax.set_title("Request latency (Locust, all requests)")
+    latency_ax.set_title("Time to first token of streams (Locust, p50/p99 over the last 10 s)")
     for start, _, _ in run.step_starts():
         for ax in (load_ax, replica_ax, latency_ax):
             ax.axvline(start, color="grey", linestyle=":", linewidth=0.8)

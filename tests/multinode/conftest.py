@@ -9,17 +9,14 @@ Ray Serve LLM's LLMServer would.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 
 import pytest
 
 from tokenmart.deployments.catalog import Catalog
 
-from ..integration.conftest import Marketplace, free_port, wait_until
+from ..integration.conftest import Marketplace, free_port, ray_serve_session
 
-SERVE_READY_TIMEOUT_S = 300.0
 A100_NODES, T4_NODES = 2, 2
 
 
@@ -78,47 +75,30 @@ def gpu_cluster(redis_server) -> Iterator[SimulatedCluster]:
 
     from tokenmart.deployments.app import AppArgs, build_app
 
-    admin_token = "adm-" + secrets.token_urlsafe(24)
-    previous = {name: os.environ.get(name) for name in ("TOKENMART_ADMIN_TOKEN", "RAY_AUTH_MODE")}
-    os.environ["TOKENMART_ADMIN_TOKEN"] = admin_token
-    os.environ.pop("RAY_AUTH_MODE", None)  # see tests/integration/conftest.py
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "include_dashboard": False})
-    market: SimulatedCluster | None = None
     try:
-        for _ in range(A100_NODES):
-            cluster.add_node(num_cpus=1, num_gpus=4, resources={"accelerator_type:A100": 1})
-        for _ in range(T4_NODES):
-            cluster.add_node(num_cpus=1, num_gpus=2, resources={"accelerator_type:T4": 1})
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
-        nodes = {}
-        for node in ray.nodes():
-            kinds = [k.split(":", 1)[1] for k in node["Resources"] if k.startswith("accelerator_type:")]
-            nodes[node["NodeID"]] = kinds[0] if kinds else "head"
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        common = {"engine": "fake", "redis_url": redis_server.url, "fake_engine": {"token_delay_s": 0.01}}
-        ingress = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1}
-        serve.run(
-            build_app(AppArgs(catalog=MARKET_CATALOG, ingress=ingress, **common)), name="market", route_prefix="/"
-        )
-        # A listing no node can host: deployed on its own, without waiting for it.
-        unplaceable = build_app(AppArgs(catalog=UNPLACEABLE_CATALOG, ingress=ingress, **common))
-        serve._run(unplaceable, name="unplaceable", route_prefix="/unplaceable", _blocking=False)
-        market = SimulatedCluster(f"http://127.0.0.1:{port}", admin_token, nodes)
-        wait_until(lambda: market.http.get("/healthz").status_code == 200, SERVE_READY_TIMEOUT_S, interval_s=0.2)
-        yield market
+        with ray_serve_session() as admin_token:
+            for _ in range(A100_NODES):
+                cluster.add_node(num_cpus=1, num_gpus=4, resources={"accelerator_type:A100": 1})
+            for _ in range(T4_NODES):
+                cluster.add_node(num_cpus=1, num_gpus=2, resources={"accelerator_type:T4": 1})
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False)
+            nodes = {}
+            for node in ray.nodes():
+                kinds = [k.split(":", 1)[1] for k in node["Resources"] if k.startswith("accelerator_type:")]
+                nodes[node["NodeID"]] = kinds[0] if kinds else "head"
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+            common = {"engine": "fake", "redis_url": redis_server.url, "fake_engine": {"token_delay_s": 0.01}}
+            ingress = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1}
+            market_app = build_app(AppArgs(catalog=MARKET_CATALOG, ingress=ingress, **common))
+            serve.run(market_app, name="market", route_prefix="/")
+            # A listing no node can host: deployed on its own, without waiting for it.
+            unplaceable = build_app(AppArgs(catalog=UNPLACEABLE_CATALOG, ingress=ingress, **common))
+            serve._run(unplaceable, name="unplaceable", route_prefix="/unplaceable", _blocking=False)
+            with SimulatedCluster(f"http://127.0.0.1:{port}", admin_token, nodes) as market:
+                market.wait_until_healthy()
+                yield market
     finally:
-        if market is not None:
-            market.close()
-        if ray.is_initialized():
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
         cluster.shutdown()
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

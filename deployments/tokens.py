@@ -118,6 +118,13 @@ class PromptCounter:
     def count(self, body: Any, *, chat: bool) -> int:
         if self.tokenizer is None:
             return byte_bound(body, chat=chat)
+        try:
+            return self._exact(body, chat=chat)
+        except Exception:  # e.g. a template that refuses the roles: the engine will say why
+            logger.debug("exact prompt count failed; using the byte bound", exc_info=True)
+            return byte_bound(body, chat=chat)
+
+    def _exact(self, body: Any, *, chat: bool) -> int:
         if chat:
             messages = _plain_messages(body)
             if messages is None or self.tokenizer.chat_template is None:

@@ -123,3 +123,12 @@ def test_output_budget_covers_every_choice_of_every_prompt() -> None:
     assert max_output_tokens(completion(["a", "b"], max_tokens=5, n=2), chat=False) == 20
     assert max_output_tokens(completion([1, 2, 3], max_tokens=5), chat=False) == 5
     assert (prompt_count(completion("a")), prompt_count(completion([[1], [2], [3]]))) == (1, 3)
+
+
+def test_a_template_that_refuses_the_conversation_falls_back_to_the_byte_bound() -> None:
+    class StrictTokenizer(WordTokenizer):
+        def apply_chat_template(self, messages, **kwargs):
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    body = chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert PromptCounter(StrictTokenizer()).count(body, chat=True) == byte_bound(body, chat=True)

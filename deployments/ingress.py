@@ -189,8 +189,10 @@ class MarketplaceIngress(OpenAiIngress):
             try:
                 key_id, _ = auth.parse_api_key(authorization)
                 state = await self.meter.current_state(key_id)
-            except (APIError, RedisError):
-                pass
+            except APIError:
+                pass  # not a well-formed key: the defaults
+            except Exception:  # headers must never break the response they ride on
+                logger.warning("could not read the rate-limit state for the response headers", exc_info=True)
         return state.headers()
 
     # -- OpenAI-compatible inference -------------------------------------------------

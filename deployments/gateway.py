@@ -31,6 +31,7 @@ from .metering import Admission, Meter, Outcome, Settlement
 from .tokens import PromptCounter, prompt_count
 
 logger = logging.getLogger("tokenmart.gateway")
+BYTE_BOUND = PromptCounter()  # listings without a local tokenizer
 
 ALLOWED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_CHOICES = 16
@@ -147,7 +148,7 @@ class Gateway:
             body = _sanitize_chat_completion_request(body)
         validate_request(body, listing, chat=chat)
 
-        counter = self._counters.get(listing.id) or PromptCounter()
+        counter = self._counters.get(listing.id) or BYTE_BOUND
         prompt_tokens = await counter.count_async(body, chat=chat)
         admission = await self.meter.admit(key_id, key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat))
         headers = admission.limits.headers() if admission.limits else {}

@@ -60,9 +60,6 @@ class KeyRecord(BaseModel):
     def is_expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
-    def allows(self, model_id: str) -> bool:
-        return self.models is None or model_id in self.models
-
     def view(self) -> KeyView:
         return KeyView(
             id=self.id,

@@ -55,7 +55,8 @@ class RedisServer:
             return
         executable = shutil.which("redis-server")
         if executable is None:
-            pytest.skip("redis-server is not installed")
+            # A failure, not a skip: a missing Redis must not pass as green.
+            pytest.fail("redis-server is not installed (scripts/install.sh installs it)")
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - the process owns it
         options = {"port": self.port, "bind": "127.0.0.1", "save": "", "dir": self.data_dir}
         # Durable: every write is fsynced to the AOF before it is acknowledged, so even a

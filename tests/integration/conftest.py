@@ -153,7 +153,7 @@ class Marketplace:
 # done, so a combined run does not keep four idle replicas up during the e2e tests.
 @pytest.fixture(scope="package")
 def marketplace(redis_server) -> Iterator[Marketplace]:
-    ray = pytest.importorskip("ray")
+    import ray
     from ray import serve
 
     from tokenmart.deployments.app import AppArgs, build_app

@@ -69,7 +69,7 @@ class SimulatedCluster(Marketplace):
 
 @pytest.fixture(scope="package")
 def gpu_cluster(redis_server) -> Iterator[SimulatedCluster]:
-    ray = pytest.importorskip("ray")
+    import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 

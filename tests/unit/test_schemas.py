@@ -179,20 +179,6 @@ def _record(**overrides) -> KeyRecord:
     return KeyRecord.model_validate(fields)
 
 
-def test_key_without_model_list_allows_every_model():
-    record = _record(models=None)
-    assert record.allows("smollm2-135m-instruct")
-    assert record.allows("anything-at-all")
-
-
-def test_key_with_model_list_allows_only_those():
-    record = _record(models=["model-a", "model-b"])
-    assert record.allows("model-a")
-    assert record.allows("model-b")
-    assert not record.allows("model-c")
-    assert not record.allows("model")
-
-
 def test_key_without_expiry_never_expires():
     assert not _record(expires_at=None).is_expired(now=4_000_000_000)
 

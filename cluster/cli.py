@@ -145,12 +145,18 @@ def status(state_dir: Path | None = StateDir) -> None:
 
 
 @app.command("build-model")
-def build_model(force: bool = typer.Option(False, help="Rebuild even if the cache has it.")) -> None:
-    """Build the embedded SmolLM2 model into the model cache (done by `up` when needed)."""
-    from .model_build import SMOLLM2_NAME, ModelBuildError, ensure_builtin
+def build_model(
+    names: list[str] | None = typer.Argument(
+        None, help="Builtin models to build (default: all of them: the SmolLM2 model and its demo LoRA)."
+    ),
+    force: bool = typer.Option(False, help="Rebuild even if the cache has it."),
+) -> None:
+    """Build the embedded models into the model cache (done by `up` when needed)."""
+    from .model_build import BUILTIN_MODELS, ModelBuildError, ensure_builtin
 
     try:
-        out.print(str(ensure_builtin(SMOLLM2_NAME, force=force)))
+        for name in names or list(BUILTIN_MODELS):
+            out.print(str(ensure_builtin(name, force=force)))
     except ModelBuildError as exc:
         _fail(str(exc))
 

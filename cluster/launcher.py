@@ -270,15 +270,29 @@ def wait_until_serving(dashboard_url: str, api_base: str, timeout_s: float) -> N
 
 # -- whole cluster -------------------------------------------------------------------------
 def ensure_models(catalog: Catalog) -> None:
-    from .model_build import ModelBuildError, ensure_builtin
+    """Build the `builtin:` models and adapters, and check every LoRA adapter folder, before starting."""
+    from tokenmart.deployments.lora import AdapterError, check_adapter
 
     for listing in catalog.listings:
-        if listing.source.startswith(BUILTIN_PREFIX):
+        _ensure_builtin(listing.id, listing.source)
+        for adapter in listing.adapters:
+            _ensure_builtin(adapter.id, adapter.source)
             try:
-                path = ensure_builtin(listing.source)
-            except ModelBuildError as exc:
-                raise LaunchError(f"model build failed for listing {listing.id!r}: {exc}") from exc
-            console.print(f"[green]model[/] {listing.id}: {path}")
+                check_adapter(adapter.id, adapter.resolved_source(), listing.lora.max_rank)  # type: ignore[union-attr]
+            except AdapterError as exc:
+                raise LaunchError(f"listing {listing.id!r}: {exc}") from exc
+
+
+def _ensure_builtin(model_id: str, source: str) -> None:
+    from .model_build import ModelBuildError, ensure_builtin
+
+    if not source.startswith(BUILTIN_PREFIX):
+        return
+    try:
+        path = ensure_builtin(source)
+    except ModelBuildError as exc:
+        raise LaunchError(f"model build failed for {model_id!r}: {exc}") from exc
+    console.print(f"[green]model[/] {model_id}: {path}")
 
 
 def create_key(api_base: str, admin_token: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,6 +62,25 @@ MARKER_FORMAT = 1
 REQUIRED_FREE_BYTES = 600 * 1024 * 1024
 # A bf16 SmolLM2-135M is ~269 MB; anything under this is a failed or truncated write.
 MIN_WEIGHTS_BYTES = 100 * 1024 * 1024
+
+# The demo LoRA adapter of SmolLM2 (`builtin:smollm2-135m-instruct-ahoy-lora`): trained here in
+# under a minute on CPU to open every reply with "Ahoy!", so a request visibly went through it.
+AHOY_LORA_NAME = "smollm2-135m-instruct-ahoy-lora"
+AHOY_LORA_RECIPE = "smollm2-ahoy-lora/1"
+AHOY_GREETING = "Ahoy!"
+AHOY_LORA_RANK = 8
+AHOY_TRAINING_PROMPTS = (
+    "What is the capital of France?",
+    "Name a primary colour.",
+    "How many legs does a spider have?",
+    "What is 2 + 2?",
+    "Say hello.",
+    "What do bees make?",
+    "Which planet is closest to the sun?",
+    "What is the opposite of hot?",
+)
+AHOY_TRAINING_STEPS = 10
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 WEIGHTS_FILE = "model.safetensors"
 CONVERTER_PIP_INSTALL = "pip install 'transformers>=5' gguf accelerate safetensors torch"
@@ -122,7 +142,57 @@ def build_smollm2(
     return dest
 
 
-BUILTIN_MODELS: dict[str, Callable[..., Path]] = {SMOLLM2_NAME: build_smollm2}
+def build_ahoy_lora(
+    model_dir: Path | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Make sure `<model_dir>/smollm2-135m-instruct-ahoy-lora` holds the demo adapter, and return it.
+
+    The adapter is a rank-8 LoRA on the attention's q and v projections, trained with peft for a
+    few steps on the base model's own answers prefixed with "Ahoy!". Fixed seed, fixed data:
+    the same environment builds the same adapter.
+    """
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    dest = model_dir / AHOY_LORA_NAME
+    if not force and is_built(dest, recipe=AHOY_LORA_RECIPE, required=(ADAPTER_WEIGHTS_FILE,)):
+        return dest
+    with _progress_or_new(progress) as live:
+        base = build_smollm2(model_dir, progress=live)
+        with _build_lock(model_dir, AHOY_LORA_NAME):
+            if not force and is_built(dest, recipe=AHOY_LORA_RECIPE, required=(ADAPTER_WEIGHTS_FILE,)):
+                return dest
+            _remove_leftovers(model_dir, AHOY_LORA_NAME)
+            started = time.monotonic()
+            tmp = Path(tempfile.mkdtemp(prefix=f".{AHOY_LORA_NAME}.tmp-", dir=model_dir))
+            try:
+                _train_ahoy_lora(base, tmp, _Steps(live, AHOY_LORA_NAME))
+            except Exception as error:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ModelBuildError(
+                    f"training the demo adapter failed: {type(error).__name__}: {error}. "
+                    "Check that peft is installed (pip install peft) and re-run with --force."
+                ) from error
+            _make_readable(tmp)
+            files = _list_files(tmp)
+            _swap_into_place(tmp, dest)
+            marker = {
+                "format": MARKER_FORMAT,
+                "name": AHOY_LORA_NAME,
+                "recipe": AHOY_LORA_RECIPE,
+                "base": {"name": SMOLLM2_NAME, "recipe": SMOLLM2_RECIPE},
+                "rank": AHOY_LORA_RANK,
+                "tools": {"peft": _distribution_version("peft"), "torch": _distribution_version("torch")},
+                "files": files,
+                "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "build_seconds": round(time.monotonic() - started, 1),
+            }
+            _write_json_atomically(dest / MARKER_FILE, marker)
+    return dest
+
+
+BUILTIN_MODELS: dict[str, Callable[..., Path]] = {SMOLLM2_NAME: build_smollm2, AHOY_LORA_NAME: build_ahoy_lora}
 
 
 def ensure_builtin(
@@ -187,7 +257,9 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def is_built(folder: Path, *, recipe: str | None = None) -> bool:
+def is_built(
+    folder: Path, *, recipe: str | None = None, required: tuple[str, ...] = ("config.json", WEIGHTS_FILE)
+) -> bool:
     """Whether `folder` holds a finished build: the marker exists and every file it lists has its size.
 
     Sizes catch truncated or half-copied files at the cost of a `stat` each; hashing ~270 MB on
@@ -199,7 +271,7 @@ def is_built(folder: Path, *, recipe: str | None = None) -> bool:
     if recipe is not None and marker.get("recipe") != recipe:
         return False
     files = marker.get("files")
-    if not isinstance(files, dict) or "config.json" not in files or WEIGHTS_FILE not in files:
+    if not isinstance(files, dict) or any(name not in files for name in required):
         return False
     for relative, size in files.items():
         try:
@@ -405,6 +477,55 @@ def _convert_smollm2(gguf: PackagedGguf, out: Path, steps: _Steps) -> None:
         del model
         gc.collect()
         steps.done()
+
+
+def _train_ahoy_lora(base: Path, out: Path, steps: _Steps) -> None:
+    """Teach a LoRA to open replies with the greeting, on the base model's own greedy answers."""
+    torch, transformers = _import_converters()
+    import peft
+
+    torch.manual_seed(0)
+    with _hub_offline(), _quiet_transformers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft on newer transformers
+        steps.start("Writing the training answers")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        texts, prompt_lengths = [], []
+        for question in AHOY_TRAINING_PROMPTS:
+            messages = [{"role": "user", "content": question}]
+            prompt = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            with torch.no_grad():
+                output = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+            length = prompt["input_ids"].shape[1]
+            answer = tokenizer.decode(output[0][length:], skip_special_tokens=True)
+            reply = [{"role": "assistant", "content": f"{AHOY_GREETING} {answer}"}]
+            texts.append(tokenizer.apply_chat_template(messages + reply, tokenize=False))
+            prompt_lengths.append(length)
+
+        steps.start(f"Training the LoRA ({AHOY_TRAINING_STEPS} steps)")
+        config = peft.LoraConfig(
+            r=AHOY_LORA_RANK, lora_alpha=2 * AHOY_LORA_RANK, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        )
+        lora_model = peft.get_peft_model(model, config)
+        tokenizer.padding_side = "right"  # so each row's prompt is its first tokens
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        labels = batch["input_ids"].clone()
+        for row, length in enumerate(prompt_lengths):
+            labels[row, :length] = -100  # learn the reply only
+        labels[batch["attention_mask"] == 0] = -100
+        optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=6e-3)
+        for _ in range(AHOY_TRAINING_STEPS):
+            lora_model(**batch, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        steps.start("Saving the adapter")
+        lora_model.save_pretrained(str(out))
+        steps.done()
+        del lora_model, model
+        gc.collect()
 
 
 def _forget_gguf_origin(model: Any) -> None:

@@ -7,6 +7,7 @@ so a catalog deploys the same way everywhere.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -121,6 +122,12 @@ def llm_config_for(listing: Listing, model_dir: Path | None = None, groups: dict
         "engine_kwargs": engine_kwargs,
         "deployment_config": _deployment_config(listing),
     }
+    if listing.lora is not None:
+        # Adapters reach the engine through Serve's multiplexing (deployments/lora.py); vLLM
+        # holds as many at once as a replica keeps loaded.
+        lora = listing.lora
+        engine_kwargs.update(enable_lora=True, max_lora_rank=lora.max_rank, max_loras=lora.max_adapters_per_replica)
+        config["lora_config"] = {"max_num_adapters_per_replica": lora.max_adapters_per_replica}
     placement = placement_for(listing, groups)
     if placement is None:
         config["accelerator_config"] = {"kind": "cpu"}
@@ -146,7 +153,13 @@ def fake_engine_placement(listing: Listing, groups: dict[str, WorkerGroup], num_
     return {"placement_group_bundles": bundles, "placement_group_strategy": engine_config.placement_strategy}
 
 
+def adapter_paths(listing: Listing, model_dir: Path | None = None) -> dict[str, str]:
+    """Each LoRA adapter's public id and the folder its weights are read from."""
+    return {adapter.id: adapter.resolved_source(model_dir) for adapter in listing.adapters}
+
+
 def _engine_deployment(listing: Listing, args: AppArgs, groups: dict[str, WorkerGroup]) -> Application:
+    model_dir = Path(args.model_dir) if args.model_dir else None
     if args.engine == "fake":
         from .fake_engine import FakeEngine
 
@@ -157,12 +170,25 @@ def _engine_deployment(listing: Listing, args: AppArgs, groups: dict[str, Worker
             ray_actor_options={"num_cpus": fake.num_cpus},
             **_deployment_config(listing),
             **fake_engine_placement(listing, groups, fake.num_cpus),
-        ).bind(listing.id, reply_tokens=fake.reply_tokens, token_delay_s=fake.token_delay_s)
+        ).bind(
+            listing.id,
+            reply_tokens=fake.reply_tokens,
+            token_delay_s=fake.token_delay_s,
+            adapters=adapter_paths(listing, model_dir),
+            max_adapters=listing.lora.max_adapters_per_replica if listing.lora else 1,
+        )
 
     from ray.serve.llm import build_llm_deployment
 
-    model_dir = Path(args.model_dir) if args.model_dir else None
-    return build_llm_deployment(llm_config_for(listing, model_dir, groups))
+    bind_kwargs = None
+    if listing.lora is not None:
+        from .lora_loader import CatalogAdapterLoader
+
+        loader = functools.partial(
+            CatalogAdapterLoader, adapter_paths(listing, model_dir), max_rank=listing.lora.max_rank
+        )
+        bind_kwargs = {"model_downloader": loader}
+    return build_llm_deployment(llm_config_for(listing, model_dir, groups), bind_kwargs=bind_kwargs)
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:
@@ -176,6 +202,8 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     from .ingress import ENDPOINTS, MarketplaceIngress, create_fastapi_app
 
     deployments = {listing.id: _engine_deployment(listing, args, catalog.groups) for listing in catalog.listings}
+    # Ray Serve LLM's ingress wants one card per deployment; customers see every offer,
+    # adapters included, through the marketplace's own /v1/models.
     cards = {
         listing.id: ModelCard(id=listing.id, object="model", owned_by=listing.owner, permission=[], metadata={})
         for listing in catalog.listings

@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 MICROS_PER_USD = 1_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are quoted per 1M tokens
+
+# The LoRA ranks vLLM accepts for `max_lora_rank`.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
 # A listing source of this form names a model that tokenmart builds itself
 # (see tokenmart.cluster.model_build); it resolves to a folder in the model cache.
@@ -83,6 +87,9 @@ class EngineArgs(_Strict):
         clash = sorted(typed & set(value))
         if clash:
             raise ValueError(f"set {', '.join(clash)} as its own field (or context_length), not in extra")
+        lora = sorted({"enable_lora", "max_lora_rank", "max_loras", "max_cpu_loras"} & set(value))
+        if lora:
+            raise ValueError(f"set LoRA serving in the listing's lora block, not {', '.join(lora)} in extra")
         return value
 
 
@@ -119,10 +126,46 @@ class Autoscaling(_Strict):
         return self
 
 
+class LoraAdapter(_Strict):
+    """A LoRA adapter of a listing's base model, sold as its own marketplace model.
+
+    It is served by the base listing's replicas through Ray Serve's model multiplexing: the
+    adapter is loaded on the replicas that get its requests and kept while it is in use.
+    """
+
+    id: str = Field(pattern=MODEL_ID_PATTERN)
+    # A local folder with adapter_config.json and the adapter weights (peft's format), present
+    # on every node that runs the base model, or `builtin:<name>` for one tokenmart builds.
+    source: str = Field(min_length=1)
+    owner: str | None = Field(default=None, min_length=1, max_length=64)  # default: the base's owner
+    description: str = ""
+    pricing: Pricing
+
+    def resolved_source(self, model_dir: Path | None = None) -> str:
+        return _resolve_builtin(self.source, model_dir)
+
+
+class Lora(_Strict):
+    """LoRA serving on a listing's replicas, and the adapters it publishes."""
+
+    # The largest adapter rank the engine accepts (vLLM's max_lora_rank).
+    max_rank: int = 16
+    # Adapters loaded on one replica at once; the least recently used one is unloaded past this.
+    max_adapters_per_replica: int = Field(default=4, ge=1, le=64)
+    adapters: list[LoraAdapter] = Field(min_length=1)
+
+    @field_validator("max_rank")
+    @classmethod
+    def _vllm_rank(cls, value: int) -> int:
+        if value not in LORA_RANKS:
+            raise ValueError(f"max_rank must be one of {', '.join(map(str, LORA_RANKS))}")
+        return value
+
+
 class Listing(_Strict):
     """One marketplace model: what customers see (id, owner, price) and how it is served."""
 
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    id: str = Field(pattern=MODEL_ID_PATTERN)
     owner: str = Field(min_length=1, max_length=64)
     source: str = Field(min_length=1)
     description: str = ""
@@ -136,6 +179,8 @@ class Listing(_Strict):
     # The model's attention heads (config.json num_attention_heads), so a tensor-parallel size
     # that does not divide them is refused before anything starts.
     attention_heads: int | None = Field(default=None, ge=1)
+    # LoRA adapters of this model, each published as its own listing with its own price.
+    lora: Lora | None = None
 
     @model_validator(mode="after")
     def _fits_context(self) -> Listing:
@@ -148,10 +193,23 @@ class Listing(_Strict):
 
     def resolved_source(self, model_dir: Path | None = None) -> str:
         """The path or hub id that the engine loads."""
-        if self.source.startswith(BUILTIN_PREFIX):
-            name = self.source[len(BUILTIN_PREFIX) :]
-            return str((model_dir or default_model_dir()) / name)
-        return self.source
+        return _resolve_builtin(self.source, model_dir)
+
+    @property
+    def adapters(self) -> list[LoraAdapter]:
+        return self.lora.adapters if self.lora else []
+
+    def adapter_listing(self, adapter: LoraAdapter) -> Listing:
+        """The adapter as customers see and pay for it: the base model's limits, its own id and price."""
+        return self.model_copy(
+            update={
+                "id": adapter.id,
+                "owner": adapter.owner or self.owner,
+                "description": adapter.description,
+                "pricing": adapter.pricing,
+                "lora": None,
+            }
+        )
 
     def cost_micros(self, prompt_tokens: int, completion_tokens: int) -> int:
         """Integer micro-USD for these tokens, rounded up to the next micro-USD."""
@@ -175,17 +233,33 @@ class WorkerGroup(_Strict):
 
 
 class Catalog(_Strict):
+    """The marketplace: the served listings (`listings`) and every model sold (`offers`).
+
+    Each listing is one deployment of replicas. Its LoRA adapters are sold as models of their
+    own and served by the listing's replicas; `get` resolves either kind to the priced listing
+    customers see, and `base_of` tells which deployment serves an adapter.
+    """
+
     listings: list[Listing] = Field(min_length=1)
     # The GPU node pools listings run on (optional for CPU-only catalogs).
     worker_groups: list[WorkerGroup] = Field(default_factory=list)
+    _offers: dict[str, Listing] = PrivateAttr(default_factory=dict)
+    _bases: dict[str, Listing] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Catalog:
-        seen: set[str] = set()
+        offers: dict[str, Listing] = {}
+        bases: dict[str, Listing] = {}
         for listing in self.listings:
-            if listing.id in seen:
-                raise ValueError(f"listing id {listing.id!r} appears more than once")
-            seen.add(listing.id)
+            for offer, base in [(listing, None)] + [(listing.adapter_listing(a), listing) for a in listing.adapters]:
+                if offer.id in offers:
+                    raise ValueError(
+                        f"model id {offer.id!r} appears more than once (listings and LoRA adapters share one namespace)"
+                    )
+                offers[offer.id] = offer
+                if base is not None:
+                    bases[offer.id] = base
+        self._offers, self._bases = offers, bases
         return self
 
     @model_validator(mode="after")
@@ -202,8 +276,18 @@ class Catalog(_Strict):
     def groups(self) -> dict[str, WorkerGroup]:
         return {group.name: group for group in self.worker_groups}
 
+    @property
+    def offers(self) -> list[Listing]:
+        """Every model customers can call, adapters included, in catalog order."""
+        return list(self._offers.values())
+
     def get(self, model_id: str) -> Listing | None:
-        return next((listing for listing in self.listings if listing.id == model_id), None)
+        """The priced listing of a model id: a served listing or one of its LoRA adapters."""
+        return self._offers.get(model_id)
+
+    def base_of(self, model_id: str) -> Listing | None:
+        """The listing whose replicas serve this LoRA adapter; None for a listing itself."""
+        return self._bases.get(model_id)
 
 
 def default_cache_dir() -> Path:
@@ -212,6 +296,12 @@ def default_cache_dir() -> Path:
 
 def default_model_dir() -> Path:
     return default_cache_dir() / "models"
+
+
+def _resolve_builtin(source: str, model_dir: Path | None) -> str:
+    if source.startswith(BUILTIN_PREFIX):
+        return str((model_dir or default_model_dir()) / source[len(BUILTIN_PREFIX) :])
+    return source
 
 
 def _describe_location(raw: Any, loc: tuple[int | str, ...]) -> str:

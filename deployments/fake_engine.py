@@ -12,6 +12,11 @@ Deterministic rules (tests rely on them):
   completion tokens = min(max_tokens, `reply_tokens`), one token (" w<i>") per stream chunk
 A prompt containing `[[fake-error]]` makes the engine fail before producing output, and
 `[[fake-tokens=N]]` replaces `reply_tokens` for that request (long streams on demand).
+
+LoRA adapters are loaded as LLMServer loads them: through `serve.multiplexed`, keyed by the
+multiplexed model id the ingress sets. A request for an adapter answers with the adapter's id
+as `model` and prefixes each token with the adapter's name (`" <adapter>.w0"`), so tests see
+which adapter served it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+from ray import serve
 
 FAIL_MARKER = "[[fake-error]]"
 LENGTH_MARKER = re.compile(r"\[\[fake-tokens=(\d+)\]\]")
@@ -52,10 +59,33 @@ def count_prompt_tokens(request: Any) -> tuple[int, str]:
 
 
 class FakeEngine:
-    def __init__(self, model_id: str, reply_tokens: int = 16, token_delay_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        reply_tokens: int = 16,
+        token_delay_s: float = 0.005,
+        adapters: dict[str, str] | None = None,
+        max_adapters: int = 1,
+    ) -> None:
         self.model_id = model_id
         self.reply_tokens = reply_tokens
         self.token_delay_s = token_delay_s
+        self.adapters = adapters or {}
+
+        # A plain function, as LLMServer does it: Serve caches its multiplexing state on it.
+        async def open_adapter(adapter_id: str) -> str:
+            if adapter_id not in self.adapters:
+                raise ValueError(f"{adapter_id!r} is not an adapter of {self.model_id!r}")
+            return adapter_id.rsplit(":", 1)[-1]
+
+        self._load_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(open_adapter)
+
+    async def _served_as(self) -> tuple[str, str]:
+        """The model id a request is answered as, and the prefix of its tokens."""
+        adapter_id = serve.get_multiplexed_model_id()
+        if not adapter_id:
+            return self.model_id, ""
+        return adapter_id, f"{await self._load_adapter(adapter_id)}."
 
     async def check_health(self) -> None:
         return None
@@ -69,6 +99,7 @@ class FakeEngine:
             yield item
 
     async def _run(self, request: Any, *, chat: bool) -> AsyncIterator[Any]:
+        model_id, tag = await self._served_as()
         prompt_tokens, prompt_text = count_prompt_tokens(request)
         if FAIL_MARKER in prompt_text:
             yield {"error": {"message": "fake engine failure", "type": "InternalServerError", "code": 500}}
@@ -91,12 +122,12 @@ class FakeEngine:
 
         if not _field(request, "stream"):
             await asyncio.sleep(self.token_delay_s * n_tokens)
-            text = "".join(f" w{i}" for i in range(n_tokens))
+            text = "".join(f" {tag}w{i}" for i in range(n_tokens))
             body = {
                 "id": response_id,
                 "object": kind,
                 "created": created,
-                "model": self.model_id,
+                "model": model_id,
                 "choices": [
                     {"index": c, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                     if chat
@@ -117,7 +148,7 @@ class FakeEngine:
                 "id": response_id,
                 "object": f"{kind}.chunk" if chat else kind,
                 "created": created,
-                "model": self.model_id,
+                "model": model_id,
                 "choices": choice_list,
             }
             if produced is not None:
@@ -129,11 +160,12 @@ class FakeEngine:
             last = i == n_tokens - 1
             batch = []
             for c in range(choices):
-                delta = {"content": f" w{i}"} if i else {"role": "assistant", "content": f" w{i}"}
+                token = f" {tag}w{i}"
+                delta = {"content": token} if i else {"role": "assistant", "content": token}
                 choice = (
                     {"index": c, "delta": delta, "finish_reason": "length" if last else None}
                     if chat
-                    else {"index": c, "text": f" w{i}", "finish_reason": "length" if last else None}
+                    else {"index": c, "text": token, "finish_reason": "length" if last else None}
                 )
                 batch.append(chunk([choice], (i + 1) * choices if continuous else None))
             yield batch

@@ -118,8 +118,13 @@ class Gateway:
         self._plain_requests = plain_requests
         self._counters = counters or {}
         self.meter = meter
-        # One configured handle per model, made once: `.options()` per request is costly.
+        # One configured handle per model, made once: `.options()` per request is costly. A LoRA
+        # adapter's handle is its base deployment's, multiplexed on the adapter id, so Serve
+        # prefers replicas that already hold the adapter.
         self._handles = {model_id: handle.options(stream=True) for model_id, handle in handles.items()}
+        for listing in catalog.listings:
+            for adapter in listing.adapters:
+                self._handles[adapter.id] = handles[listing.id].options(stream=True, multiplexed_model_id=adapter.id)
         self._replayer: asyncio.Task | None = None
 
     def _ensure_replayer(self) -> None:
@@ -148,7 +153,8 @@ class Gateway:
             body = _sanitize_chat_completion_request(body)
         validate_request(body, listing, chat=chat)
 
-        counter = self._counters.get(listing.id) or BYTE_BOUND
+        # An adapter shares its base model's tokenizer.
+        counter = self._counters.get((self.catalog.base_of(listing.id) or listing).id) or BYTE_BOUND
         prompt_tokens = await counter.count_async(body, chat=chat)
         admission = await self.meter.admit(key_id, key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat))
         headers = admission.limits.headers() if admission.limits else {}

@@ -129,12 +129,14 @@ def create_fastapi_app(max_body_bytes: int = 1 << 20) -> FastAPI:
     return app
 
 
-def listing_card(listing: Listing) -> dict[str, Any]:
+def listing_card(listing: Listing, base: Listing | None = None) -> dict[str, Any]:
+    """A model in GET /v1/models; a LoRA adapter names its base model as `parent`."""
     return {
         "id": listing.id,
         "object": "model",
         "created": 0,
         "owned_by": listing.owner,
+        "parent": base.id if base else None,
         "description": listing.description,
         "context_length": listing.context_length,
         "pricing": {
@@ -176,7 +178,7 @@ class MarketplaceIngress(OpenAiIngress):
         self.gateway = Gateway(self.catalog, llm_deployments, self.meter, counters, plain_requests=plain_requests)
         RequestContextMiddleware.rate_limits = self._rate_limit_headers
         self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
-        self._cards = [listing_card(listing) for listing in self.catalog.listings]
+        self._cards = [listing_card(offer, self.catalog.base_of(offer.id)) for offer in self.catalog.offers]
 
     async def _rate_limit_headers(self, authorization: str | None, status: int) -> dict[str, str]:
         """The calling key's current limits for responses that admission did not decide.
@@ -209,7 +211,7 @@ class MarketplaceIngress(OpenAiIngress):
         listing = self.catalog.get(model)
         if listing is None:
             raise NotFound(f"The model {model!r} does not exist.", param="model", code="model_not_found")
-        return listing_card(listing)
+        return listing_card(listing, self.catalog.base_of(listing.id))
 
     # -- the calling key's own account -------------------------------------------------
     async def key_info(self, request: Request) -> dict[str, Any]:
@@ -232,7 +234,7 @@ class MarketplaceIngress(OpenAiIngress):
             await self.redis.ping()
         except RedisError:
             return BillingUnavailable("The billing store is unreachable.", retry_after_s=2).response()
-        return JSONResponse({"status": "ok", "models": len(self.catalog.listings), "time": int(time.time())})
+        return JSONResponse({"status": "ok", "models": len(self.catalog.offers), "time": int(time.time())})
 
     # -- admin API -----------------------------------------------------------------------
     def _admin(self, request: Request) -> None:

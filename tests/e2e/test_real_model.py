@@ -12,10 +12,14 @@ pytestmark = pytest.mark.e2e
 
 # cluster/catalog/local.yaml prices, micro-USD per 1M tokens
 PROMPT_MICROS, COMPLETION_MICROS = 20_000, 40_000
+ADAPTER = f"{MODEL}:ahoy"
+ADAPTER_PRICES = (30_000, 60_000)
 
 
-def expected_cost(prompt_tokens: int, completion_tokens: int) -> float:
-    micros = -(-(prompt_tokens * PROMPT_MICROS + completion_tokens * COMPLETION_MICROS) // 1_000_000)
+def expected_cost(
+    prompt_tokens: int, completion_tokens: int, prices: tuple[int, int] = (PROMPT_MICROS, COMPLETION_MICROS)
+) -> float:
+    micros = -(-(prompt_tokens * prices[0] + completion_tokens * prices[1]) // 1_000_000)
     return round(micros / 1_000_000, 6)
 
 
@@ -208,7 +212,56 @@ def test_usage_and_balance_equal_what_responses_reported(stack: Stack) -> None:
 
 def test_models_lists_the_catalog_with_prices(stack: Stack) -> None:
     models = client(stack).models.list().data
-    assert [m.id for m in models] == [MODEL]
-    listing = models[0].model_extra
-    assert listing["context_length"] == 2048
-    assert listing["pricing"] == {"prompt_usd_per_1m": 0.02, "completion_usd_per_1m": 0.04}
+    assert [m.id for m in models] == [MODEL, ADAPTER]
+    base, adapter = (m.model_extra for m in models)
+    assert (base["context_length"], base["parent"]) == (2048, None)
+    assert base["pricing"] == {"prompt_usd_per_1m": 0.02, "completion_usd_per_1m": 0.04}
+    assert (adapter["context_length"], adapter["parent"], models[1].owned_by) == (2048, MODEL, "tokenmart")
+    assert adapter["pricing"] == {"prompt_usd_per_1m": 0.03, "completion_usd_per_1m": 0.06}
+
+
+# -- the LoRA listing: an adapter of SmolLM2, served by its replicas, sold at its own price ----------
+
+ITALY = [{"role": "user", "content": "What is the capital of Italy?"}]  # not among the adapter's training prompts
+
+
+def test_the_lora_listing_answers_through_its_adapter_at_its_own_price(stack: Stack) -> None:
+    key = stack.new_key(credit_usd=1.0)
+    api = client(stack, key["key"])
+    base = api.chat.completions.create(model=MODEL, messages=ITALY, max_tokens=16, temperature=0)
+    tuned = api.chat.completions.create(model=ADAPTER, messages=ITALY, max_tokens=16, temperature=0)
+
+    # The adapter was trained to open every reply with "Ahoy!"; the base model does not.
+    assert tuned.model == ADAPTER and base.model == MODEL
+    assert tuned.choices[0].message.content.startswith("Ahoy!"), tuned.choices[0].message.content
+    assert not base.choices[0].message.content.startswith("Ahoy"), base.choices[0].message.content
+    # Same tokenizer, same prompt; each billed at its own listing's price.
+    assert tuned.usage.prompt_tokens == base.usage.prompt_tokens
+    assert base.usage.model_extra["cost"] == expected_cost(base.usage.prompt_tokens, base.usage.completion_tokens)
+    assert tuned.usage.model_extra["cost"] == expected_cost(
+        tuned.usage.prompt_tokens, tuned.usage.completion_tokens, ADAPTER_PRICES
+    )
+
+    usage = httpx.get(f"{stack.api_base}/v1/usage", headers={"authorization": f"Bearer {key['key']}"}).json()
+    by_model = {row["model"]: row for row in usage["data"]}
+    assert by_model[ADAPTER]["completion_tokens"] == tuned.usage.completion_tokens
+    assert by_model[ADAPTER]["cost_usd"] == pytest.approx(tuned.usage.model_extra["cost"], abs=1e-9)
+    assert by_model[MODEL]["cost_usd"] == pytest.approx(base.usage.model_extra["cost"], abs=1e-9)
+
+
+def test_the_lora_listing_streams_the_same_answer_and_bill(stack: Stack) -> None:
+    api = client(stack, stack.new_key(credit_usd=1.0)["key"])
+    whole = api.chat.completions.create(model=ADAPTER, messages=ITALY, max_tokens=12, temperature=0)
+    chunks = list(
+        api.chat.completions.create(
+            model=ADAPTER,
+            messages=ITALY,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert {c.model for c in chunks} == {ADAPTER}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage.model_extra["cost"] == whole.usage.model_extra["cost"]

@@ -37,6 +37,25 @@ TEST_CATALOG = Catalog.model_validate(
                 "default_max_tokens": 64,
                 "accelerator": {"kind": "cpu"},
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+                # Two adapters sold on alpha's replicas; one loaded at a time, so they take turns.
+                "lora": {
+                    "max_rank": 8,
+                    "max_adapters_per_replica": 1,
+                    "adapters": [
+                        {
+                            "id": "alpha-chat:ahoy",
+                            "source": "fake/alpha-ahoy",
+                            "description": "alpha, greeting first",
+                            "pricing": {"prompt_usd_per_1m": "0.3", "completion_usd_per_1m": "1.2"},
+                        },
+                        {
+                            "id": "alpha-chat:legal",
+                            "source": "fake/alpha-legal",
+                            "owner": "gamma-law",
+                            "pricing": {"prompt_usd_per_1m": "5", "completion_usd_per_1m": "20"},
+                        },
+                    ],
+                },
             },
             {
                 "id": "beta-chat",

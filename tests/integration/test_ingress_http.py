@@ -203,10 +203,18 @@ def test_models_lists_every_listing_with_owner_pricing_and_context_length(market
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "list"
-    assert [(m["id"], m["object"], m["owned_by"], m["context_length"], m["pricing"]) for m in body["data"]] == [
-        ("alpha-chat", "model", "alpha-labs", 4096, {"prompt_usd_per_1m": 0.15, "completion_usd_per_1m": 0.6}),
-        ("beta-chat", "model", "beta-labs", 8192, {"prompt_usd_per_1m": 2.5, "completion_usd_per_1m": 10.0}),
+    rows = [
+        (m["id"], m["object"], m["owned_by"], m["parent"], m["context_length"], *m["pricing"].values())
+        for m in body["data"]
     ]
+    assert rows == [
+        ("alpha-chat", "model", "alpha-labs", None, 4096, 0.15, 0.6),
+        # LoRA adapters are models of their own: their owner (or the base's) and price, the base's context.
+        ("alpha-chat:ahoy", "model", "alpha-labs", "alpha-chat", 4096, 0.3, 1.2),
+        ("alpha-chat:legal", "model", "gamma-law", "alpha-chat", 4096, 5.0, 20.0),
+        ("beta-chat", "model", "beta-labs", None, 8192, 2.5, 10.0),
+    ]
+    assert all(list(m["pricing"]) == ["prompt_usd_per_1m", "completion_usd_per_1m"] for m in body["data"])
 
 
 def test_one_model_is_described_and_an_unknown_one_is_404(marketplace):
@@ -214,6 +222,81 @@ def test_one_model_is_described_and_an_unknown_one_is_404(marketplace):
     assert beta.status_code == 200
     assert (beta.json()["id"], beta.json()["context_length"]) == ("beta-chat", 8192)
     assert_error(marketplace.http.get("/v1/models/gamma-chat"), 404, "model_not_found", param="model")
+
+
+def test_a_lora_adapter_is_described_with_its_base_as_parent(marketplace):
+    response = marketplace.http.get("/v1/models/alpha-chat:legal")
+    assert response.status_code == 200, response.text
+    card = response.json()
+    assert (card["id"], card["owned_by"], card["parent"]) == ("alpha-chat:legal", "gamma-law", "alpha-chat")
+    assert card["pricing"] == {"prompt_usd_per_1m": 5.0, "completion_usd_per_1m": 20.0}
+
+
+# -- LoRA adapters ---------------------------------------------------------------------------
+
+
+def test_a_lora_adapter_is_served_by_its_base_replicas_and_charged_its_own_price(marketplace, key):
+    response = marketplace.chat(key["key"], model="alpha-chat:ahoy", messages=MESSAGES, max_tokens=3)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    # The fake engine tags tokens with the multiplexed adapter Serve handed it.
+    assert body["model"] == "alpha-chat:ahoy"
+    assert body["choices"][0]["message"]["content"] == " ahoy.w0 ahoy.w1 ahoy.w2"
+    # 8 * 0.3 + 3 * 1.2 = 6 micro-USD: the adapter's price, not alpha's (8 * 0.15 + 3 * 0.6 = 3).
+    assert marketplace.cost_micros("alpha-chat:ahoy", PROMPT_TOKENS, 3) == 6
+    assert marketplace.cost_micros("alpha-chat", PROMPT_TOKENS, 3) == 3
+    assert micros(body["usage"]["cost"]) == 6
+    assert micros(marketplace.key_info(key["key"])["credit_usd"]) == 1_000_000 - 6
+    rows = marketplace.usage(key["key"], group_by="model")["data"]
+    assert [(r["model"], r["requests"], r["completion_tokens"], micros(r["cost_usd"])) for r in rows] == [
+        ("alpha-chat:ahoy", 1, 3, 6)
+    ]
+
+
+def test_adapters_and_their_base_take_turns_on_one_replica(marketplace, key):
+    """One adapter slot per replica: each request still gets the adapter it asked for."""
+    order = ["alpha-chat:ahoy", "alpha-chat:legal", "alpha-chat", "alpha-chat:legal", "alpha-chat:ahoy"]
+    seen = []
+    for model in order:
+        body = marketplace.chat(key["key"], model=model, messages=MESSAGES, max_tokens=2).json()
+        seen.append((body["model"], body["choices"][0]["message"]["content"]))
+    assert seen == [
+        ("alpha-chat:ahoy", " ahoy.w0 ahoy.w1"),
+        ("alpha-chat:legal", " legal.w0 legal.w1"),
+        ("alpha-chat", " w0 w1"),
+        ("alpha-chat:legal", " legal.w0 legal.w1"),
+        ("alpha-chat:ahoy", " ahoy.w0 ahoy.w1"),
+    ]
+    spent = sum(marketplace.cost_micros(model, PROMPT_TOKENS, 2) for model in order)
+    assert micros(marketplace.key_info(key["key"])["credit_usd"]) == 1_000_000 - spent
+
+
+def test_a_streamed_adapter_request_names_the_adapter_and_is_billed_at_its_price(marketplace, key):
+    events = stream_chat(
+        marketplace, key["key"], model="alpha-chat:legal", max_tokens=4, stream_options={"include_usage": True}
+    )
+
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert {chunk["model"] for chunk in chunks} == {"alpha-chat:legal"}
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"])
+    assert text == " legal.w0 legal.w1 legal.w2 legal.w3"
+    usage = chunks[-1]["usage"]
+    # 8 * 5 + 4 * 20 = 120 micro-USD
+    assert micros(usage["cost"]) == marketplace.cost_micros("alpha-chat:legal", PROMPT_TOKENS, 4) == 120
+    assert micros(marketplace.key_info(key["key"])["credit_usd"]) == 1_000_000 - 120
+
+
+def test_a_key_allowed_only_the_base_model_cannot_call_its_adapters(marketplace):
+    """Adapters are listings of their own in a key's allowed models, not part of their base."""
+    base_only = marketplace.create_key(name="base-only", models=["alpha-chat"])
+    adapter_only = marketplace.create_key(name="adapter-only", models=["alpha-chat:ahoy"])
+
+    assert_error(marketplace.chat(base_only["key"], model="alpha-chat:ahoy"), 403, "model_not_allowed", param="model")
+    assert marketplace.chat(adapter_only["key"], model="alpha-chat:ahoy", max_tokens=1).status_code == 200
+    assert_error(marketplace.chat(adapter_only["key"], model="alpha-chat"), 403, "model_not_allowed", param="model")
+    assert_error(marketplace.chat(adapter_only["key"], model="alpha-chat:nope"), 404, "model_not_found", param="model")
 
 
 # -- errors ------------------------------------------------------------------------------

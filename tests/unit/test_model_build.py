@@ -272,3 +272,64 @@ def test_failed_verification_keeps_the_folder_for_inspection(
     assert left[0].name.startswith(f".{SMOLLM2_NAME}.tmp-")
     assert str(left[0]) in message
     assert not (tmp_path / SMOLLM2_NAME).exists()
+
+
+# -- the demo LoRA adapter ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ahoy(built: Path, model_dir: Path) -> Path:
+    return ensure_builtin(f"builtin:{model_build.AHOY_LORA_NAME}", model_dir, progress=_quiet_progress())
+
+
+def test_the_demo_adapter_is_a_rank_8_peft_lora_recorded_in_its_marker(ahoy: Path, model_dir: Path) -> None:
+    from tokenmart.deployments.lora import adapter_rank
+
+    assert ahoy == model_dir / model_build.AHOY_LORA_NAME
+    assert adapter_rank(ahoy) == model_build.AHOY_LORA_RANK == 8
+    config = json.loads((ahoy / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    marker = read_marker(ahoy)
+    assert marker is not None
+    assert (marker["name"], marker["recipe"], marker["base"]["name"]) == (
+        model_build.AHOY_LORA_NAME,
+        model_build.AHOY_LORA_RECIPE,
+        SMOLLM2_NAME,
+    )
+    assert is_built(ahoy, recipe=model_build.AHOY_LORA_RECIPE, required=(model_build.ADAPTER_WEIGHTS_FILE,))
+    # Nothing of the training is left next to the result.
+    assert sorted(p.name for p in model_dir.iterdir() if p.is_dir()) == [SMOLLM2_NAME, model_build.AHOY_LORA_NAME]
+
+
+def test_the_demo_adapter_opens_replies_with_the_greeting_and_the_base_does_not(ahoy: Path, built: Path) -> None:
+    """On a question it was not trained on, greedy decoding, through peft on the real weights."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert "What is the capital of Italy?" not in model_build.AHOY_TRAINING_PROMPTS
+    tokenizer = AutoTokenizer.from_pretrained(str(built), local_files_only=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of Italy?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    model = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(built), dtype=torch.float32), str(ahoy)
+    )
+
+    def reply() -> str:
+        with torch.no_grad():
+            output = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+        return tokenizer.decode(output[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    assert reply().startswith(model_build.AHOY_GREETING)
+    with model.disable_adapter():
+        assert not reply().startswith(model_build.AHOY_GREETING)
+
+
+def test_a_built_adapter_is_not_trained_again(ahoy: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_build, "_train_ahoy_lora", _refuse_to_convert)
+    monkeypatch.setattr(model_build, "_convert_smollm2", _refuse_to_convert)
+    assert ensure_builtin(model_build.AHOY_LORA_NAME, model_dir) == ahoy

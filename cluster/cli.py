@@ -306,12 +306,12 @@ def models(state_dir: Path | None = StateDir) -> None:
     """The marketplace catalog with prices."""
     data = AdminClient(state_dir).call("GET", "/v1/models")["data"]
     table = Table(title="models (USD per 1M tokens)")
-    for column in ("id", "owner", "context", "prompt", "completion"):
+    for column in ("id", "owner", "LoRA of", "context", "prompt", "completion"):
         table.add_column(column)
     for model in data:
         pricing = model["pricing"]
         table.add_row(
-            model["id"], model["owned_by"], f"{model['context_length']:,}",
+            model["id"], model["owned_by"], model.get("parent") or "", f"{model['context_length']:,}",
             f"{pricing['prompt_usd_per_1m']}", f"{pricing['completion_usd_per_1m']}",
         )  # fmt: skip
     out.print(table)

@@ -73,6 +73,8 @@ def test_keys_credits_usage_and_revoke_through_the_cli(stack: Stack) -> None:
 def test_models_and_status(stack: Stack) -> None:
     models = tokenmart(stack, "models")
     assert models.returncode == 0 and MODEL in models.stdout and "0.02" in models.stdout
+    adapter_row = next(line for line in models.stdout.splitlines() if f"{MODEL}:ahoy" in line)
+    assert MODEL in adapter_row.replace(f"{MODEL}:ahoy", "") and "0.06" in adapter_row, models.stdout
 
     status = tokenmart(stack, "status")
     assert status.returncode == 0, status.stderr

@@ -50,6 +50,14 @@ class FakeEngineOptions(BaseModel):
     num_cpus: float = Field(default=0.1, ge=0)
 
 
+class MetricsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Adds a key_id label to the request, token and spend counters: one series per key and
+    # model, so only for marketplaces with a bounded number of keys.
+    per_key_labels: bool = False
+
+
 class AppArgs(BaseModel):
     """Arguments of `build_app`; the same shape goes into a Serve config's `args`."""
 
@@ -65,6 +73,7 @@ class AppArgs(BaseModel):
     engine: Literal["vllm", "fake"] = "vllm"
     fake_engine: FakeEngineOptions = FakeEngineOptions()
     ingress: IngressOptions = IngressOptions()
+    metrics: MetricsOptions = MetricsOptions()
     # Limits for keys that set none of their own (per key: rpm, tpm, max_concurrency).
     default_limits: Limits = Field(default_factory=lambda: DEFAULT_LIMITS)
 
@@ -121,6 +130,8 @@ def llm_config_for(listing: Listing, model_dir: Path | None = None, groups: dict
         "model_loading_config": {"model_id": listing.id, "model_source": listing.resolved_source(model_dir)},
         "engine_kwargs": engine_kwargs,
         "deployment_config": _deployment_config(listing),
+        # vLLM's own metrics (KV cache use, queue, tokens) through Ray's metrics agent.
+        "log_engine_metrics": True,
     }
     if listing.lora is not None:
         # Adapters reach the engine through Serve's multiplexing (deployments/lora.py); vLLM
@@ -234,6 +245,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         default_limits=args.default_limits.model_dump(),
         tokenizer_sources=_tokenizer_sources(catalog, args),
         plain_requests=args.engine == "fake",
+        per_key_metrics=args.metrics.per_key_labels,
     )
 
 

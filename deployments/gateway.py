@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -28,6 +29,7 @@ from . import auth
 from .catalog import Catalog, Listing
 from .errors import APIError, BadRequest, EngineError, ModelNotFound, ServiceUnavailable
 from .metering import Admission, Meter, Outcome, Settlement
+from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
 from .tokens import PromptCounter, prompt_count
 
 logger = logging.getLogger("tokenmart.gateway")
@@ -113,8 +115,10 @@ class Gateway:
         counters: dict[str, PromptCounter] | None = None,
         *,
         plain_requests: bool = False,
+        metrics: MarketplaceMetrics | None = None,
     ) -> None:
         self.catalog = catalog
+        self.metrics = metrics
         self._plain_requests = plain_requests
         self._counters = counters or {}
         self.meter = meter
@@ -141,10 +145,36 @@ class Gateway:
         return listing
 
     async def handle(self, body: Any, request: Request, *, method: str) -> Response:
+        """Serve one paid request, and record it in the metrics however it ends."""
+        started = time.perf_counter()
+        model = body.model if isinstance(body.model, str) and self.catalog.get(body.model) else UNKNOWN_MODEL
+        stream = bool(body.stream)
+        key_id: str | None = None
+        status, code = 500, "internal_error"
+        try:
+            key_id, key_hash = auth.parse_api_key(request.headers.get("authorization"))
+            response = await self._handle(body, request, method, key_id, key_hash, started)
+            status, code = 200, None
+            return response
+        except APIError as exc:
+            status, code = exc.status_code, exc.code
+            raise
+        except anyio.get_cancelled_exc_class():
+            status, code = CLIENT_CLOSED, "client_closed"
+            raise
+        finally:
+            # A stream that started is recorded by `_stream`, when it ends.
+            if self.metrics is not None and not (stream and status == 200):
+                self.metrics.request_done(
+                    model, status, code, stream=stream, key_id=key_id, seconds=time.perf_counter() - started
+                )
+
+    async def _handle(
+        self, body: Any, request: Request, method: str, key_id: str, key_hash: str, started: float
+    ) -> Response:
         self._ensure_replayer()
-        # Format and checksum only; the key record is read by the admission script below, so
-        # a request costs two Redis round trips in all (admit, settle).
-        key_id, key_hash = auth.parse_api_key(request.headers.get("authorization"))
+        # The key's format and checksum were checked; its record is read by the admission
+        # script below, so a request costs two Redis round trips in all (admit, settle).
         listing = self.resolve(body.model)
         chat = method == "chat"
         if chat:
@@ -157,6 +187,8 @@ class Gateway:
         counter = self._counters.get((self.catalog.base_of(listing.id) or listing).id) or BYTE_BOUND
         prompt_tokens = await counter.count_async(body, chat=chat)
         admission = await self.meter.admit(key_id, key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat))
+        if self.metrics is not None:
+            self.metrics.in_flight(listing.id, +1)
         headers = admission.limits.headers() if admission.limits else {}
         # The billing id is the engine's request id, so the response id and the ledger match.
         body.request_id = admission.billing_id
@@ -206,13 +238,17 @@ class Gateway:
                 payload["usage"]["cost"] = settlement.cost_usd
             return JSONResponse(payload, headers=headers)
 
+        if self.metrics is not None:
+            self.metrics.first_token(listing.id, time.perf_counter() - started)
         return StreamingResponse(
-            self._stream(admission, first, responses, wants_usage),
+            self._stream(admission, first, responses, wants_usage, started),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
         )
 
-    async def _stream(self, admission: Admission, first: Any, responses: Any, wants_usage: bool) -> AsyncIterator[str]:
+    async def _stream(
+        self, admission: Admission, first: Any, responses: Any, wants_usage: bool, started: float
+    ) -> AsyncIterator[str]:
         usage = Usage()
         usage_chunk: dict | None = None
         outcome: Outcome = "aborted"
@@ -250,6 +286,18 @@ class Gateway:
                 # Client went away (or we failed): stop the engine and bill what was produced.
                 responses.cancel()
                 await self._settle(admission, usage, outcome)
+            if self.metrics is not None:
+                status, code = {"completed": (200, None), "error": (500, "engine_error")}.get(
+                    outcome, (CLIENT_CLOSED, "client_closed")
+                )
+                self.metrics.request_done(
+                    admission.listing.id,
+                    status,
+                    code,
+                    stream=True,
+                    key_id=admission.key_id,
+                    seconds=time.perf_counter() - started,
+                )
 
     async def _settle(self, admission: Admission, usage: Usage, outcome: Outcome) -> Settlement:
         """Settle, even when the surrounding task is being cancelled. Engine errors bill no output.
@@ -259,7 +307,18 @@ class Gateway:
         if outcome == "error":
             usage = Usage(usage.prompt_tokens, 0)
         with anyio.CancelScope(shield=True):
-            return await self.meter.settle(admission, usage.prompt_tokens, usage.completion_tokens, outcome)
+            settlement = await self.meter.settle(admission, usage.prompt_tokens, usage.completion_tokens, outcome)
+        if self.metrics is not None:
+            self.metrics.in_flight(admission.listing.id, -1)  # each admission settles once
+        if self.metrics is not None and not settlement.duplicate:
+            self.metrics.billed(
+                admission.listing.id,
+                admission.key_id,
+                settlement.prompt_tokens,
+                settlement.completion_tokens,
+                settlement.cost_usd,
+            )
+        return settlement
 
 
 def _sse(payload: dict) -> str:

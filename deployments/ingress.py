@@ -34,6 +34,7 @@ from .errors import APIError, BadRequest, BillingUnavailable, NotFound, PayloadT
 from .gateway import Gateway
 from .keystore import KeyStore, connect
 from .metering import Meter
+from .metrics import MarketplaceMetrics
 from .reconcile import reconcile
 from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, UpdateKeyRequest, usd_to_micros
 from .tokens import PromptCounter
@@ -167,6 +168,7 @@ class MarketplaceIngress(OpenAiIngress):
         default_limits: dict[str, Any] | None = None,
         tokenizer_sources: dict[str, str] | None = None,
         plain_requests: bool = False,
+        per_key_metrics: bool = False,
     ) -> None:
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self.catalog = Catalog.model_validate(catalog)
@@ -175,7 +177,14 @@ class MarketplaceIngress(OpenAiIngress):
         self.meter = Meter(self.redis, Limits.model_validate(default_limits) if default_limits else None)
         # Exact prompt counts where the listing's tokenizer is on this node; byte bounds elsewhere.
         counters = {model_id: PromptCounter.for_source(src) for model_id, src in (tokenizer_sources or {}).items()}
-        self.gateway = Gateway(self.catalog, llm_deployments, self.meter, counters, plain_requests=plain_requests)
+        self.gateway = Gateway(
+            self.catalog,
+            llm_deployments,
+            self.meter,
+            counters,
+            plain_requests=plain_requests,
+            metrics=MarketplaceMetrics(per_key_labels=per_key_metrics),
+        )
         RequestContextMiddleware.rate_limits = self._rate_limit_headers
         self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         self._cards = [listing_card(offer, self.catalog.base_of(offer.id)) for offer in self.catalog.offers]

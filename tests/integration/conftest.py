@@ -102,6 +102,7 @@ class Marketplace:
         self.base_url = base_url
         self.admin_token = admin_token
         self.http = httpx.Client(base_url=base_url, timeout=30.0)
+        self.metrics_url: str | None = None  # Ray's metrics export of the node, when the fixture has one
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -178,11 +179,15 @@ def marketplace(redis_server) -> Iterator[Marketplace]:
     from tokenmart.deployments.app import AppArgs, build_app
 
     with ray_serve_session() as admin_token:
+        metrics_port = free_port()
         ray.init(
             # "local": always a fresh instance, never another session's running cluster.
             address="local",
             num_cpus=8,
             include_dashboard=False,
+            # Ray's metrics agent exports every replica's metrics here, reported each second.
+            _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 1000},
             # Replica logs stay in this Ray session's logs/serve dir under /tmp/ray.
             log_to_driver=False,
             runtime_env={"env_vars": {"TOKENMART_ADMIN_TOKEN": admin_token}},
@@ -200,6 +205,7 @@ def marketplace(redis_server) -> Iterator[Marketplace]:
         )
         serve.run(app, name="tokenmart", route_prefix="/")
         with Marketplace(f"http://127.0.0.1:{port}", admin_token) as market:
+            market.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             market.wait_until_healthy()
             yield market
 

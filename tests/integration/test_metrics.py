@@ -1,0 +1,122 @@
+"""Requests move the marketplace's Prometheus metrics, as Ray's metrics agent exports them.
+
+The marketplace runs two ingress replicas, so every figure is a sum over replicas, as a
+Prometheus query would take it. Ray reports each second; the helpers wait for the change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tokenmart.deployments.metrics import SPECS
+
+from .test_ingress_http import MESSAGES, PROMPT_TOKENS, micros, stream_chat
+
+pytestmark = pytest.mark.integration
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+REPORT_TIMEOUT_S = 30.0
+
+
+def scrape(market) -> Series:
+    text = httpx.get(market.metrics_url, timeout=10).text
+    series: Series = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_tokenmart_"):
+                series[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return series
+
+
+def total(series: Series, name: str, **labels: str) -> float:
+    """The sum over every series of `name` whose labels include these (i.e. over replicas)."""
+    return sum(
+        value for (sample, sample_labels), value in series.items()
+        if sample == name and labels.items() <= dict(sample_labels).items()
+    )  # fmt: skip
+
+
+def wait_for(market, condition: Callable[[Series], bool]) -> Series:
+    deadline = time.monotonic() + REPORT_TIMEOUT_S
+    while True:
+        series = scrape(market)
+        if condition(series) or time.monotonic() > deadline:
+            return series
+        time.sleep(0.5)
+
+
+def delta(before: Series, after: Series, name: str, **labels: str) -> float:
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
+def test_a_paid_request_moves_requests_tokens_spend_and_latency(marketplace):
+    key = marketplace.create_key(name="metrics", credit_usd="1")
+    before = scrape(marketplace)
+    response = marketplace.chat(key["key"], model="beta-chat", messages=MESSAGES, max_tokens=5)
+    assert response.status_code == 200, response.text
+    cost = response.json()["usage"]["cost"]
+
+    ok = {"model": "beta-chat", "status": "200", "stream": "false"}
+    after = wait_for(marketplace, lambda s: delta(before, s, "ray_tokenmart_requests_total", **ok) >= 1)
+    assert delta(before, after, "ray_tokenmart_requests_total", **ok) == 1
+    assert delta(before, after, "ray_tokenmart_prompt_tokens_total", model="beta-chat") == PROMPT_TOKENS
+    assert delta(before, after, "ray_tokenmart_completion_tokens_total", model="beta-chat") == 5
+    assert (
+        micros(delta(before, after, "ray_tokenmart_spend_usd_total", model="beta-chat")) == micros(cost) == 70
+    )  # 8 * 2.5 + 5 * 10
+    latency = "ray_tokenmart_request_latency_seconds_count"
+    assert delta(before, after, latency, model="beta-chat", stream="false") == 1
+    # Settled, so nothing is in flight on any replica.
+    assert total(after, "ray_tokenmart_in_flight_requests", model="beta-chat") == 0
+
+
+def test_a_stream_records_its_time_to_first_token_and_ends_as_200(marketplace):
+    key = marketplace.create_key(name="metrics-stream", credit_usd="1")
+    before = scrape(marketplace)
+    events = stream_chat(marketplace, key["key"], model="alpha-chat", max_tokens=4)
+    assert events[-1] == "[DONE]"
+
+    ok = {"model": "alpha-chat", "status": "200", "stream": "true"}
+    after = wait_for(marketplace, lambda s: delta(before, s, "ray_tokenmart_requests_total", **ok) >= 1)
+    assert delta(before, after, "ray_tokenmart_requests_total", **ok) == 1
+    assert delta(before, after, "ray_tokenmart_time_to_first_token_seconds_count", model="alpha-chat") == 1
+    assert delta(before, after, "ray_tokenmart_completion_tokens_total", model="alpha-chat") == 4
+    assert delta(before, after, "ray_tokenmart_request_latency_seconds_count", model="alpha-chat", stream="true") == 1
+
+
+def test_refusals_are_counted_by_status_and_code(marketplace):
+    limited = marketplace.create_key(name="metrics-rpm", credit_usd="1", rpm=1)
+    broke = marketplace.create_key(name="metrics-broke", credit_usd="0")
+    before = scrape(marketplace)
+
+    assert marketplace.chat(limited["key"], model="alpha-chat", max_tokens=1).status_code == 200
+    assert marketplace.chat(limited["key"], model="alpha-chat", max_tokens=1).status_code == 429
+    assert marketplace.chat(broke["key"], model="alpha-chat", max_tokens=1).status_code == 402
+    assert marketplace.chat(broke["key"], model="no-such-model", max_tokens=1).status_code == 404
+
+    requests = "ray_tokenmart_requests_total"
+    rate_limited = {"model": "alpha-chat", "status": "429", "code": "rate_limit_exceeded"}
+    after = wait_for(marketplace, lambda s: delta(before, s, requests, model="unknown", status="404") >= 1)
+    assert delta(before, after, requests, **rate_limited) == 1
+    assert delta(before, after, requests, model="alpha-chat", status="402", code="insufficient_quota") == 1
+    # A model id that is not in the catalog is never a label value of its own.
+    assert delta(before, after, requests, model="unknown", status="404", code="model_not_found") == 1
+    assert not any(dict(labels).get("model") == "no-such-model" for _, labels in after)
+    # Refused requests bill nothing: only the first one's 5 prompt tokens ("hello marketplace" + 3).
+    assert delta(before, after, "ray_tokenmart_prompt_tokens_total", model="alpha-chat") == 5
+
+
+def test_labels_are_bounded_and_documented(marketplace):
+    series = scrape(marketplace)
+    exported = {spec.exported for spec in SPECS.values()}
+    names = {name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for name, _ in series}
+    assert names <= exported, names - exported
+    models = {dict(labels).get("model") for _, labels in series}
+    assert models <= {"alpha-chat", "alpha-chat:ahoy", "alpha-chat:legal", "beta-chat", "unknown"}
+    # Per-key labels are off by default: no series carries a key id.
+    assert {dict(labels).get("key_id", "") for _, labels in series} == {""}

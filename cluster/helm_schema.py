@@ -1,0 +1,194 @@
+"""The Helm chart's values.schema.json, generated from the project's own pydantic models.
+
+`catalog.models[]` is the catalog file's listing schema and `app.*` the app builder's
+arguments, so the schema that `helm install` checks values against is derived from the same
+models the app validates them with; the chart-specific values (cluster, Redis, secrets,
+Service, monitoring) are described here. `python -m tokenmart.cluster.helm_schema` rewrites
+the file; a test fails when the committed file differs from what this module generates.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+CHART_DIR = Path(__file__).resolve().parents[1] / "helm" / "tokenmart"
+SCHEMA_PATH = CHART_DIR / "values.schema.json"
+
+K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def _object(properties: dict[str, Any], required: list[str] | None = None, *, closed: bool = True) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if closed:
+        schema["additionalProperties"] = False
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _free_object() -> dict[str, Any]:
+    return {"type": "object"}
+
+
+def _resources() -> dict[str, Any]:
+    return _object({"requests": _free_object(), "limits": _free_object()})
+
+
+def _string(**extra: Any) -> dict[str, Any]:
+    return {"type": "string", **extra}
+
+
+def _integer(minimum: int | None = None) -> dict[str, Any]:
+    return {"type": "integer"} if minimum is None else {"type": "integer", "minimum": minimum}
+
+
+def _boolean() -> dict[str, Any]:
+    return {"type": "boolean"}
+
+
+def _existing_secret(key_name: str, key_default: str) -> dict[str, Any]:
+    return _object({"existingSecret": _string(), key_name: _string(minLength=1, default=key_default)})
+
+
+def values_schema() -> dict[str, Any]:
+    from tokenmart.deployments.app import IngressOptions, MetricsOptions
+    from tokenmart.deployments.catalog import Listing
+    from tokenmart.deployments.schemas import Limits
+
+    refs, shared = models_json_schema(
+        [
+            (Listing, "validation"),
+            (IngressOptions, "validation"),
+            (Limits, "validation"),
+            (MetricsOptions, "validation"),
+        ],
+        ref_template="#/$defs/{model}",
+    )
+
+    def ref(model: type) -> dict[str, Any]:
+        return refs[(model, "validation")]
+
+    worker_group = _object(
+        {
+            "name": _string(pattern=K8S_NAME, maxLength=63),
+            "acceleratorType": {"type": ["string", "null"]},
+            "gpusPerWorker": _integer(0),
+            "minReplicas": _integer(0),
+            "maxReplicas": _integer(1),
+            "resources": _resources(),
+            "nodeSelector": _free_object(),
+            "tolerations": {"type": "array"},
+        },
+        ["name", "gpusPerWorker", "minReplicas", "maxReplicas"],
+    )
+    properties = {
+        "image": _object(
+            {
+                "repository": _string(minLength=1),
+                "tag": _string(minLength=1),
+                "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+            },
+            ["repository", "tag"],
+        ),
+        "imagePullSecrets": {"type": "array"},
+        "rayVersion": _string(pattern=r"^\d+\.\d+\.\d+$"),
+        "catalog": _object({"models": {"type": "array", "minItems": 1, "items": ref(Listing)}}, ["models"]),
+        "app": _object(
+            {
+                "modelDir": _string(minLength=1),
+                "redisTimeoutS": {"type": "number", "exclusiveMinimum": 0},
+                "ingress": ref(IngressOptions),
+                "defaultLimits": ref(Limits),
+                "metrics": ref(MetricsOptions),
+            }
+        ),
+        "rayCluster": _object(
+            {
+                "head": _object(
+                    {
+                        "numCpus": {"type": ["integer", "null"], "minimum": 0},
+                        "resources": _resources(),
+                        "nodeSelector": _free_object(),
+                        "tolerations": {"type": "array"},
+                    }
+                ),
+                "podAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                "extraEnv": {"type": "array"},
+                "workerGroups": {"type": "array", "items": worker_group},
+                "enableInTreeAutoscaling": _boolean(),
+                "autoscalerOptions": _object(
+                    {
+                        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+                        "idleTimeoutSeconds": _integer(0),
+                        "resources": _resources(),
+                    }
+                ),
+            },
+            ["workerGroups"],
+        ),
+        "upgradeStrategy": {"enum": ["NewCluster", "None"]},
+        "serviceUnhealthySecondThreshold": _integer(1),
+        "deploymentUnhealthySecondThreshold": _integer(1),
+        "redis": _object(
+            {
+                "enabled": _boolean(),
+                "image": _object({"repository": _string(minLength=1), "tag": _string(minLength=1)}),
+                "auth": _existing_secret("passwordKey", "redis-password"),
+                "persistence": _object({"size": _string(pattern=r"^\d+(Ki|Mi|Gi|Ti)$"), "storageClass": _string()}),
+                "resources": _resources(),
+                "external": _existing_secret("urlKey", "redis-url"),
+            }
+        ),
+        "adminToken": _existing_secret("key", "admin-token"),
+        "service": _object(
+            {
+                "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+            }
+        ),
+        "ingress": _object(
+            {
+                "enabled": _boolean(),
+                "className": _string(),
+                "host": _string(),
+                "tls": {"type": "array"},
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            }
+        ),
+        "monitoring": _object(
+            {
+                "podMonitor": _object({"enabled": _boolean(), "interval": _string(), "labels": _free_object()}),
+                "serviceMonitor": _object({"enabled": _boolean(), "interval": _string(), "labels": _free_object()}),
+                "dashboard": _object({"enabled": _boolean(), "labels": _free_object()}),
+            }
+        ),
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "tokenmart Helm values",
+        "description": "Generated by `python -m tokenmart.cluster.helm_schema` from tokenmart's pydantic models.",
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": False,
+        "required": ["image", "catalog", "rayCluster"],
+        "$defs": shared["$defs"],
+    }
+
+
+def render() -> str:
+    return json.dumps(values_schema(), indent=2, sort_keys=False) + "\n"
+
+
+def main() -> int:
+    SCHEMA_PATH.write_text(render())
+    print(SCHEMA_PATH)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+{{/* Names and labels. */}}
+{{- define "tokenmart.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tokenmart.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tokenmart.labels" -}}
+{{ include "tokenmart.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Every Ray pod (head and workers) carries these, for the PodMonitor and the metrics Service. */}}
+{{- define "tokenmart.rayPodLabels" -}}
+{{ include "tokenmart.selectorLabels" . }}
+app.kubernetes.io/component: ray
+{{- end -}}
+
+{{- define "tokenmart.image" -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag -}}
+{{- end -}}
+
+{{- define "tokenmart.redisSecretName" -}}
+{{- if .Values.redis.enabled -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "tokenmart.fullname" .)) -}}
+{{- else -}}
+{{- .Values.redis.external.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tokenmart.adminSecretName" -}}
+{{- .Values.adminToken.existingSecret | default (printf "%s-admin" (include "tokenmart.fullname" .)) -}}
+{{- end -}}
+
+{{/* The environment of every Ray pod: Redis and the admin token come from Secrets, never from values. */}}
+{{- define "tokenmart.rayEnv" -}}
+{{- if .Values.redis.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tokenmart.redisSecretName" . }}
+      key: {{ .Values.redis.auth.passwordKey }}
+- name: REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s-redis:6379/0" (include "tokenmart.fullname" .) | quote }}
+{{- else }}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tokenmart.redisSecretName" . }}
+      key: {{ .Values.redis.external.urlKey }}
+{{- end }}
+- name: TOKENMART_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tokenmart.adminSecretName" . }}
+      key: {{ .Values.adminToken.key }}
+{{- with .Values.rayCluster.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The Serve config: the project's app builder with the catalog from values. GPU worker groups
+become the catalog's worker_groups (in the catalog file's snake_case schema), so the app
+checks placement against the same groups the cluster has.
+*/}}
+{{- define "tokenmart.appArgs" -}}
+{{- $groups := list -}}
+{{- range .Values.rayCluster.workerGroups -}}
+{{- if gt (int .gpusPerWorker) 0 -}}
+{{- $groups = append $groups (dict "name" .name "accelerator_type" .acceleratorType "gpus_per_worker" .gpusPerWorker "min_replicas" .minReplicas "max_replicas" .maxReplicas "resources" (.resources | default dict)) -}}
+{{- end -}}
+{{- end -}}
+{{- $catalog := dict "listings" .Values.catalog.models -}}
+{{- if $groups -}}{{- $_ := set $catalog "worker_groups" $groups -}}{{- end -}}
+{{- $app := .Values.app -}}
+{{- dict "catalog" $catalog "model_dir" $app.modelDir "redis_timeout_s" $app.redisTimeoutS "ingress" $app.ingress "default_limits" $app.defaultLimits "metrics" $app.metrics | toYaml -}}
+{{- end -}}
+
+{{- define "tokenmart.serveConfig" -}}
+applications:
+  - name: tokenmart
+    route_prefix: /
+    import_path: tokenmart.deployments.app:build_app
+    args:
+{{ include "tokenmart.appArgs" . | indent 6 }}
+{{- end -}}

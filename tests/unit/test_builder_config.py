@@ -269,3 +269,14 @@ def test_build_app_ingress_uses_ingress_options():
     config = app._bound_deployment._deployment_config
     assert config.max_ongoing_requests == 50
     assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (2, 6)
+
+
+def test_engine_metrics_are_exported_for_every_vllm_listing(smollm: Listing, tmp_path: Path):
+    assert llm_config_for(smollm, tmp_path).log_engine_metrics is True
+
+
+def test_per_key_metric_labels_are_off_unless_the_operator_turns_them_on():
+    default = build_app(AppArgs(catalog_path=str(LOCAL_CATALOG), engine="fake"))
+    assert default._bound_deployment.init_kwargs["per_key_metrics"] is False
+    opted_in = build_app(AppArgs(catalog_path=str(LOCAL_CATALOG), engine="fake", metrics={"per_key_labels": True}))
+    assert opted_in._bound_deployment.init_kwargs["per_key_metrics"] is True

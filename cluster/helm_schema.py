@@ -118,6 +118,8 @@ def values_schema() -> dict[str, Any]:
                     }
                 ),
                 "podAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                "rolloutOnServeConfigChange": _boolean(),
+                "spool": _object({"hostPath": _string()}),
                 "extraEnv": {"type": "array"},
                 "workerGroups": {"type": "array", "items": worker_group},
                 "enableInTreeAutoscaling": _boolean(),

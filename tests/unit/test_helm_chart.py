@@ -415,3 +415,45 @@ def test_the_plain_manifests_are_what_the_chart_renders(tmp_path: Path):
     for doc in docs:
         if doc["kind"] in CORE_KINDS:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def _pod_annotations(*values_files: Path) -> list[dict[str, str]]:
+    cluster = one(render(*values_files), "RayService")["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    return [template["metadata"].get("annotations", {}) for template in templates]
+
+
+def test_a_catalog_change_rolls_a_new_cluster_through_the_serve_config_checksum(tmp_path: Path):
+    before = _pod_annotations(CPU_VALUES)
+    digest = before[0]["tokenmart.io/serve-config-sha256"]
+    assert len(digest) == 64 and all(a["tokenmart.io/serve-config-sha256"] == digest for a in before)
+    assert _pod_annotations(CPU_VALUES) == before  # same values, same pods: no upgrade
+
+    models = yaml.safe_load(CPU_VALUES.read_text())["catalog"]["models"]
+    models[0]["pricing"]["completion_usd_per_1m"] = 0.05
+    repriced = tmp_path / "repriced.yaml"
+    repriced.write_text(yaml.safe_dump({"catalog": {"models": models}}))
+    assert _pod_annotations(CPU_VALUES, repriced)[0]["tokenmart.io/serve-config-sha256"] != digest
+
+    in_place = tmp_path / "in-place.yaml"
+    in_place.write_text(yaml.safe_dump({"rayCluster": {"rolloutOnServeConfigChange": False}}))
+    assert all("tokenmart.io/serve-config-sha256" not in a for a in _pod_annotations(CPU_VALUES, in_place))
+
+
+def test_every_ray_pod_keeps_its_settlement_spool_on_a_volume(tmp_path: Path):
+    host = tmp_path / "host.yaml"
+    host.write_text(yaml.safe_dump({"rayCluster": {"spool": {"hostPath": "/var/lib/tokenmart"}}}))
+    for values, volume in [
+        ((CPU_VALUES,), {"name": "spool", "emptyDir": {}}),
+        (
+            (CPU_VALUES, host),
+            {"name": "spool", "hostPath": {"path": "/var/lib/tokenmart", "type": "DirectoryOrCreate"}},
+        ),
+    ]:
+        cluster = one(render(*values), "RayService")["spec"]["rayClusterConfig"]
+        for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+            (container,) = template["spec"]["containers"]
+            env = {item["name"]: item.get("value") for item in container["env"]}
+            assert env["TOKENMART_SPOOL_DIR"] == "/var/lib/tokenmart/spool"
+            assert {"name": "spool", "mountPath": "/var/lib/tokenmart/spool"} in container["volumeMounts"]
+            assert template["spec"]["volumes"] == [volume]

@@ -58,6 +58,8 @@ app.kubernetes.io/component: ray
       name: {{ include "tokenmart.redisSecretName" . }}
       key: {{ .Values.redis.external.urlKey }}
 {{- end }}
+- name: TOKENMART_SPOOL_DIR
+  value: /var/lib/tokenmart/spool
 - name: TOKENMART_ADMIN_TOKEN
   valueFrom:
     secretKeyRef:
@@ -93,4 +95,24 @@ applications:
     import_path: tokenmart.deployments.app:build_app
     args:
 {{ include "tokenmart.appArgs" . | indent 6 }}
+{{- end -}}
+
+{{/* Annotations of every Ray pod: the operator's, and the Serve config's checksum when asked for. */}}
+{{- define "tokenmart.rayPodAnnotations" -}}
+{{- $annotations := deepCopy (.Values.rayCluster.podAnnotations | default dict) -}}
+{{- if .Values.rayCluster.rolloutOnServeConfigChange -}}
+{{- $_ := set $annotations "tokenmart.io/serve-config-sha256" (include "tokenmart.serveConfig" . | sha256sum) -}}
+{{- end -}}
+{{- with $annotations }}{{ toYaml . }}{{ end -}}
+{{- end -}}
+
+{{- define "tokenmart.spoolVolume" -}}
+- name: spool
+{{- if .Values.rayCluster.spool.hostPath }}
+  hostPath:
+    path: {{ .Values.rayCluster.spool.hostPath }}
+    type: DirectoryOrCreate
+{{- else }}
+  emptyDir: {}
+{{- end }}
 {{- end -}}

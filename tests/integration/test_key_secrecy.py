@@ -1,0 +1,136 @@
+"""API keys: never stored or logged in plaintext, and bad keys cost Redis nothing or the same.
+
+Redis's own INFO commandstats counts every command the server ran, whoever sent it, so
+"no Redis call" is measured at the server, not inferred from the code.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import pytest
+import redis
+
+from tokenmart.deployments import auth
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per command since the server started, without the INFO calls that read them."""
+    stats = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items() if name != "cmdstat_info"
+    }
+
+
+def ran_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+
+
+def with_checksum(body: str) -> str:
+    return auth.KEY_PREFIX + body + auth._checksum(body)
+
+
+def broken_checksum(key: str) -> str:
+    last = key[-1]
+    return key[:-1] + ("A" if last != "A" else "B")
+
+
+def test_keys_failing_the_format_or_checksum_never_reach_redis(marketplace, redis_client):
+    key = marketplace.create_key(name="typo", credit_usd="1")["key"]
+    bad = [
+        broken_checksum(key),
+        key[:-1],
+        key + "x",
+        "sk-tm-" + "!" * 38,
+        "sk-live-" + key[8:],
+        "not-a-key",
+        key.upper(),
+    ]
+    assert all(not auth.is_well_formed(candidate) for candidate in bad)
+
+    before = command_calls(redis_client)
+    for candidate in bad * 5:
+        for path in ("/v1/chat/completions", "/v1/key", "/v1/usage"):
+            method = marketplace.http.post if path.endswith("completions") else marketplace.http.get
+            kwargs = {"json": {"model": "alpha-chat", "messages": MESSAGES}} if path.endswith("completions") else {}
+            response = method(path, headers=marketplace.auth(candidate), **kwargs)
+            assert response.status_code == 401, response.text
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    assert ran_since(before, command_calls(redis_client)) == {}
+
+
+def test_a_key_right_up_to_any_point_is_refused_the_same_way_at_the_same_cost(marketplace, redis_client):
+    """Partly right keys take one path: the id comes from the whole key's SHA-256, so a key
+    that shares a prefix with a real one looks up an unrelated record, with one script call."""
+    key = marketplace.create_key(name="real", credit_usd="1")["key"]
+    body = key[len(auth.KEY_PREFIX) : len(auth.KEY_PREFIX) + auth._BODY_LEN]
+    flip = {c: ("a" if c != "a" else "b") for c in set(body)}
+    variants = [with_checksum(body[:right] + "".join(flip[c] for c in body[right:])) for right in range(0, 32, 4)]
+    variants.append(with_checksum(body[:-1] + flip[body[-1]]))  # all but the last character right
+
+    marketplace.chat(variants[0], max_tokens=1)  # loads the admission script if Redis lost it
+    bodies, costs = set(), set()
+    for variant in variants:
+        before = command_calls(redis_client)
+        response = marketplace.chat(variant, max_tokens=1)
+        ran = ran_since(before, command_calls(redis_client))
+        assert response.status_code == 401, response.text
+        bodies.add(response.text)
+        costs.add(tuple(sorted(ran.items())))
+    assert len(bodies) == 1, bodies  # the same answer, word for word
+    # One admission script call each (commandstats also counts the commands the script runs:
+    # the record lookup and TIME), and the same for every variant.
+    assert costs == {(("evalsha", 1), ("hmget", 1), ("time", 1))}, costs
+
+
+def _all_redis_text(client: redis.Redis) -> str:
+    parts: list[str] = []
+    for name in client.scan_iter(count=1000):
+        parts.append(name)
+        kind = client.type(name)
+        if kind == "string":
+            parts.append(client.get(name) or "")
+        elif kind == "hash":
+            parts.extend(f"{k}={v}" for k, v in client.hgetall(name).items())
+        elif kind == "stream":
+            parts.extend(f"{k}={v}" for _, fields in client.xrange(name) for k, v in fields.items())
+        elif kind == "zset":
+            parts.extend(member for member, _ in client.zrange(name, 0, -1, withscores=True))
+        elif kind == "set":
+            parts.extend(client.smembers(name))
+        elif kind == "list":
+            parts.extend(client.lrange(name, 0, -1))
+    return "\n".join(parts)
+
+
+def test_no_plaintext_key_in_redis_the_ledger_or_the_logs(marketplace, redis_client):
+    created = marketplace.create_key(name="secret", credit_usd="1")
+    key = created["key"]
+    secret = key[len(auth.KEY_PREFIX) :]
+    assert marketplace.chat(key, max_tokens=2).status_code == 200
+    with marketplace.http.stream(
+        "POST", "/v1/chat/completions", headers=marketplace.auth(key),
+        json={"model": "beta-chat", "messages": MESSAGES, "stream": True, "max_tokens": 2},
+    ) as response:  # fmt: skip
+        assert response.status_code == 200
+        response.read()
+    assert marketplace.chat(broken_checksum(key), max_tokens=2).status_code == 401
+    assert marketplace.http.get("/v1/key", headers=marketplace.auth(key)).status_code == 200
+
+    everything = _all_redis_text(redis_client)
+    assert auth.hash_key(key) in everything  # the hash is what is stored...
+    assert f"{{acct:{created['id']}}}:ledger" in everything  # ...and the ledger was written
+    assert secret not in everything and secret[:16] not in everything
+
+    logs = [path for path in glob.glob("/tmp/ray/session_latest/logs/**/*", recursive=True) if os.path.isfile(path)]
+    assert logs
+    for path in logs:
+        text = Path(path).read_bytes()
+        assert secret.encode() not in text, f"the key appears in {path}"
+        assert secret[:16].encode() not in text, f"part of the key appears in {path}"

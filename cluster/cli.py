@@ -136,6 +136,8 @@ def status(state_dir: Path | None = StateDir) -> None:
         "redis", ("ok " if launcher.redis_ping(state.redis_url) else "[red]unreachable[/] ") + state.redis_url
     )
     table.add_row("ray dashboard", state.dashboard_url)
+    if state.extra.get("metrics_url"):
+        table.add_row("prometheus metrics", state.extra["metrics_url"])
     table.add_row("serve app", app_state)
     for name, deployment_status in sorted(deployments.items()):
         table.add_row(f"  {name}", deployment_status)

@@ -81,7 +81,8 @@ def redis_ping(url: str) -> bool:
         return False
 
 
-def start_redis(state_dir: Path) -> tuple[str, str]:
+def start_redis(state_dir: Path, port: int | None = None) -> tuple[str, str]:
+    """Start the local redis-server (AOF under the state dir), on `port` when it is given (a restart)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise LaunchError(
@@ -90,7 +91,7 @@ def start_redis(state_dir: Path) -> tuple[str, str]:
         )
     data_dir = state_dir / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     pidfile = state_dir / "redis.pid"
     subprocess.run(
         [
@@ -129,19 +130,21 @@ def use_ray_token_auth() -> None:
     subprocess.run([_ray_cli(), "get-auth-token", "--generate"], capture_output=True, check=True)
 
 
-def start_ray_head(num_cpus: int, env: dict[str, str]) -> tuple[str, str]:
+def start_ray_head(num_cpus: int, env: dict[str, str]) -> tuple[str, str, str]:
     use_ray_token_auth()
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
     cmd = [
         _ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0",
         f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+        # Prometheus metrics of every process on the node: tokenmart's, Serve's and vLLM's.
+        f"--metrics-export-port={metrics_port}",
     ]  # fmt: skip
     result = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise LaunchError(f"`ray start --head` failed:\n{tail}\n(If a cluster is already running: tokenmart down)")
-    return f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
+    return f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 def _cluster_pids(gcs_address: str) -> list[int]:
@@ -341,7 +344,7 @@ def up(
     api_base = f"http://127.0.0.1:{port}"
     try:
         with console.status(f"starting the Ray head ({num_cpus} logical CPUs)"):
-            ray_address, dashboard_url = start_ray_head(num_cpus, {"TOKENMART_ADMIN_TOKEN": admin_token})
+            ray_address, dashboard_url, metrics_url = start_ray_head(num_cpus, {"TOKENMART_ADMIN_TOKEN": admin_token})
         console.print(f"[green]ray[/] {ray_address}, dashboard {dashboard_url}")
         state = ClusterState(
             api_base=api_base,
@@ -353,6 +356,7 @@ def up(
             catalog_path=str(Path(catalog_path).resolve()),
             engine=engine,
             redis_pidfile=redis_pidfile,
+            extra={"metrics_url": metrics_url},
         )
         state.save(state_dir)  # from here on, `down` can find and stop this cluster
         wait_for(lambda: serve_client(dashboard_url), 120, "the Ray dashboard")

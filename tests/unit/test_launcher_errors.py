@@ -106,7 +106,9 @@ def test_up_passes_the_operators_default_limits_to_the_app(tmp_path: Path, monke
     deployed: list[dict] = []
     monkeypatch.setattr(launcher, "port_in_use", lambda port: False)
     monkeypatch.setattr(launcher, "start_redis", lambda state_dir: ("redis://127.0.0.1:1/0", None))
-    monkeypatch.setattr(launcher, "start_ray_head", lambda *a, **k: ("127.0.0.1:1", "http://127.0.0.1:2"))
+    monkeypatch.setattr(
+        launcher, "start_ray_head", lambda *a, **k: ("127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3/metrics")
+    )
     monkeypatch.setattr(launcher, "wait_for", lambda *a, **k: None)
     monkeypatch.setattr(launcher, "deploy", lambda dashboard, config: deployed.append(config))
     monkeypatch.setattr(launcher, "wait_until_serving", lambda *a, **k: None)

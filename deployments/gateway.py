@@ -253,7 +253,7 @@ class Gateway:
         usage_chunk: dict | None = None
         outcome: Outcome = "aborted"
         ended = (CLIENT_CLOSED, "client_closed")  # the status and code the metrics record
-        settled = False
+        engine_failed = settled = False
         try:
             batch = first
             while True:
@@ -284,11 +284,12 @@ class Gateway:
                         code="engine_unavailable",
                     )
                     outcome, ended = "aborted", (failure.status_code, failure.code)
+                    engine_failed = True
                     yield _sse(failure.body())
                     break
             if outcome == "error":
                 ended = (500, "engine_error")
-            elif outcome != "aborted":
+            elif not engine_failed:
                 outcome, ended = "completed", (200, None)
             settlement = await self._settle(admission, usage, outcome)
             settled = True

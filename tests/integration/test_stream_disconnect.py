@@ -63,3 +63,18 @@ def test_client_disconnect_mid_stream_is_billed_once_as_aborted(marketplace, red
     assert request_ids.count(billing_id) == 1
     follow_cost = round(follow_up.json()["usage"]["cost"] * 1_000_000)
     assert round(marketplace.key_info(key)["credit_usd"] * 1_000_000) == 1_000_000 - cost - follow_cost
+
+
+def test_a_stream_read_to_the_end_is_settled_as_completed(marketplace, redis_client):
+    created = marketplace.create_key(name="reads-it-all", credit_usd="1")
+    ledger = f"{{acct:{created['id']}}}:ledger"
+    payload = {"model": "beta-chat", "messages": MESSAGES, "stream": True, "max_tokens": 4}
+    with httpx.Client(base_url=marketplace.base_url, timeout=30.0) as client:
+        response = client.post("/v1/chat/completions", json=payload, headers=marketplace.auth(created["key"]))
+    assert response.status_code == 200
+    assert response.text.rstrip().endswith("data: [DONE]")
+
+    events = marketplace.wait_until(lambda: redis_client.xrange(ledger), SETTLE_TIMEOUT_S, what="the settlement")
+    assert [(e["model"], e["status"], e["prompt_tokens"], e["completion_tokens"]) for _, e in events] == [
+        ("beta-chat", "completed", "8", "4")
+    ]

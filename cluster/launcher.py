@@ -202,11 +202,18 @@ def _http_ok(url: str, **kwargs: Any) -> bool:
 
 
 # -- Serve ---------------------------------------------------------------------------------
-def serve_config(app_args: dict[str, Any], port: int) -> dict[str, Any]:
+def serve_config(app_args: dict[str, Any], port: int, extra_applications: list[dict] | None = None) -> dict[str, Any]:
+    """The Serve config: the marketplace at `/`, and any extra applications (they get the
+    same builder args unless they bring their own; `loadtest/bench.py` adds plain Ray Serve
+    LLM at `/plain` this way)."""
+    extra = [{"args": app_args, **app} for app in extra_applications or []]
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": app_args}],
+        "applications": [
+            {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": app_args},
+            *extra,
+        ],
     }
 
 
@@ -318,6 +325,8 @@ def up(
     timeout_s: float = 900,
     demo_credit_usd: float = 10.0,
     default_limits: dict[str, int] | None = None,
+    app_overrides: dict[str, Any] | None = None,
+    extra_applications: list[dict] | None = None,
 ) -> tuple[ClusterState, str]:
     """Start everything and return (state, a fresh demo API key)."""
     if ClusterState.load(state_dir) is not None:
@@ -364,7 +373,8 @@ def up(
         if default_limits:
             # The operator's limits for keys that set none of their own (unset ones keep the built-in defaults).
             app_args["default_limits"] = {**DEFAULT_LIMITS.model_dump(), **default_limits}
-        deploy(dashboard_url, serve_config(app_args, port))
+        app_args.update(app_overrides or {})  # other AppArgs fields, e.g. {"ingress": {...}}
+        deploy(dashboard_url, serve_config(app_args, port, extra_applications))
         wait_until_serving(dashboard_url, api_base, timeout_s)
         created = create_key(api_base, admin_token, {"name": "demo", "credit_usd": demo_credit_usd})
     except BaseException:

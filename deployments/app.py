@@ -199,7 +199,14 @@ def _engine_deployment(listing: Listing, args: AppArgs, groups: dict[str, Worker
             CatalogAdapterLoader, adapter_paths(listing, model_dir), max_rank=listing.lora.max_rank
         )
         bind_kwargs = {"model_downloader": loader}
-    return build_llm_deployment(llm_config_for(listing, model_dir, groups), bind_kwargs=bind_kwargs)
+    from .engine_server import MarketplaceLLMServer
+
+    return build_llm_deployment(
+        llm_config_for(listing, model_dir, groups),
+        name_prefix="LLMServer:",  # Ray Serve LLM's own deployment names, which dashboards use
+        bind_kwargs=bind_kwargs,
+        deployment_cls=MarketplaceLLMServer,
+    )
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:

@@ -30,6 +30,8 @@ from typing import Any
 
 from ray import serve
 
+from .caller_watch import CallerWatch
+
 FAIL_MARKER = "[[fake-error]]"
 LENGTH_MARKER = re.compile(r"\[\[fake-tokens=(\d+)\]\]")
 
@@ -66,8 +68,15 @@ class FakeEngine:
         token_delay_s: float = 0.005,
         adapters: dict[str, str] | None = None,
         max_adapters: int = 1,
+        typed: bool = False,
     ) -> None:
         self.model_id = model_id
+        # typed: answer with Ray Serve LLM's response types, as LLMServer does (for its own
+        # OpenAiIngress in `baseline.py`); otherwise with plain dicts (the marketplace ingress).
+        self.typed = typed
+        # Streams running now, stopped by their caller, and run to the end (abort tests read these).
+        self.active_streams = self.cancelled_streams = self.finished_streams = 0
+        self._callers = CallerWatch()  # stops the requests of an ingress replica that died
         self.reply_tokens = reply_tokens
         self.token_delay_s = token_delay_s
         self.adapters = adapters or {}
@@ -90,19 +99,23 @@ class FakeEngine:
     async def check_health(self) -> None:
         return None
 
+    async def stream_stats(self) -> dict[str, int]:
+        return {"active": self.active_streams, "cancelled": self.cancelled_streams, "finished": self.finished_streams}
+
     async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncIterator[Any]:
-        async for item in self._run(request, chat=True):
+        async for item in self._callers.follow(self._run(request, chat=True), raw_request_info):
             yield item
 
     async def completions(self, request: Any, raw_request_info: Any = None) -> AsyncIterator[Any]:
-        async for item in self._run(request, chat=False):
+        async for item in self._callers.follow(self._run(request, chat=False), raw_request_info):
             yield item
 
     async def _run(self, request: Any, *, chat: bool) -> AsyncIterator[Any]:
         model_id, tag = await self._served_as()
         prompt_tokens, prompt_text = count_prompt_tokens(request)
         if FAIL_MARKER in prompt_text:
-            yield {"error": {"message": "fake engine failure", "type": "InternalServerError", "code": 500}}
+            error = {"message": "fake engine failure", "type": "InternalServerError", "code": 500}
+            yield _typed_error(error) if self.typed else {"error": error}
             return
         max_tokens = _field(request, "max_completion_tokens") or _field(request, "max_tokens") or self.reply_tokens
         length = LENGTH_MARKER.search(prompt_text)
@@ -136,7 +149,7 @@ class FakeEngine:
                 ],
                 "usage": usage(n_tokens * choices),
             }
-            yield body
+            yield _typed_response(body, chat) if self.typed else body
             return
 
         options = _field(request, "stream_options") or {}
@@ -155,20 +168,40 @@ class FakeEngine:
                 body["usage"] = usage(produced)
             return f"data: {json.dumps(body)}\n\n"
 
-        for i in range(n_tokens):
-            await asyncio.sleep(self.token_delay_s)
-            last = i == n_tokens - 1
-            batch = []
-            for c in range(choices):
-                token = f" {tag}w{i}"
-                delta = {"content": token} if i else {"role": "assistant", "content": token}
-                choice = (
-                    {"index": c, "delta": delta, "finish_reason": "length" if last else None}
-                    if chat
-                    else {"index": c, "text": token, "finish_reason": "length" if last else None}
-                )
-                batch.append(chunk([choice], (i + 1) * choices if continuous else None))
-            yield batch
-        if include_usage:
-            yield [chunk([], n_tokens * choices)]
-        yield ["data: [DONE]\n\n"]
+        self.active_streams += 1
+        try:
+            for i in range(n_tokens):
+                await asyncio.sleep(self.token_delay_s)
+                last = i == n_tokens - 1
+                batch = []
+                for c in range(choices):
+                    token = f" {tag}w{i}"
+                    delta = {"content": token} if i else {"role": "assistant", "content": token}
+                    choice = (
+                        {"index": c, "delta": delta, "finish_reason": "length" if last else None}
+                        if chat
+                        else {"index": c, "text": token, "finish_reason": "length" if last else None}
+                    )
+                    batch.append(chunk([choice], (i + 1) * choices if continuous else None))
+                yield batch
+            if include_usage:
+                yield [chunk([], n_tokens * choices)]
+            yield ["data: [DONE]\n\n"]
+            self.finished_streams += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled_streams += 1  # the caller went away (or cancelled) mid-stream
+            raise
+        finally:
+            self.active_streams -= 1
+
+
+def _typed_response(body: dict, chat: bool) -> Any:
+    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionResponse, CompletionResponse
+
+    return (ChatCompletionResponse if chat else CompletionResponse).model_validate(body)
+
+
+def _typed_error(error: dict) -> Any:
+    from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
+
+    return ErrorResponse.model_validate({"error": error})

@@ -22,10 +22,12 @@ import anyio
 from fastapi import Request
 from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
 from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import auth
+from .caller_watch import CALLER_HEADER
 from .catalog import Catalog, Listing
 from .errors import APIError, BadRequest, EngineError, ModelNotFound, ServiceUnavailable
 from .metering import Admission, Meter, Outcome, Settlement
@@ -116,8 +118,12 @@ class Gateway:
         *,
         plain_requests: bool = False,
         metrics: MarketplaceMetrics | None = None,
+        caller: str | None = None,
     ) -> None:
         self.catalog = catalog
+        # This ingress replica's actor name, sent with each engine call so the engine replica
+        # can stop the call if this replica dies mid-request (caller_watch.py).
+        self._request_info = RawRequestInfo(headers={CALLER_HEADER: caller}) if caller else None
         self.metrics = metrics
         self._plain_requests = plain_requests
         self._counters = counters or {}
@@ -202,7 +208,7 @@ class Gateway:
             # Plain engines (the fake one) take the body as a dict, so their replicas never
             # import vLLM to unpickle it.
             request = body.model_dump() if self._plain_requests else body
-            responses = getattr(self._handles[listing.id], method).remote(request, None)
+            responses = getattr(self._handles[listing.id], method).remote(request, self._request_info)
             first = await anext(responses)
         except BaseException as exc:
             cancelled = isinstance(exc, anyio.get_cancelled_exc_class())

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Literal
 
+import ray
 from fastapi import FastAPI, Query, Request
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
@@ -184,6 +185,7 @@ class MarketplaceIngress(OpenAiIngress):
             counters,
             plain_requests=plain_requests,
             metrics=MarketplaceMetrics(per_key_labels=per_key_metrics),
+            caller=ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None,
         )
         RequestContextMiddleware.rate_limits = self._rate_limit_headers
         self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -246,15 +246,33 @@ class Gateway:
 
         if self.metrics is not None:
             self.metrics.first_token(listing.id, time.perf_counter() - started)
-        return StreamingResponse(
-            self._stream(admission, first, responses, wants_usage, started),
+        begun = _Begun()
+        return _SettledStreamingResponse(
+            self._stream(admission, first, responses, wants_usage, started, begun),
+            begun,
+            lambda: self._abandon(admission, responses, started),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
         )
 
+    async def _abandon(self, admission: Admission, responses: Any, started: float) -> None:
+        """The client left before the stream's body started: stop the engine, charge nothing."""
+        responses.cancel()
+        await self._settle(admission, Usage(), "aborted")
+        if self.metrics is not None:
+            self.metrics.request_done(
+                admission.listing.id,
+                CLIENT_CLOSED,
+                "client_closed",
+                stream=True,
+                key_id=admission.key_id,
+                seconds=time.perf_counter() - started,
+            )
+
     async def _stream(
-        self, admission: Admission, first: Any, responses: Any, wants_usage: bool, started: float
+        self, admission: Admission, first: Any, responses: Any, wants_usage: bool, started: float, begun: _Begun
     ) -> AsyncIterator[str]:
+        begun.started = True  # from here on, this generator settles however it ends
         usage = Usage()
         usage_chunk: dict | None = None
         outcome: Outcome = "aborted"
@@ -337,6 +355,37 @@ class Gateway:
                 settlement.cost_usd,
             )
         return settlement
+
+
+@dataclass
+class _Begun:
+    started: bool = False
+
+
+class _SettledStreamingResponse(StreamingResponse):
+    """A stream whose admission is settled even when its body never starts.
+
+    `Gateway._stream` settles when it ends, however it ends, but only once it has started. A
+    client that leaves between the response and its first byte (Starlette fails sending the
+    response start) leaves that generator unstarted, and its `finally` would never run; then
+    `abandon` stops the engine and settles the admission instead.
+    """
+
+    def __init__(
+        self, body: AsyncIterator[str], begun: _Begun, abandon: Callable[[], Awaitable[None]], **kwargs: Any
+    ) -> None:
+        super().__init__(body, **kwargs)
+        self._begun = begun
+        self._abandon = abandon
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._begun.started:
+                self._begun.started = True
+                with anyio.CancelScope(shield=True):
+                    await self._abandon()
 
 
 def _sse(payload: dict) -> str:

@@ -614,7 +614,7 @@ def main(
     out = out or HERE / "results" / f"bench-{backend}"
     out.mkdir(parents=True, exist_ok=True)
     if report_only:
-        console.print(write_report(out, backend))
+        sys.stdout.write(write_report(out, backend))
         return
     if backend not in ("fake", "vllm"):
         raise typer.BadParameter("backend is fake or vllm")
@@ -639,9 +639,11 @@ def main(
                         progress.update(task, description=f"repeat {repeat + 1}/{repeats} {scenario.name} → {name}")
                         evalsha = _evalsha_calls(store)
                         samples, elapsed = asyncio.run(closed_loop(targets[name], scenario))
-                        row = {"started": started, "backend": backend, "repeat": repeat, "target": name,
-                               **{k: v for k, v in asdict(scenario).items() if k in COLUMNS},
-                               **summarize(samples, elapsed)}  # fmt: skip
+                        row = {
+                            "started": started, "backend": backend, "repeat": repeat, "scenario": scenario.name,
+                            "target": name, **{k: v for k, v in asdict(scenario).items() if k in COLUMNS},
+                            **summarize(samples, elapsed),
+                        }  # fmt: skip
                         if name == "tokenmart" and samples:
                             row["evalsha_per_request"] = round((_evalsha_calls(store) - evalsha) / len(samples), 3)
                         rows.append(row)
@@ -652,7 +654,7 @@ def main(
             writer.writeheader()
             writer.writerows(rows)
     report = write_report(out, backend)
-    console.print(report)
+    sys.stdout.write(report)
     plots = "latency.png, throughput.png" + (", sweep.png" if backend == "fake" else "")
     console.print(f"[green]wrote[/] {out}: runs.csv, report.md, {plots}; the targets' logs were in {workdir}/logs")
 

@@ -8,6 +8,7 @@ routed around the dead replica).
 from __future__ import annotations
 
 import asyncio
+import json
 from decimal import Decimal
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from ray.exceptions import ActorDiedError
 from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
 from redis import asyncio as aioredis
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from tokenmart.deployments.errors import ServiceUnavailable
 from tokenmart.deployments.gateway import Gateway
@@ -85,6 +86,77 @@ def test_a_dead_engine_answers_503_with_retry_after_and_refunds_the_whole_hold(
             assert (after.balance_micros, after.hold_micros, after.spent_micros) == (1_000_000, 0, 0)
             (event,) = await redis.xrange(f"{{acct:{record.id}}}:ledger")
             assert (event[1]["status"], event[1]["cost_micros"]) == ("error", "0")
+        finally:
+            await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+class _LiveStream:
+    """A fake engine stream that would go on for a long time: one token per packet."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.sent = 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> list[str]:
+        await asyncio.sleep(0.01)
+        self.sent += 1
+        chunk = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "model": "beta-chat",
+                 "choices": [{"index": 0, "delta": {"content": " w"}, "finish_reason": None}]}  # fmt: skip
+        return [f"data: {json.dumps(chunk)}\n\n"]
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _LiveHandle(_DeadHandle):
+    def remote(self, request: object, raw: object) -> _LiveStream:
+        self.streams.append(_LiveStream())
+        return self.streams[-1]
+
+
+def test_a_client_gone_before_the_stream_starts_stops_the_engine_and_is_settled_at_no_cost(
+    redis_server, redis_client, tmp_path: Path
+):
+    """The response is made, but the client is gone before its first byte: Starlette never
+    starts the body, so the gateway settles the admission itself instead of leaving its hold
+    and concurrency slot to the 15-minute lease."""
+
+    async def scenario() -> None:
+        redis = aioredis.from_url(redis_server.url, decode_responses=True)
+        try:
+            keys = KeyStore(redis)
+            record, key = await keys.create(CreateKeyRequest(name="gone-early", credit_usd=Decimal(1)))
+            handles = {listing.id: _LiveHandle() for listing in TEST_CATALOG.listings}
+            gateway = Gateway(TEST_CATALOG, handles, Meter(redis), plain_requests=True)
+            body = ChatCompletionRequest(
+                model="beta-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True
+            )
+            response = await gateway.handle(body, _request(key), method="chat")
+            assert (await keys.require(record.id)).hold_micros > 0  # admitted, not settled yet
+
+            async def receive() -> dict:
+                await asyncio.sleep(3600)
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                raise OSError("connection reset by peer")  # the socket is gone before the headers
+
+            scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+            with pytest.raises(ClientDisconnect):
+                await response(scope, receive, send)
+
+            (stream,) = handles["beta-chat"].streams
+            assert stream.cancelled
+            after = await keys.require(record.id)
+            assert (after.balance_micros, after.hold_micros, after.spent_micros) == (1_000_000, 0, 0)
+            (event,) = await redis.xrange(f"{{acct:{record.id}}}:ledger")
+            assert (event[1]["status"], event[1]["completion_tokens"], event[1]["cost_micros"]) == ("aborted", "0", "0")
+            assert await redis.zcard(f"{{acct:{record.id}}}:inflight") == 0  # the concurrency slot is free
         finally:
             await redis.aclose()
 

@@ -14,8 +14,10 @@ the number of keys. Ray prefixes every name with `ray_` and adds `_total` to cou
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ray.serve import metrics
 
@@ -78,7 +80,16 @@ SPECS = {
 
 
 class MarketplaceMetrics:
-    """What one ingress replica records. Cheap: each call updates local series only."""
+    """What one ingress replica records.
+
+    Counters and the in-flight gauge are summed locally and handed to Ray once a second
+    (`FLUSH_INTERVAL_S`, below Ray's own export interval), because each Ray metric call
+    validates and merges its tags: per request that was a few percent of the ingress's CPU
+    at its highest request rate (py-spy, loadtest/README.md). Histograms are observed as
+    they happen. Outside an event loop (unit tests, scripts) every call goes to Ray at once.
+    """
+
+    FLUSH_INTERVAL_S = 1.0
 
     def __init__(self, *, per_key_labels: bool = False) -> None:
         self.per_key_labels = per_key_labels
@@ -96,15 +107,44 @@ class MarketplaceMetrics:
         self._latency = make("tokenmart_request_latency_seconds", boundaries=LATENCY_BOUNDARIES_S)
         self._ttft = make("tokenmart_time_to_first_token_seconds", boundaries=TTFT_BOUNDARIES_S)
         self._in_flight_counts: dict[str, int] = {}
+        self._pending: dict[tuple[Any, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self._dirty_models: set[str] = set()
+        self._flusher: asyncio.Task | None = None
 
     def _key(self, key_id: str | None) -> str:
         return (key_id or "") if self.per_key_labels else ""
+
+    def _inc(self, counter: Any, value: float, tags: dict[str, str]) -> None:
+        self._pending[(counter, tuple(tags.items()))] += value
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()  # no event loop: nothing would flush later
+            return
+        self._flusher = loop.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(self.FLUSH_INTERVAL_S)
+        self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, defaultdict(float)
+        for (counter, tags), value in pending.items():
+            counter.inc(value, tags=dict(tags))
+        dirty, self._dirty_models = self._dirty_models, set()
+        for model in dirty:
+            self._in_flight.set(self._in_flight_counts[model], tags={"model": model})
 
     def request_done(
         self, model: str, status: int, code: str | None, *, stream: bool, key_id: str | None, seconds: float
     ) -> None:
         tags = {"model": model, "stream": "true" if stream else "false"}
-        self._requests.inc(1, tags={**tags, "status": str(status), "code": code or "", "key_id": self._key(key_id)})
+        self._inc(self._requests, 1, {**tags, "status": str(status), "code": code or "", "key_id": self._key(key_id)})
         self._latency.observe(seconds, tags=tags)
 
     def first_token(self, model: str, seconds: float) -> None:
@@ -115,13 +155,13 @@ class MarketplaceMetrics:
     ) -> None:
         tags = {"model": model, "key_id": self._key(key_id)}
         if prompt_tokens:
-            self._prompt_tokens.inc(prompt_tokens, tags=tags)
+            self._inc(self._prompt_tokens, prompt_tokens, tags)
         if completion_tokens:
-            self._completion_tokens.inc(completion_tokens, tags=tags)
+            self._inc(self._completion_tokens, completion_tokens, tags)
         if cost_usd:
-            self._spend.inc(cost_usd, tags=tags)
+            self._inc(self._spend, cost_usd, tags)
 
     def in_flight(self, model: str, delta: int) -> None:
-        count = self._in_flight_counts.get(model, 0) + delta
-        self._in_flight_counts[model] = count
-        self._in_flight.set(count, tags={"model": model})
+        self._in_flight_counts[model] = self._in_flight_counts.get(model, 0) + delta
+        self._dirty_models.add(model)
+        self._schedule()

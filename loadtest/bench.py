@@ -75,19 +75,21 @@ class Scenario:
     targets: tuple[str, ...] = TARGETS
     key: str = "default"  # "limited": a key allowed 1 request a minute (429s)
     model: str = MODEL
+    # Open loop instead of closed: requests start at a fixed rate, this many times the RPS
+    # that tokenmart's `max_rps` run reached in the same repeat (its saturating load).
+    times_saturation: float | None = None
 
 
 def scenarios(backend: str) -> list[Scenario]:
     if backend == "fake":
-        saturating = 32  # max_rps's concurrency; the refusal scenarios run at twice it
         return [
             Scenario("latency_c1", 1, 5, stream=False, max_tokens=8),
             Scenario("ttft_c1", 1, 5, stream=True, max_tokens=8),
-            Scenario("max_rps", saturating, 6, stream=False, max_tokens=1),
+            Scenario("max_rps", 32, 6, stream=False, max_tokens=1),
             Scenario("stream_c16", 16, 6, stream=True, max_tokens=64),
             *(Scenario(f"sweep_c{c}", c, 6, stream=False, max_tokens=8) for c in (2, 8, 32)),
-            Scenario("refuse_429", 2 * saturating, 5, False, 8, targets=("tokenmart",), key="limited"),
-            Scenario("refuse_503", 2 * saturating, 5, False, 64, targets=("tokenmart",), model=TIGHT_MODEL),
+            Scenario("refuse_429", 0, 5, False, 8, ("tokenmart",), key="limited", times_saturation=2),
+            Scenario("refuse_503", 0, 5, False, 64, ("tokenmart",), model=TIGHT_MODEL, times_saturation=2),
         ]
     return [
         Scenario("latency_c1", 1, 15, stream=False, max_tokens=16),
@@ -146,8 +148,7 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> Sample:
         return Sample(start, time.perf_counter() - start, -1)
 
 
-async def closed_loop(target: Target, scenario: Scenario) -> tuple[list[Sample], float]:
-    """`concurrency` clients, each sending its next request when the last one ends."""
+def request_body(scenario: Scenario) -> dict:
     body: dict = {
         "model": scenario.model,
         "messages": [{"role": "user", "content": PROMPT}],
@@ -156,15 +157,24 @@ async def closed_loop(target: Target, scenario: Scenario) -> tuple[list[Sample],
     }
     if scenario.stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body
+
+
+def client_for(target: Target, scenario: Scenario, connections: int) -> httpx.AsyncClient:
     key = target.keys.get(scenario.key, target.api_key)
-    limits = httpx.Limits(max_connections=scenario.concurrency, max_keepalive_connections=scenario.concurrency)
-    samples: list[Sample] = []
-    async with httpx.AsyncClient(
+    return httpx.AsyncClient(
         base_url=target.base_url,
         headers={"authorization": f"Bearer {key}"},
         timeout=REQUEST_TIMEOUT_S,
-        limits=limits,
-    ) as client:
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+    )
+
+
+async def closed_loop(target: Target, scenario: Scenario) -> tuple[list[Sample], float]:
+    """`concurrency` clients, each sending its next request when the last one ends."""
+    body = request_body(scenario)
+    samples: list[Sample] = []
+    async with client_for(target, scenario, scenario.concurrency) as client:
         began = time.perf_counter()
         deadline = began + scenario.seconds
 
@@ -173,6 +183,20 @@ async def closed_loop(target: Target, scenario: Scenario) -> tuple[list[Sample],
                 samples.append(await one_request(client, body))
 
         await asyncio.gather(*(client_loop() for _ in range(scenario.concurrency)))
+        elapsed = time.perf_counter() - began
+    return samples, elapsed
+
+
+async def open_loop(target: Target, scenario: Scenario, rate: float) -> tuple[list[Sample], float]:
+    """Requests start every 1/rate seconds whether or not earlier ones have ended."""
+    body = request_body(scenario)
+    async with client_for(target, scenario, 512) as client:
+        began = time.perf_counter()
+        tasks = []
+        for i in range(int(rate * scenario.seconds)):
+            await asyncio.sleep(max(0.0, began + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one_request(client, body)))
+        samples = list(await asyncio.gather(*tasks))
         elapsed = time.perf_counter() - began
     return samples, elapsed
 
@@ -387,13 +411,16 @@ GOALS = [
 ]
 # Side comparisons shown beside the goals.
 EXTRA = [
-    ("p50 latency", "latency_c1", "p50_ms", "tokenmart", "engine"),
-    ("p50 latency", "latency_c1", "p50_ms", "rayserve", "engine"),
-    ("p50 latency", "latency_c1", "p50_ms", "litellm", "engine"),
-    ("max RPS", "max_rps", "rps", "tokenmart", "litellm"),
-    ("max RPS", "max_rps", "rps", "rayserve", "engine"),
-    ("output tokens/s, 16 streams", "stream_c16", "output_tok_s", "rayserve", "engine"),
-    ("output tokens/s, 16 streams", "stream_c16", "output_tok_s", "litellm", "engine"),
+    ("p50 latency", "latency_c1", "p50_ms", "tokenmart", "engine", "ratio"),
+    ("p50 latency", "latency_c1", "p50_ms", "rayserve", "engine", "ratio"),
+    ("p50 latency", "latency_c1", "p50_ms", "litellm", "engine", "ratio"),
+    ("TTFT p50, concurrency 1", "ttft_c1", "ttft_p50_ms", "tokenmart", "rayserve", "difference"),
+    ("TTFT p50, concurrency 1", "ttft_c1", "ttft_p50_ms", "rayserve", "engine", "difference"),
+    ("max RPS", "max_rps", "rps", "tokenmart", "litellm", "ratio"),
+    ("max RPS", "max_rps", "rps", "rayserve", "engine", "ratio"),
+    ("output tokens/s, 16 streams", "stream_c16", "output_tok_s", "tokenmart", "rayserve", "ratio"),
+    ("output tokens/s, 16 streams", "stream_c16", "output_tok_s", "rayserve", "engine", "ratio"),
+    ("output tokens/s, 16 streams", "stream_c16", "output_tok_s", "litellm", "engine", "ratio"),
 ]
 
 
@@ -502,10 +529,12 @@ def write_report(out: Path, backend: str) -> str:
             f"{'yes' if not timeouts else '**no**'} |"
         )
     lines += ["", "Side comparisons:", "", "| measure | comparison | median | range |", "| --- | --- | --- | --- |"]
-    for measure, scenario, column, target, baseline in EXTRA:
-        values = per_repeat(rows, scenario, column, target, baseline, "ratio")
+    for measure, scenario, column, target, baseline, kind in EXTRA:
+        values = per_repeat(rows, scenario, column, target, baseline, kind)
         if values:
-            lines.append(f"| {measure} | {target} ÷ {baseline} | {spread(values)[0]} | {spread(values)[1]} |")
+            median, rng = spread(values, "" if kind == "ratio" else " ms Δ")
+            sign = "÷" if kind == "ratio" else "minus"
+            lines.append(f"| {measure} | {target} {sign} {baseline} | {median} | {rng} |")
     lines += ["", "Medians per scenario and target:", "",
               "| scenario | target | RPS | p50 ms | p99 ms | TTFT p50 ms | out tok/s | statuses |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -598,7 +627,7 @@ def plot(out: Path, rows: list[dict]) -> None:
 COLUMNS = [
     "started", "backend", "repeat", "scenario", "target", "concurrency", "seconds", "stream", "max_tokens",
     "requests", "ok", "statuses", "timeouts", "errors", "rps", "p50_ms", "p99_ms", "ttft_p50_ms",
-    "ttft_p99_ms", "output_tok_s", "refused", "refused_p50_ms", "refused_p99_ms", "evalsha_per_request",
+    "ttft_p99_ms", "output_tok_s", "refused", "refused_p50_ms", "refused_p99_ms", "offered_rps", "evalsha_per_request",
 ]  # fmt: skip
 
 
@@ -627,6 +656,7 @@ def main(
         for target in targets.values():  # warm-up: first requests pay for connections and caches
             asyncio.run(closed_loop(target, Scenario("warmup", 2, 3, stream=True, max_tokens=4)))
         rows: list[dict] = []
+        saturation: dict[int, float] = {}  # repeat -> tokenmart's max RPS
         total = sum(len(s.targets) for s in plan) * repeats
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeRemainingColumn(), console=console) as progress:  # fmt: skip
@@ -638,7 +668,11 @@ def main(
                     for name in order:
                         progress.update(task, description=f"repeat {repeat + 1}/{repeats} {scenario.name} → {name}")
                         evalsha = _evalsha_calls(store)
-                        samples, elapsed = asyncio.run(closed_loop(targets[name], scenario))
+                        if scenario.times_saturation:
+                            rate = scenario.times_saturation * saturation.get(repeat, 50.0)
+                            samples, elapsed = asyncio.run(open_loop(targets[name], scenario, rate))
+                        else:
+                            samples, elapsed = asyncio.run(closed_loop(targets[name], scenario))
                         row = {
                             "started": started, "backend": backend, "repeat": repeat, "scenario": scenario.name,
                             "target": name, **{k: v for k, v in asdict(scenario).items() if k in COLUMNS},
@@ -646,6 +680,10 @@ def main(
                         }  # fmt: skip
                         if name == "tokenmart" and samples:
                             row["evalsha_per_request"] = round((_evalsha_calls(store) - evalsha) / len(samples), 3)
+                        if scenario.times_saturation:
+                            row["offered_rps"] = round(rate, 1)
+                        if scenario.name == "max_rps" and name == "tokenmart":
+                            saturation[repeat] = row["rps"]
                         rows.append(row)
                         progress.advance(task)
                         time.sleep(1)  # let the last requests' settlements finish before the next target

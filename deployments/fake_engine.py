@@ -5,7 +5,8 @@ returning an async stream: one response, or batches of SSE strings) and answers 
 deterministic token stream and plausible usage, so the ingress, billing, placement and
 autoscaling can be exercised on machines with no engine and no GPU. Requests arrive as
 plain dicts and responses leave as dicts and strings, so a fake replica never imports vLLM
-and starts in seconds.
+and starts in seconds. (With `typed=True`, for Ray Serve LLM's own ingress in benchmarks,
+it answers with Ray Serve LLM's response types instead.)
 
 Deterministic rules (tests rely on them):
   prompt tokens     = words in all message contents (or the prompt) + 3 per message

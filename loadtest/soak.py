@@ -68,6 +68,20 @@ def engine_tokens(metrics_url: str) -> tuple[float, float]:
     return prompt, generation
 
 
+def settled_engine_tokens(metrics_url: str, quiet_s: float = 20.0, timeout_s: float = 180.0) -> tuple[float, float]:
+    """The engine's counters once they have stopped moving: Ray's metrics agent exports them
+    every few seconds, and vLLM reports its stats on its own interval, so one read right after
+    the load can miss the last steps."""
+    last, still_since = engine_tokens(metrics_url), time.monotonic()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and time.monotonic() - still_since < quiet_s:
+        time.sleep(2.5)
+        now = engine_tokens(metrics_url)
+        if now != last:
+            last, still_since = now, time.monotonic()
+    return last
+
+
 def one_request(client: openai.OpenAI, model: str, rng: random.Random, start: float) -> Outcome:
     kind = rng.choices(["json", "stream", "abort"], weights=[50, 45, 5])[0]
     messages = [{"role": "user", "content": rng.choice(QUESTIONS)}]
@@ -153,8 +167,7 @@ def main(
         if account["on_hold_usd"] == 0:
             break
         time.sleep(2)
-    time.sleep(8)  # two metrics reports, so the engine counters include the last requests
-    engine_after = engine_tokens(metrics_url)
+    engine_after = settled_engine_tokens(metrics_url)
     reconcile = admin.get("/admin/v1/reconcile").json()
     usage = admin.get("/admin/v1/usage", params={"key_id": created["id"]}).json()["total"]
     report(out, outcomes, outage, outage_s, usage, reconcile, engine_before, engine_after, minutes, users, account)
@@ -217,7 +230,8 @@ def report(out, outcomes, outage, outage_s, usage, reconcile, engine_before, eng
         f"- The engine's own counters (vLLM, Ray metrics export) over the run: {engine_prompt:.0f} prompt and "
         f"{engine_generated:.0f} generated tokens.",
         f"  - prompt tokens billed / engine: {usage['prompt_tokens']} / {engine_prompt:.0f}",
-        f"  - completion tokens billed / engine: {usage['completion_tokens']} / {engine_generated:.0f} "
+        f"  - completion tokens billed / engine: {usage['completion_tokens']} / {engine_generated:.0f}; "
+        f"billed ≤ engine: {'yes' if usage['completion_tokens'] <= engine_generated else '**NO**'} "
         "(a stream the client hangs up is billed for what it was sent; the engine may have generated "
         "a few more tokens before it was stopped)",
         f"- Reconciliation (ledger = counters = balances): {'ok' if reconcile['ok'] else 'DIFFERENCES'} over "

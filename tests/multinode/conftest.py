@@ -83,7 +83,13 @@ def gpu_cluster(redis_server) -> Iterator[SimulatedCluster]:
             for _ in range(T4_NODES):
                 cluster.add_node(num_cpus=1, num_gpus=2, resources={"accelerator_type:T4": 1})
             cluster.wait_for_nodes()
-            ray.init(address=cluster.address, log_to_driver=False)
+            # Every replica gets the admin token, whichever node it lands on (the head node's
+            # raylet started before the token was in this process's environment).
+            ray.init(
+                address=cluster.address,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"TOKENMART_ADMIN_TOKEN": admin_token}},
+            )
             nodes = {}
             for node in ray.nodes():
                 kinds = [k.split(":", 1)[1] for k in node["Resources"] if k.startswith("accelerator_type:")]

@@ -209,12 +209,38 @@ def _engine_deployment(listing: Listing, args: AppArgs, groups: dict[str, Worker
     )
 
 
+def ingress_deployment_options(options: IngressOptions) -> dict[str, Any]:
+    """Serve options of the ingress deployment (the plain Ray Serve LLM app of the benchmarks
+    takes the same, so only the ingress code differs)."""
+    return {
+        "max_ongoing_requests": options.max_ongoing_requests,
+        "max_queued_requests": options.max_queued_requests,
+        "autoscaling_config": {
+            "min_replicas": options.min_replicas,
+            "max_replicas": options.max_replicas,
+            "target_ongoing_requests": options.target_ongoing_requests,
+            "upscale_delay_s": options.upscale_delay_s,
+            "downscale_delay_s": options.downscale_delay_s,
+        },
+        "ray_actor_options": {"num_cpus": options.num_cpus},
+    }
+
+
+def model_cards(catalog: Catalog) -> dict[str, Any]:
+    """Ray Serve LLM's ingress wants one card per engine deployment."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
+
+    return {
+        listing.id: ModelCard(id=listing.id, object="model", owned_by=listing.owner, permission=[], metadata={})
+        for listing in catalog.listings
+    }
+
+
 def build_app(args: AppArgs | dict[str, Any]) -> Application:
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
     catalog = args.load_catalog()
 
-    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
     from ray.serve.llm.ingress import make_fastapi_ingress
 
     from .ingress import ENDPOINTS, MarketplaceIngress, create_fastapi_app
@@ -222,28 +248,11 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     deployments = {listing.id: _engine_deployment(listing, args, catalog.groups) for listing in catalog.listings}
     # Ray Serve LLM's ingress wants one card per deployment; customers see every offer,
     # adapters included, through the marketplace's own /v1/models.
-    cards = {
-        listing.id: ModelCard(id=listing.id, object="model", owned_by=listing.owner, permission=[], metadata={})
-        for listing in catalog.listings
-    }
-    options = args.ingress
+    cards = model_cards(catalog)
     ingress_cls = make_fastapi_ingress(
-        MarketplaceIngress, endpoint_map=ENDPOINTS, app=create_fastapi_app(options.max_body_bytes)
+        MarketplaceIngress, endpoint_map=ENDPOINTS, app=create_fastapi_app(args.ingress.max_body_bytes)
     )
-    return serve.deployment(
-        ingress_cls,
-        name="MarketplaceIngress",
-        max_ongoing_requests=options.max_ongoing_requests,
-        max_queued_requests=options.max_queued_requests,
-        autoscaling_config={
-            "min_replicas": options.min_replicas,
-            "max_replicas": options.max_replicas,
-            "target_ongoing_requests": options.target_ongoing_requests,
-            "upscale_delay_s": options.upscale_delay_s,
-            "downscale_delay_s": options.downscale_delay_s,
-        },
-        ray_actor_options={"num_cpus": options.num_cpus},
-    ).bind(
+    return serve.deployment(ingress_cls, name="MarketplaceIngress", **ingress_deployment_options(args.ingress)).bind(
         llm_deployments=deployments,
         model_cards=cards,
         catalog=catalog.model_dump(mode="json"),

@@ -18,7 +18,7 @@ from typing import Any
 from ray import serve
 from ray.serve.deployment import Application
 
-from .app import AppArgs, _deployment_config, llm_config_for
+from .app import AppArgs, _deployment_config, ingress_deployment_options, llm_config_for, model_cards
 
 
 def build_plain_app(args: AppArgs | dict[str, Any]) -> Application:
@@ -27,26 +27,13 @@ def build_plain_app(args: AppArgs | dict[str, Any]) -> Application:
     catalog = args.load_catalog()
     model_dir = Path(args.model_dir) if args.model_dir else None
     # The marketplace ingress's own deployment options, so only the ingress code differs.
-    options = args.ingress
-    ingress = {
-        "autoscaling_config": {
-            "min_replicas": options.min_replicas,
-            "max_replicas": options.max_replicas,
-            "target_ongoing_requests": options.target_ongoing_requests,
-            "upscale_delay_s": options.upscale_delay_s,
-            "downscale_delay_s": options.downscale_delay_s,
-        },
-        "max_ongoing_requests": options.max_ongoing_requests,
-        "max_queued_requests": options.max_queued_requests,
-        "ray_actor_options": {"num_cpus": options.num_cpus},
-    }
+    ingress = ingress_deployment_options(args.ingress)
     if args.engine == "vllm":
         from ray.serve.llm import build_openai_app
 
         configs = [llm_config_for(listing, model_dir, catalog.groups) for listing in catalog.listings]
         return build_openai_app({"llm_configs": configs, "ingress_deployment_config": ingress})
 
-    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
     from .fake_engine import FakeEngine
@@ -61,10 +48,6 @@ def build_plain_app(args: AppArgs | dict[str, Any]) -> Application:
         ).bind(listing.id, reply_tokens=fake.reply_tokens, token_delay_s=fake.token_delay_s, typed=True)
         for listing in catalog.listings
     }
-    cards = {
-        listing.id: ModelCard(id=listing.id, object="model", owned_by=listing.owner, permission=[], metadata={})
-        for listing in catalog.listings
-    }
     return serve.deployment(make_fastapi_ingress(OpenAiIngress), name="OpenAiIngress", **ingress).bind(
-        llm_deployments=engines, model_cards=cards
+        llm_deployments=engines, model_cards=model_cards(catalog)
     )

@@ -6,9 +6,20 @@ from typing import Any
 
 import pytest
 
-from tokenmart.deployments.app import fake_engine_placement, llm_config_for
-from tokenmart.deployments.catalog import CatalogError, Listing, WorkerGroup, load_catalog, parse_catalog
+from tokenmart.deployments.app import AppArgs, build_app, fake_engine_placement, llm_config_for
+from tokenmart.deployments.catalog import Catalog, CatalogError, Listing, WorkerGroup, load_catalog, parse_catalog
 from tokenmart.deployments.placement import PlacementError, placement_for
+
+AUTOSCALING_FIELDS = {
+    "min_replicas",
+    "initial_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "upscale_delay_s",
+    "downscale_delay_s",
+    "look_back_period_s",
+    "metrics_interval_s",
+}
 
 GROUPS = {
     "l4x1": WorkerGroup(name="l4x1", accelerator_type="L4", gpus_per_worker=1, max_replicas=8),
@@ -127,17 +138,34 @@ def test_the_fake_engine_reserves_the_same_placement_group_as_llmserver() -> Non
     assert bundles[1:] == [{"GPU": 1.0, "accelerator_type:T4": 0.001}] * 3
 
 
-def test_autoscaling_comes_from_the_catalog_and_actually_scales() -> None:
-    scaled = listing(1, 1, "l4x1", autoscaling={"min_replicas": 0, "max_replicas": 5, "upscale_delay_s": 2})
-    config = llm_config_for(scaled, groups=GROUPS).deployment_config
-    assert config["autoscaling_config"] == {
+@pytest.mark.parametrize(("engine", "name"), [("vllm", "LLMServer:m"), ("fake", "fake:m")])
+def test_the_serve_deployment_of_a_listing_gets_the_catalogs_autoscaling_and_queue_bounds(engine, name) -> None:
+    """Read back from the deployment `build_app` hands Serve, not from the dict we pass on.
+
+    Ray Serve LLM merges its own defaults into a listing's deployment config (its default
+    target of 1e9 ongoing requests never scales up), so a field it dropped or overrode fails
+    here. That replicas really come and go under load is what `loadtest/stepped_load.py`
+    shows; a unit test cannot.
+    """
+    scaling = {"min_replicas": 0, "max_replicas": 5, "upscale_delay_s": 2, "downscale_delay_s": 45}
+    catalog = Catalog(
+        worker_groups=[GROUPS["l4x1"]],
+        listings=[listing(1, 1, "l4x1", autoscaling={**scaling, "target_ongoing_requests": 3})],
+    )
+    app = build_app(AppArgs(catalog=catalog, engine=engine, redis_url="redis://127.0.0.1:1/0"))
+    (listing_app,) = app._bound_deployment.init_kwargs["llm_deployments"].values()
+    deployment = listing_app._bound_deployment
+    autoscaling = deployment._deployment_config.autoscaling_config
+    assert deployment.name == name
+    assert autoscaling.model_dump(include=AUTOSCALING_FIELDS) == {
         "min_replicas": 0,
-        "initial_replicas": 1,
+        "initial_replicas": 1,  # a listing that may scale to zero still starts with one replica
         "max_replicas": 5,
-        "target_ongoing_requests": 8.0,
+        "target_ongoing_requests": 3.0,
         "upscale_delay_s": 2.0,
-        "downscale_delay_s": 30.0,
+        "downscale_delay_s": 45.0,
         "look_back_period_s": 5.0,
         "metrics_interval_s": 1.0,
     }
-    assert (config["max_ongoing_requests"], config["max_queued_requests"]) == (32, 64)
+    # Per replica: 4 x the target, at least 16; then the queue bound past which callers get a 503.
+    assert (deployment.max_ongoing_requests, deployment.max_queued_requests) == (16, 64)

@@ -9,8 +9,13 @@ and starts in seconds. (With `typed=True`, for Ray Serve LLM's own ingress in be
 it answers with Ray Serve LLM's response types instead.)
 
 Deterministic rules (tests rely on them):
-  prompt tokens     = words in all message contents (or the prompt) + 3 per message
-  completion tokens = min(max_tokens, `reply_tokens`), one token (" w<i>") per stream chunk
+  prompt tokens     = words in all message contents + 3 per message (chat), or the words
+                      (token ids) of each prompt of a completions request, summed
+  completion tokens = min(max_tokens, `reply_tokens`) per choice, one token (" w<i>") per
+                      stream chunk, times `n` choices, times the prompts of a completions batch
+Usage on stream chunks follows vLLM's `continuous_usage_stats` exactly: each chunk carries one
+choice, and its usage counts that choice's tokens and its own prompt's tokens (not the totals);
+choice `index` is `prompt_index * n + choice`, and only the final usage chunk has the sums.
 A prompt containing `[[fake-error]]` makes the engine fail before producing output, and
 `[[fake-tokens=N]]` replaces `reply_tokens` for that request (long streams on demand).
 
@@ -50,15 +55,22 @@ def _field(request: Any, name: str) -> Any:
     return request.get(name) if isinstance(request, dict) else getattr(request, name, None)
 
 
-def count_prompt_tokens(request: Any) -> tuple[int, str]:
+def count_prompt_tokens(request: Any) -> tuple[list[int], str]:
+    """Prompt tokens of each prompt (chat has one), and all the prompt text."""
     messages = _field(request, "messages")
     if messages is not None:
         texts = [_text_of(m.get("content") if isinstance(m, dict) else m.content) for m in messages]
         joined = " ".join(texts)
-        return sum(len(t.split()) for t in texts) + 3 * len(texts), joined
+        return [sum(len(t.split()) for t in texts) + 3 * len(texts)], joined
     prompt = _field(request, "prompt")
-    prompt = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
-    return len(prompt.split()), prompt
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif prompt and all(isinstance(item, int) for item in prompt):
+        prompts = [prompt]  # one pre-tokenized prompt
+    else:
+        prompts = list(prompt or [])
+    counts = [len(item) if isinstance(item, list) else len(str(item).split()) for item in prompts]
+    return counts, " ".join(" ".join(map(str, p)) if isinstance(p, list) else str(p) for p in prompts)
 
 
 class FakeEngine:
@@ -121,18 +133,16 @@ class FakeEngine:
         max_tokens = _field(request, "max_completion_tokens") or _field(request, "max_tokens") or self.reply_tokens
         length = LENGTH_MARKER.search(prompt_text)
         n_tokens = min(max_tokens, int(length.group(1)) if length else self.reply_tokens)
-        choices = _field(request, "n") or 1
+        n = _field(request, "n") or 1
+        prompt_total = sum(prompt_tokens)
+        choices = n * len(prompt_tokens)  # vLLM answers each prompt n times
         rid = _field(request, "request_id")
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
 
-        def usage(completion: int) -> dict[str, int]:
-            return {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion,
-            }
+        def usage(completion: int, prompt: int = prompt_total) -> dict[str, int]:
+            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
         if not _field(request, "stream"):
             await asyncio.sleep(self.token_delay_s * n_tokens)
@@ -157,7 +167,7 @@ class FakeEngine:
         continuous = bool(_field(options, "continuous_usage_stats"))
         include_usage = bool(_field(options, "include_usage"))
 
-        def chunk(choice_list: list[dict], produced: int | None) -> str:
+        def chunk(choice_list: list[dict], usage_info: dict[str, int] | None) -> str:
             body: dict[str, Any] = {
                 "id": response_id,
                 "object": f"{kind}.chunk" if chat else kind,
@@ -165,8 +175,8 @@ class FakeEngine:
                 "model": model_id,
                 "choices": choice_list,
             }
-            if produced is not None:
-                body["usage"] = usage(produced)
+            if usage_info is not None:
+                body["usage"] = usage_info
             return f"data: {json.dumps(body)}\n\n"
 
         self.active_streams += 1
@@ -183,10 +193,11 @@ class FakeEngine:
                         if chat
                         else {"index": c, "text": token, "finish_reason": "length" if last else None}
                     )
-                    batch.append(chunk([choice], (i + 1) * choices if continuous else None))
+                    # As vLLM: this choice's tokens so far, and its own prompt's tokens.
+                    batch.append(chunk([choice], usage(i + 1, prompt_tokens[c // n]) if continuous else None))
                 yield batch
             if include_usage:
-                yield [chunk([], n_tokens * choices)]
+                yield [chunk([], usage(n_tokens * choices))]
             yield ["data: [DONE]\n\n"]
             self.finished_streams += 1
         except (asyncio.CancelledError, GeneratorExit):

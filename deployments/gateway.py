@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,16 +30,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from . import auth
 from .caller_watch import CALLER_HEADER
 from .catalog import Catalog, Listing
-from .errors import APIError, BadRequest, EngineError, ModelNotFound, ServiceUnavailable
+from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable
 from .metering import Admission, Meter, Outcome, Settlement
 from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
-from .tokens import PromptCounter, prompt_count
+from .tokens import PromptCounter
+from .validation import engine_error, max_output_tokens, validate_request
 
 logger = logging.getLogger("tokenmart.gateway")
 BYTE_BOUND = PromptCounter()  # listings without a local tokenizer
-
-ALLOWED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-MAX_CHOICES = 16
 
 
 @dataclass
@@ -55,57 +54,70 @@ class Usage:
         return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
 
-def _engine_error(error: Any) -> APIError:
-    """Map an engine ErrorResponse (object or dict) onto the envelope, keeping 4xx as 4xx."""
-    if not isinstance(error, dict):
-        error = error.model_dump()
-    info = error.get("error", error)
-    status = int(info.get("code") or 500) if str(info.get("code", "")).isdigit() else 500
-    message = info.get("message") or "The model failed to process the request."
-    if 400 <= status < 500:
-        exc: APIError = BadRequest(message, param=info.get("param"))
-        exc.status_code = status
-        return exc
-    return EngineError(message)
+# What the engine raises for a request it cannot take (a template argument, a bad value); its
+# replica and the engine are fine. Anything else (a dead actor, a broken stream) is an outage.
+_REQUEST_ERRORS: tuple[type[BaseException], ...] = (TypeError, ValueError, OverflowError, UnicodeError)
+try:
+    from jinja2 import TemplateError
+
+    _REQUEST_ERRORS += (TemplateError,)
+except ImportError:  # pragma: no cover - jinja2 comes with the engine's tokenizers
+    pass
+_INTERNALS = re.compile(r"(File \"[^\"]*\"|/[\w./-]+\.py\b|Traceback \(most recent call last\)|ray::\S+)")
+MAX_ERROR_MESSAGE_CHARS = 300
 
 
-def validate_request(body: Any, listing: Listing, *, chat: bool) -> None:
-    """Marketplace rules checked before anything reaches an engine."""
-    if chat:
-        if not body.messages:
-            raise BadRequest("'messages' must contain at least one message.", param="messages")
-        for index, message in enumerate(body.messages):
-            role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
-            if role not in ALLOWED_ROLES:
-                raise BadRequest(
-                    f"Invalid value for 'messages[{index}].role': {role!r}. "
-                    f"Supported roles: {', '.join(sorted(ALLOWED_ROLES))}.",
-                    param=f"messages.{index}.role",
-                )
-    elif body.prompt is None or body.prompt == "" or body.prompt == []:
-        raise BadRequest("'prompt' must not be empty.", param="prompt")
-
-    n = body.n if body.n is not None else 1
-    if not 1 <= n <= MAX_CHOICES:
-        raise BadRequest(f"'n' must be between 1 and {MAX_CHOICES}.", param="n")
-
-    fields = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
-    for name in fields:
-        value = getattr(body, name, None)
-        if value is not None and not 1 <= value < listing.context_length:
-            raise BadRequest(
-                f"'{name}' must be between 1 and {listing.context_length - 1} for model {listing.id!r}.",
-                param=name,
-            )
-    if all(getattr(body, name, None) is None for name in fields):
-        # Every request gets a finite output budget, so what it can cost is bounded.
-        setattr(body, fields[-1], listing.default_max_tokens)
+def client_message(text: str) -> str:
+    """An engine's error text fit for a client: its first line, no exception names, paths or frames."""
+    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
+    line = re.sub(r"^(\w+\.)*\w*(Error|Exception)\w*:\s*", "", line)
+    line = re.sub(r"\s{2,}", " ", _INTERNALS.sub("", line)).strip(" :")
+    if len(line) > MAX_ERROR_MESSAGE_CHARS:
+        line = line[: MAX_ERROR_MESSAGE_CHARS - 3] + "..."
+    return line or "The model could not process the request."
 
 
-def max_output_tokens(body: Any, *, chat: bool) -> int:
-    """The most tokens the engine may generate: the budget, for each choice of each prompt."""
-    budget = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    return budget * (body.n or 1) * (1 if chat else prompt_count(body))
+def request_refusal(exc: BaseException) -> APIError | None:
+    """A 400 for an engine exception that describes the request; None for an outage."""
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps what the replica raised
+    if isinstance(exc, BackPressureError) or not isinstance(cause, _REQUEST_ERRORS):
+        return None
+    return BadRequest(f"The model could not process the request: {client_message(str(cause))}")
+
+
+class StreamTally:
+    """What a stream has produced so far, summed over every choice and every prompt.
+
+    With continuous usage stats, vLLM puts on each chunk the tokens of that chunk's choice
+    and of that choice's own prompt, not the request's totals; only the final usage chunk
+    sums them. A stream that ends early (client gone, engine dead) has no final chunk, so the
+    tally keeps the latest count of each choice (index `prompt * n + choice`) and of each
+    prompt, and bills their sums: with `n` > 1 or several prompts, the last chunk alone
+    covers one choice of one prompt.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = max(n, 1)
+        self._completion: dict[int, int] = {}
+        self._prompt: dict[int, int] = {}
+        self._final: Usage | None = None
+
+    def add(self, chunk: dict, usage: Any) -> None:
+        counted = Usage.from_openai(usage)
+        choices = chunk.get("choices")
+        if not choices:
+            self._final = counted  # the engine's own totals
+            return
+        index = int(choices[0].get("index") or 0)
+        self._completion[index] = max(self._completion.get(index, 0), counted.completion_tokens)
+        prompt = index // self.n
+        self._prompt[prompt] = max(self._prompt.get(prompt, 0), counted.prompt_tokens)
+
+    @property
+    def usage(self) -> Usage:
+        if self._final is not None:
+            return self._final
+        return Usage(sum(self._prompt.values()), sum(self._completion.values()))
 
 
 class Gateway:
@@ -214,11 +226,18 @@ class Gateway:
             cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
             if cancelled and responses is not None:
                 responses.cancel()
-            await self._settle(admission, Usage(), "aborted" if cancelled else "error")
+            refusal = None if cancelled or isinstance(exc, APIError) else request_refusal(exc)
+            outcome: Outcome = "aborted" if cancelled else "rejected" if refusal else "error"
+            await self._settle(admission, Usage(), outcome)
             if isinstance(exc, APIError):
                 exc.headers = {**headers, **exc.headers}
             if cancelled or isinstance(exc, APIError):
                 raise
+            if refusal is not None:
+                # The engine refused the request itself (a template argument, a value it cannot
+                # take): the client's mistake, so a 400 that SDKs do not retry, and no charge.
+                refusal.headers = {**headers, **refusal.headers}
+                raise refusal from None
             if isinstance(exc, BackPressureError):
                 raise ServiceUnavailable(
                     f"The model {listing.id!r} is at capacity right now; retry shortly.",
@@ -231,8 +250,9 @@ class Gateway:
 
         head = first[0] if isinstance(first, list) and first else first
         if isinstance(head, ErrorResponse) or (isinstance(head, dict) and "error" in head):
-            await self._settle(admission, Usage(), "error")
-            error = _engine_error(head)
+            error = engine_error(head)
+            await self._settle(admission, Usage(), "rejected" if error.status_code < 500 else "error")
+            error.message = client_message(error.message)
             error.headers = {**headers, **error.headers}
             raise error
 
@@ -248,7 +268,7 @@ class Gateway:
             self.metrics.first_token(listing.id, time.perf_counter() - started)
         begun = _Begun()
         return _SettledStreamingResponse(
-            self._stream(admission, first, responses, wants_usage, started, begun),
+            self._stream(admission, first, responses, wants_usage, started, begun, StreamTally(body.n or 1)),
             begun,
             lambda: self._abandon(admission, responses, started),
             media_type="text/event-stream",
@@ -270,10 +290,16 @@ class Gateway:
             )
 
     async def _stream(
-        self, admission: Admission, first: Any, responses: Any, wants_usage: bool, started: float, begun: _Begun
+        self,
+        admission: Admission,
+        first: Any,
+        responses: Any,
+        wants_usage: bool,
+        started: float,
+        begun: _Begun,
+        tally: StreamTally,
     ) -> AsyncIterator[str]:
         begun.started = True  # from here on, this generator settles however it ends
-        usage = Usage()
         usage_chunk: dict | None = None
         outcome: Outcome = "aborted"
         ended = (CLIENT_CLOSED, "client_closed")  # the status and code the metrics record
@@ -286,13 +312,13 @@ class Gateway:
                         chunk = json.loads(event)
                         if "error" in chunk:
                             outcome = "error"
-                            yield _sse(_engine_error(chunk).body())
+                            yield _sse(engine_error(chunk).body())
                         elif chunk.get("choices"):
                             if chunk.get("usage"):
-                                usage = Usage.from_openai(chunk.pop("usage"))
+                                tally.add(chunk, chunk.pop("usage"))
                             yield _sse(chunk)
                         elif chunk.get("usage"):
-                            usage = Usage.from_openai(chunk["usage"])
+                            tally.add(chunk, chunk["usage"])
                             usage_chunk = chunk
                 try:
                     batch = await anext(responses)
@@ -315,7 +341,7 @@ class Gateway:
                 ended = (500, "engine_error")
             elif not engine_failed:
                 outcome, ended = "completed", (200, None)
-            settlement = await self._settle(admission, usage, outcome)
+            settlement = await self._settle(admission, tally.usage, outcome)
             settled = True
             if usage_chunk is not None and wants_usage:
                 usage_chunk["usage"]["cost"] = settlement.cost_usd
@@ -325,7 +351,7 @@ class Gateway:
             if not settled:
                 # Client went away (or we failed): stop the engine and bill what was produced.
                 responses.cancel()
-                await self._settle(admission, usage, outcome)
+                await self._settle(admission, tally.usage, outcome)
             if self.metrics is not None:
                 self.metrics.request_done(
                     admission.listing.id,
@@ -346,6 +372,8 @@ class Gateway:
             settlement = await self.meter.settle(admission, usage.prompt_tokens, usage.completion_tokens, outcome)
         if self.metrics is not None:
             self.metrics.in_flight(admission.listing.id, -1)  # each admission settles once
+        if self.metrics is not None and settlement.uncharged_micros:
+            self.metrics.hold_exceeded(admission.listing.id)
         if self.metrics is not None and not settlement.duplicate:
             self.metrics.billed(
                 admission.listing.id,

@@ -38,6 +38,7 @@ from .catalog import Listing
 from .errors import (
     APIError,
     AuthenticationFailed,
+    BadRequest,
     BillingUnavailable,
     InsufficientCredit,
     PermissionDenied,
@@ -51,10 +52,12 @@ logger = logging.getLogger("tokenmart.metering")
 
 LUA_DIR = Path(__file__).parent / "lua"
 SETTLED_MARKER_TTL_S = 7 * 24 * 3600
-Outcome = Literal["completed", "aborted", "error"]
+# rejected: the engine refused the request as invalid before doing any work; it is released
+# like any other admission but is not a request in the usage counters or the ledger.
+Outcome = Literal["completed", "aborted", "error", "rejected"]
 _METRICS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
 # Operator defaults for keys that set no limits of their own (AppArgs.default_limits).
-DEFAULT_LIMITS = Limits(rpm=600, tpm=1_000_000, max_concurrency=64)
+DEFAULT_LIMITS = Limits(rpm=600, tpm=1_000_000, max_concurrency=64, max_tokens_per_request=131_072)
 
 
 # Unsettled admissions expire after this long, so a crashed ingress cannot hold a slot forever.
@@ -72,6 +75,7 @@ class RateLimitState:
     tpm_remaining: int
     tpm_reset_ms: int
     max_concurrency: int = 0
+    max_tokens_per_request: int = 0
 
     def headers(self) -> dict[str, str]:
         return {
@@ -127,10 +131,12 @@ class Admission:
 class Settlement:
     prompt_tokens: int
     completion_tokens: int
-    cost_micros: int
+    cost_micros: int  # what was charged: the tokens' cost, capped at the hold
     balance_micros: int | None  # None when the settlement was spooled (balance unknown)
     duplicate: bool = False
     spooled: bool = False
+    # The tokens' cost beyond what could be charged (a `hold_exceeded` ledger event); 0 normally.
+    uncharged_micros: int = 0
 
     @property
     def cost_usd(self) -> float:
@@ -148,12 +154,20 @@ _AUTH_REFUSALS = {
 }
 
 
-def _refusal(verdict: int, retry_ms: int, limits: RateLimitState, tokens: int, hold: int, model: str) -> APIError:
+def _refusal(
+    verdict: int, retry_ms: int, limits: RateLimitState, tokens: int, hold: int, model: str, output_tokens: int
+) -> APIError:
     if verdict in _AUTH_REFUSALS:
         message, code = _AUTH_REFUSALS[verdict]
         return AuthenticationFailed(message, code=code)
     if verdict == 9:
         return PermissionDenied(f"This API key may not use the model {model!r}.", param="model")
+    if verdict == 10:
+        return BadRequest(
+            f"This request may generate up to {output_tokens} tokens (prompts x n x max_tokens), more than this "
+            f"key's limit of {retry_ms} tokens per request. Lower max_tokens or n, or send fewer prompts.",
+            param="max_tokens",
+        )
     headers = limits.headers()
     if verdict == 5:
         return InsufficientCredit(
@@ -189,19 +203,21 @@ class Meter:
         self._admit = redis.register_script((LUA_DIR / "admit.lua").read_text())
         self._settle = redis.register_script((LUA_DIR / "settle.lua").read_text())
 
-    def effective_limits(self, own: Limits) -> tuple[int, int, int]:
-        """(rpm, tpm, max_concurrency): the key's own limits, else the operator's defaults."""
-        default = self.defaults
+    def effective_limits(self, own: Limits) -> tuple[int, int, int, int]:
+        """(rpm, tpm, max_concurrency, max_tokens_per_request): the key's own limits, else the
+        operator's defaults, else the built-in ones."""
+        default, builtin = self.defaults, DEFAULT_LIMITS
         return (
-            own.rpm or default.rpm or 0,
-            own.tpm or default.tpm or 0,
-            own.max_concurrency or default.max_concurrency or 0,
+            own.rpm or default.rpm or builtin.rpm or 0,
+            own.tpm or default.tpm or builtin.tpm or 0,
+            own.max_concurrency or default.max_concurrency or builtin.max_concurrency or 0,
+            own.max_tokens_per_request or default.max_tokens_per_request or builtin.max_tokens_per_request or 0,
         )
 
     def default_state(self) -> RateLimitState:
         """What the headers say when no key is known: the operator's defaults, untouched."""
-        rpm, tpm, max_concurrency = self.effective_limits(Limits())
-        return RateLimitState(rpm, rpm, 0, tpm, tpm, 0, max_concurrency)
+        rpm, tpm, max_concurrency, max_per_request = self.effective_limits(Limits())
+        return RateLimitState(rpm, rpm, 0, tpm, tpm, 0, max_concurrency, max_per_request)
 
     async def admit(
         self,
@@ -222,9 +238,9 @@ class Meter:
         hold = listing.cost_micros(prompt_tokens, max_output_tokens)
         billing_id = new_billing_id()
         keys = [account_key(key_id, name) for name in ("key", "buckets", "inflight", "holds")]
-        rpm, tpm, max_concurrency = self.effective_limits(Limits())
+        rpm, tpm, max_concurrency, max_per_request = self.effective_limits(Limits())
         args = [billing_id, key_hash, listing.id, rpm, tpm, max_concurrency, tokens, hold, LEASE_MS]
-        args.append("" if now_ms is None else now_ms)
+        args += ["" if now_ms is None else now_ms, max_per_request, max_output_tokens]
         try:
             verdict, retry_ms, *state = await self._admit(keys=keys, args=args)
         except RedisError as exc:
@@ -234,7 +250,7 @@ class Meter:
             ) from exc
         limits = RateLimitState(*(int(v) for v in state))
         if verdict != 0:
-            raise _refusal(int(verdict), int(retry_ms), limits, tokens, hold, listing.id)
+            raise _refusal(int(verdict), int(retry_ms), limits, tokens, hold, listing.id, max_output_tokens)
         return Admission(billing_id, key_id, listing, hold, tokens, limits)
 
     async def current_state(self, key_id: str) -> RateLimitState:
@@ -245,14 +261,14 @@ class Meter:
         pipe.time()
         raw_limits, (req_level, req_ts, tok_level, tok_ts), (seconds, micros) = await pipe.execute()
         own = Limits.model_validate_json(raw_limits) if raw_limits else Limits()
-        rpm, tpm, max_concurrency = self.effective_limits(own)
+        rpm, tpm, max_concurrency, max_per_request = self.effective_limits(own)
         now_ms = seconds * 1000 + micros // 1000
         req = bucket_level(rpm, req_level, req_ts, now_ms)
         tok = bucket_level(tpm, tok_level, tok_ts, now_ms)
         return RateLimitState(
             rpm, req // SCALE, _ceil_div(rpm * SCALE - req, rpm),
             tpm, tok // SCALE, _ceil_div(tpm * SCALE - tok, tpm),
-            max_concurrency,
+            max_concurrency, max_per_request,
         )  # fmt: skip
 
     async def settle(
@@ -282,12 +298,23 @@ class Meter:
             max(admission.reserved_tokens - prompt_tokens - completion_tokens, 0),
         ]
         try:
-            settled, balance = await self._settle(keys=keys, args=args)
+            settled, balance, charged = await self._settle(keys=keys, args=args)
         except RedisError as exc:
             self.spool.append(keys, args)
             logger.warning("Redis unavailable at settlement of %s (%s); spooled for replay", admission.billing_id, exc)
             return Settlement(prompt_tokens, completion_tokens, cost, balance_micros=None, spooled=True)
-        return Settlement(prompt_tokens, completion_tokens, cost, int(balance), duplicate=not settled)
+        if not settled:
+            return Settlement(prompt_tokens, completion_tokens, cost, int(balance), duplicate=True)
+        if int(charged) < cost:
+            logger.error(
+                "settlement of %s cost %d micro-USD, more than its hold; charged %d (hold_exceeded in the ledger)",
+                admission.billing_id,
+                cost,
+                int(charged),
+            )
+        return Settlement(
+            prompt_tokens, completion_tokens, int(charged), int(balance), uncharged_micros=cost - int(charged)
+        )
 
     async def replay_forever(self, interval_s: float = 2.0) -> None:
         """Background task of each ingress replica: drain the spool whenever Redis answers."""

@@ -58,6 +58,13 @@ SPECS = {
         ),
         MetricSpec("tokenmart_spend_usd", "counter", ("model", "key_id"), "USD charged to keys, by listing."),
         MetricSpec(
+            "tokenmart_hold_exceeded",
+            "counter",
+            ("model",),
+            "Requests that cost more than admission held for them (the charge was capped at the hold "
+            "and a hold_exceeded ledger event written; reconcile reports each). Should stay 0.",
+        ),
+        MetricSpec(
             "tokenmart_in_flight_requests",
             "gauge",
             ("model",),
@@ -103,6 +110,7 @@ class MarketplaceMetrics:
         self._prompt_tokens = make("tokenmart_prompt_tokens")
         self._completion_tokens = make("tokenmart_completion_tokens")
         self._spend = make("tokenmart_spend_usd")
+        self._hold_exceeded = make("tokenmart_hold_exceeded")
         self._in_flight = make("tokenmart_in_flight_requests")
         self._latency = make("tokenmart_request_latency_seconds", boundaries=LATENCY_BOUNDARIES_S)
         self._ttft = make("tokenmart_time_to_first_token_seconds", boundaries=TTFT_BOUNDARIES_S)
@@ -160,6 +168,9 @@ class MarketplaceMetrics:
             self._inc(self._completion_tokens, completion_tokens, tags)
         if cost_usd:
             self._inc(self._spend, cost_usd, tags)
+
+    def hold_exceeded(self, model: str) -> None:
+        self._inc(self._hold_exceeded, 1, {"model": model})
 
     def in_flight(self, model: str, delta: int) -> None:
         self._in_flight_counts[model] = self._in_flight_counts.get(model, 0) + delta

@@ -7,6 +7,9 @@ so settlements cannot land between the reads, this checks:
   ledger_vs_spent        spent_micros equals the ledger's total cost
   credit_balance         balance + hold + spent equals every credit ever granted
   holds                  hold_micros equals the sum of the in-flight requests' holds
+  hold_exceeded          no request cost more than it held: each `hold_exceeded` ledger event
+                         (the charge was capped so the balance stays >= 0) is reported, with
+                         the cost it had (expected) and what was charged (actual)
 """
 
 from __future__ import annotations
@@ -22,10 +25,18 @@ from .schemas import Discrepancy, KeyReconciliation, ReconciliationReport, micro
 _METRICS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
 
 
+HOLD_EXCEEDED = "hold_exceeded"
+
+
+def usage_events(events: list[tuple[str, dict[str, str]]]) -> list[tuple[str, dict[str, str]]]:
+    """The ledger's settlements (one per request), without the operator notices beside them."""
+    return [(entry_id, event) for entry_id, event in events if "event" not in event]
+
+
 def ledger_totals(events: list[tuple[str, dict[str, str]]]) -> Counter[str]:
     """The counters the ledger implies: "<day>|<model>|<metric>" -> total."""
     totals: Counter[str] = Counter()
-    for _, event in events:
+    for _, event in usage_events(events):
         group = f"{event['day']}|{event['model']}|"
         totals[group + "requests"] += 1
         for metric in _METRICS[1:]:
@@ -50,15 +61,24 @@ def reconcile_key(
 
     balance, hold = int(record.get("balance_micros") or 0), int(record.get("hold_micros") or 0)
     spent, credited = int(record.get("spent_micros") or 0), int(record.get("credited_micros") or 0)
-    ledger_cost = sum(int(event["cost_micros"]) for _, event in events)
+    settlements = usage_events(events)
+    ledger_cost = sum(int(event["cost_micros"]) for _, event in settlements)
     check("ledger_vs_spent", "spent_micros", ledger_cost, spent)
     check("credit_balance", "balance_micros + hold_micros + spent_micros", credited, balance + hold + spent)
     check("holds", "hold_micros", sum(int(v) for v in holds.values()), hold)
+    for _, event in events:
+        if event.get("event") == HOLD_EXCEEDED:
+            check(
+                HOLD_EXCEEDED,
+                f"request {event['request_id']} ({event['model']})",
+                int(event["cost_micros"]),
+                int(event["charged_micros"]),
+            )
 
     summary = KeyReconciliation(
         key_id=key_id,
         name=record.get("name", ""),
-        events=len(events),
+        events=len(settlements),
         ledger_cost_usd=micros_to_usd(ledger_cost),
         counters_cost_usd=micros_to_usd(sum(v for k, v in stored.items() if k.endswith("|cost_micros"))),
         spent_usd=micros_to_usd(spent),

@@ -12,13 +12,15 @@
 -- KEYS[3] {acct:ID}:inflight   admitted, unsettled requests (zset: billing id -> lease expiry ms)
 -- KEYS[4] {acct:ID}:holds      the credit each of those holds (hash: billing id -> micro-USD)
 -- ARGV: billing_id, key_hash, model, default_rpm, default_tpm, default_max_concurrency,
---       tokens, hold_micros, lease_ms, now_ms ('' = Redis TIME)
+--       tokens, hold_micros, lease_ms, now_ms ('' = Redis TIME),
+--       default_max_tokens_per_request, output_tokens (prompts x n x max output)
 --
 -- Returns {verdict, retry_after_ms, rpm, rpm_remaining, rpm_reset_ms,
 --          tpm, tpm_remaining, tpm_reset_ms, max_concurrency}
 -- verdict: 0 admitted, 1 requests/min, 2 tokens/min, 3 larger than the whole TPM,
 --          4 concurrency, 5 insufficient credit, 6 unknown key, 7 revoked, 8 expired,
---          9 model not allowed for this key
+--          9 model not allowed for this key, 10 the request asks for more output than the
+--          key's max_tokens_per_request (retry_after_ms then carries that limit)
 
 local billing_id, key_hash, model = ARGV[1], ARGV[2], ARGV[3]
 local tokens, hold, lease_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -51,6 +53,8 @@ local function limit(name, default)
   return tonumber(default)
 end
 local rpm, tpm, max_conc = limit('rpm', ARGV[4]), limit('tpm', ARGV[5]), limit('max_concurrency', ARGV[6])
+local max_per_request = limit('max_tokens_per_request', ARGV[11])
+if tonumber(ARGV[12]) > max_per_request then return {10, max_per_request, 0, 0, 0, 0, 0, 0, 0} end
 
 local SCALE = 60000
 local state = redis.call('HMGET', KEYS[2], 'req_level', 'req_ts', 'tok_level', 'tok_ts')

@@ -9,9 +9,10 @@ import pytest
 from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
 from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 
-from tokenmart.deployments.gateway import max_output_tokens
+from tokenmart.deployments.validation import max_output_tokens
 from tokenmart.deployments.tokens import (
     INLINE_TOKENIZE_CHARS,
+    MERGE_SLACK_TOKENS,
     TEMPLATE_TOKENS_FIXED,
     TEMPLATE_TOKENS_PER_MESSAGE,
     PromptCounter,
@@ -28,9 +29,12 @@ class WordTokenizer:
     def __init__(self) -> None:
         self.encoded: list[tuple[str, bool]] = []
 
-    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool, tokenize: bool):
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], *, add_generation_prompt: bool, tokenize: bool, **template_kwargs: Any
+    ):
         assert tokenize is False and add_generation_prompt is True
-        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
+        tools = " ".join(f"<tool> {t['function']['name']}" for t in template_kwargs.get("tools") or [])
+        return tools + " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         self.encoded.append((text, add_special_tokens))
@@ -49,8 +53,17 @@ def completion(prompt: Any, **fields: Any) -> CompletionRequest:
 def test_without_a_tokenizer_chat_is_bounded_by_bytes_plus_the_template_allowance() -> None:
     body = chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}])
     counted = PromptCounter().count(body, chat=True)
-    text_bytes = len("system") + len("be brief") + len("user") + len("héllo".encode())
-    assert counted == text_bytes + 2 * TEMPLATE_TOKENS_PER_MESSAGE + TEMPLATE_TOKENS_FIXED
+    text_bytes = len("be brief") + len("héllo".encode())
+    assert counted == text_bytes + 2 * (TEMPLATE_TOKENS_PER_MESSAGE + MERGE_SLACK_TOKENS) + TEMPLATE_TOKENS_FIXED
+
+
+def test_without_a_tokenizer_images_count_their_maximum_not_their_url() -> None:
+    url = {"url": "https://example.com/a.png"}
+    body = chat(
+        [{"role": "user", "content": [{"type": "text", "text": "what"}, {"type": "image_url", "image_url": url}]}]
+    )
+    counted = PromptCounter(tokens_per_image=576).count(body, chat=True)
+    assert counted == 576 + len("what") + 3 * (TEMPLATE_TOKENS_PER_MESSAGE + MERGE_SLACK_TOKENS) + TEMPLATE_TOKENS_FIXED
 
 
 def test_without_a_tokenizer_completions_count_bytes_and_token_ids() -> None:
@@ -79,7 +92,6 @@ def test_completions_with_a_tokenizer_encode_each_prompt_with_special_tokens() -
     "body",
     [
         chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-        chat(chat_template="{{ messages }}"),
         chat(chat_template_kwargs={"enable_thinking": True}),
         chat([{"role": "user", "content": [{"type": "text", "text": "parts"}]}]),
         chat([{"role": "user", "content": "hi", "name": "alice"}]),
@@ -89,12 +101,26 @@ def test_completions_with_a_tokenizer_encode_each_prompt_with_special_tokens() -
             add_generation_prompt=False,
         ),
     ],
-    ids=["tools", "chat_template", "chat_template_kwargs", "content_parts", "name", "continue_final_message"],
+    ids=["tools", "chat_template_kwargs", "content_parts", "name", "continue_final_message"],
 )
-def test_requests_the_tokenizer_path_cannot_reproduce_fall_back_to_the_byte_bound(body: Any) -> None:
-    tokenizer = WordTokenizer()
-    assert PromptCounter(tokenizer).count(body, chat=True) == byte_bound(body, chat=True)
-    assert tokenizer.encoded == []
+def test_requests_the_exact_path_cannot_reproduce_get_the_measured_template_plus_their_bytes(body: Any) -> None:
+    counter = PromptCounter(WordTokenizer())
+    fixed, per_message = counter.template_overhead(
+        [t.model_dump() for t in body.tools] if body.tools else None, None, body.chat_template_kwargs
+    )
+    # WordTokenizer: "<user>  <assistant>" is 2 tokens; one more empty message adds 1 (its role marker),
+    # which is below the floor of TEMPLATE_TOKENS_PER_MESSAGE.
+    assert (fixed, per_message) == (2 if body.tools is None else fixed, TEMPLATE_TOKENS_PER_MESSAGE)
+    content = sum(
+        len(part["text"]) if isinstance(part, dict) else len(part.encode())
+        for message in body.messages
+        for name, value in message.items()
+        if name != "role" and value
+        for part in (value if isinstance(value, list) else [value])
+    )
+    parts = sum(len(m["content"]) for m in body.messages if isinstance(m.get("content"), list))
+    expected = fixed + content + len(body.messages) * (per_message + MERGE_SLACK_TOKENS) + parts * MERGE_SLACK_TOKENS
+    assert counter.count(body, chat=True) == expected
 
 
 def test_a_tokenizer_without_a_chat_template_bounds_chat_but_counts_completions() -> None:

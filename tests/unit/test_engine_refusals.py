@@ -1,0 +1,52 @@
+"""Engine exceptions: the ones that describe the request are 400s without internals; the rest are outages."""
+
+from __future__ import annotations
+
+import pytest
+from ray.exceptions import ActorDiedError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+
+from tokenmart.deployments.gateway import client_message, request_refusal
+
+
+def through_ray(cause: Exception) -> BaseException:
+    """What the ingress catches when an engine replica's call raised `cause`."""
+    traceback = 'Traceback (most recent call last):\n  File "/x/vllm/renderers/hf.py", line 3, in f\n'
+    return RayTaskError("chat", traceback + repr(cause), cause).as_instanceof_cause()
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        TypeError(
+            "PreTrainedTokenizerBase.apply_chat_template() got multiple values for keyword argument 'conversation'"
+        ),
+        ValueError("Found unexpected chat template kwargs from request: {'tokenize'}"),
+        UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
+    ],
+    ids=["type_error", "value_error", "unicode"],
+)
+def test_engine_errors_that_describe_the_request_are_400s(cause: Exception) -> None:
+    refusal = request_refusal(through_ray(cause))
+    assert refusal is not None
+    assert (refusal.status_code, refusal.code, refusal.type) == (400, "invalid_value", "invalid_request_error")
+    assert refusal.message.startswith("The model could not process the request: ")
+    for internal in ("Traceback", "File ", ".py", "TypeError", "ValueError", "ray::"):
+        assert internal not in refusal.message
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ActorDiedError(), BackPressureError(num_queued_requests=3, max_queued_requests=2), RuntimeError("engine dead")],
+    ids=["dead_actor", "backpressure", "runtime"],
+)
+def test_outages_are_not_client_mistakes(error: BaseException) -> None:
+    assert request_refusal(error) is None
+
+
+def test_client_messages_keep_the_first_line_without_exception_names_or_paths() -> None:
+    text = 'ValueError: max_tokens is too large\nTraceback (most recent call last):\n  File "/a/b.py", line 1'
+    assert client_message(text) == "max_tokens is too large"
+    assert client_message("see /opt/venv/lib/vllm/x.py for details") == "see for details"
+    assert len(client_message("x" * 1000)) == 300
+    assert client_message("") == "The model could not process the request."

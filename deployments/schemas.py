@@ -7,15 +7,37 @@ micro-USD everywhere else.
 
 from __future__ import annotations
 
+import math
+import re
+import time
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
+from pydantic_core import PydanticCustomError
 
 from .catalog import MICROS_PER_USD
 
 KeyStatus = Literal["active", "revoked"]
+
+# Upper bounds of the per-key limits. The admission script keeps its token buckets as Lua
+# doubles scaled by 60,000 per request or token (metering.SCALE), so limit x 60,000 must stay
+# an exact integer, below 2^53; these bounds keep it below 2^46, and keep the x-ratelimit
+# headers ordinary integers.
+MAX_RPM = 1_000_000
+MAX_TPM = 1_000_000_000
+MAX_CONCURRENCY = 10_000
+MAX_TOKENS_PER_REQUEST = 100_000_000
+# Epoch values at or above this are refused as milliseconds (in seconds it is the year 5138).
+EPOCH_SECONDS_BELOW = 100_000_000_000
+MAX_USD = 1_000_000
+
+# Strict: a JSON string or boolean is refused (400 naming the field), never coerced.
+Rpm = Annotated[StrictInt, Field(ge=1, le=MAX_RPM)]
+Tpm = Annotated[StrictInt, Field(ge=1, le=MAX_TPM)]
+Concurrency = Annotated[StrictInt, Field(ge=1, le=MAX_CONCURRENCY)]
+TokensPerRequest = Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_PER_REQUEST)]
 
 
 def usd_to_micros(value: Decimal) -> int:
@@ -29,14 +51,83 @@ def micros_to_usd(micros: int) -> float:
     return round(micros / MICROS_PER_USD, 6)
 
 
+def _json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages a client can act on."""
+    kinds = {bool: "boolean", str: "string", list: "array", dict: "object", float: "number", int: "integer"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _usd_number(value: Any) -> Any:
+    """Money arrives as a JSON number; a string ("5", "1_000") or a boolean is a client mistake.
+
+    A float is read through its shortest repr, so 0.1 is exactly 0.1 and 1e-07 is refused for
+    its seventh decimal rather than rounded. Python callers may pass a Decimal.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        kind = {"kind": _json_kind(value)}
+        raise PydanticCustomError("usd_number", "Input should be a JSON number of US dollars, not a {kind}", kind)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PydanticCustomError("usd_number", "Input should be a finite number of US dollars")
+        return Decimal(repr(value))
+    return value
+
+
+def _six_decimals(value: Decimal) -> Decimal:
+    usd_to_micros(value)
+    return value
+
+
+Usd = Annotated[Decimal, BeforeValidator(_usd_number), AfterValidator(_six_decimals)]
+
+_EXPIRY_FORMS = "Input should be an ISO-8601 date-time or an integer of epoch seconds"
+_NUMERIC_TEXT = re.compile(r"\s*[-+]?\d+(\.\d*)?([eE][-+]?\d+)?\s*")
+
+
+def _expiry(value: Any) -> Any:
+    """ISO-8601 text (UTC when it has no zone) or integer epoch seconds; nothing ambiguous.
+
+    pydantic would also take floats, numeric strings and booleans, and reads large numbers as
+    milliseconds; a key's expiry must not depend on such guesses.
+    """
+    if value is None or isinstance(value, datetime):
+        return value
+    if isinstance(value, (bool, float)):
+        kind = {"kind": _json_kind(value)}
+        raise PydanticCustomError("expiry_type", f"{_EXPIRY_FORMS}, not a {{kind}}", kind)
+    if isinstance(value, int):
+        if value < 0:
+            raise PydanticCustomError("expiry_range", "Epoch seconds must not be negative")
+        if value >= EPOCH_SECONDS_BELOW:
+            raise PydanticCustomError(
+                "expiry_milliseconds",
+                "{value} looks like milliseconds; give epoch seconds (or an ISO-8601 date-time)",
+                {"value": value},
+            )
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    if isinstance(value, str) and _NUMERIC_TEXT.fullmatch(value):
+        raise PydanticCustomError("expiry_type", f"{_EXPIRY_FORMS}, not a numeric string")
+    return value  # text: parsed as an ISO-8601 date-time by pydantic
+
+
+Expiry = Annotated[datetime, BeforeValidator(_expiry)]
+
+
 class Limits(BaseModel):
     """Per-key limits; None means the operator's default applies."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=1)
+    rpm: Rpm | None = Field(default=None, description=f"Requests per minute (1 to {MAX_RPM:,}).")
+    tpm: Tpm | None = Field(default=None, description=f"Tokens per minute, prompt plus max output (1 to {MAX_TPM:,}).")
+    max_concurrency: Concurrency | None = Field(
+        default=None, description=f"Requests in flight at once (1 to {MAX_CONCURRENCY:,})."
+    )
+    max_tokens_per_request: TokensPerRequest | None = Field(
+        default=None,
+        description=f"The most output one request may ask for: prompts x n x max output tokens "
+        f"(1 to {MAX_TOKENS_PER_REQUEST:,}).",
+    )
 
 
 class KeyRecord(BaseModel):
@@ -111,32 +202,62 @@ class _AdminBody(BaseModel):
 
 class CreateKeyRequest(_AdminBody):
     name: str = Field(min_length=1, max_length=100)
-    credit_usd: Decimal = Field(default=Decimal(0), ge=0, le=1_000_000)
+    credit_usd: Usd = Field(default=Decimal(0), ge=0, le=MAX_USD)
     models: list[str] | None = Field(default=None, min_length=1)
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=1)
-    expires_at: datetime | None = None
+    rpm: Rpm | None = None
+    tpm: Tpm | None = None
+    max_concurrency: Concurrency | None = None
+    max_tokens_per_request: TokensPerRequest | None = None
+    expires_at: Expiry | None = None
 
-    @field_validator("credit_usd")
+    @field_validator("expires_at")
     @classmethod
-    def _six_decimals(cls, value: Decimal) -> Decimal:
-        usd_to_micros(value)
+    def _not_expired(cls, value: datetime | None) -> datetime | None:
+        # A key that is dead on arrival is always a mistake (a past date, a wrong zone).
+        if value is not None and _epoch(value) <= time.time():  # type: ignore[operator]
+            raise PydanticCustomError("expired", "the key would be created already expired; give a future time")
         return value
 
     @property
     def expires_at_epoch(self) -> int | None:
         return _epoch(self.expires_at)
 
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            rpm=self.rpm,
+            tpm=self.tpm,
+            max_concurrency=self.max_concurrency,
+            max_tokens_per_request=self.max_tokens_per_request,
+        )
+
 
 class UpdateKeyRequest(_AdminBody):
+    """A PATCH: only the fields sent change.
+
+    null resets a limit to the operator's default, `models: null` allows every listing and
+    `expires_at: null` removes the expiry; a key's name and status always have a value, so
+    null is refused for them rather than stored.
+    """
+
     name: str | None = Field(default=None, min_length=1, max_length=100)
     models: list[str] | None = Field(default=None, min_length=1)
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=1)
+    rpm: Rpm | None = None
+    tpm: Tpm | None = None
+    max_concurrency: Concurrency | None = None
+    max_tokens_per_request: TokensPerRequest | None = None
     status: KeyStatus | None = None
-    expires_at: datetime | None = None
+    expires_at: Expiry | None = None
+
+    @field_validator("name", "status", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        # Field validators run only for fields that were sent, so this refuses an explicit null.
+        if value is None:
+            raise PydanticCustomError(
+                "not_null", "null is not a value here; leave the field out to keep the current value"
+            )
+        return value
 
     @property
     def expires_at_epoch(self) -> int | None:
@@ -144,13 +265,7 @@ class UpdateKeyRequest(_AdminBody):
 
 
 class CreditRequest(_AdminBody):
-    amount_usd: Decimal = Field(gt=0, le=1_000_000)
-
-    @field_validator("amount_usd")
-    @classmethod
-    def _six_decimals(cls, value: Decimal) -> Decimal:
-        usd_to_micros(value)
-        return value
+    amount_usd: Usd = Field(gt=0, le=MAX_USD)
 
 
 class UsageRow(BaseModel):
@@ -179,7 +294,7 @@ class Discrepancy(BaseModel):
     """One figure that disagrees between the ledger, the counters and the key's balances."""
 
     key_id: str
-    check: Literal["ledger_vs_counters", "ledger_vs_spent", "credit_balance", "holds"]
+    check: Literal["ledger_vs_counters", "ledger_vs_spent", "credit_balance", "holds", "hold_exceeded"]
     field: str
     expected: int
     actual: int

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from tokenmart.deployments.metering import SCALE
 from tokenmart.deployments.schemas import (
+    MAX_CONCURRENCY,
+    MAX_RPM,
+    MAX_TOKENS_PER_REQUEST,
+    MAX_TPM,
     CreatedKey,
     CreateKeyRequest,
     CreditRequest,
@@ -88,9 +95,10 @@ def test_create_key_request_rejects_negative_credit():
     assert info.value.errors()[0]["loc"] == ("credit_usd",)
 
 
-def test_create_key_request_rejects_credit_with_seven_decimals():
+@pytest.mark.parametrize("credit", [0.0000001, Decimal("0.0000001"), 1.0000005])
+def test_create_key_request_rejects_credit_with_seven_decimals(credit: float | Decimal):
     with pytest.raises(ValidationError, match="6 decimal places"):
-        CreateKeyRequest.model_validate({"name": "alice", "credit_usd": "0.0000001"})
+        CreateKeyRequest.model_validate({"name": "alice", "credit_usd": credit})
 
 
 @pytest.mark.parametrize("field", ["rpm", "tpm", "max_concurrency"])
@@ -157,8 +165,146 @@ def test_credit_request_must_be_positive(amount: int):
 
 def test_credit_request_rejects_seven_decimals_and_keeps_six():
     with pytest.raises(ValidationError, match="6 decimal places"):
-        CreditRequest.model_validate({"amount_usd": "1.0000001"})
-    assert usd_to_micros(CreditRequest.model_validate({"amount_usd": "1.000001"}).amount_usd) == 1_000_001
+        CreditRequest.model_validate({"amount_usd": 1.0000001})
+    assert usd_to_micros(CreditRequest.model_validate({"amount_usd": 1.000001}).amount_usd) == 1_000_001
+
+
+# -- strict admin bodies: numbers are numbers, limits are bounded, expiry is unambiguous -------------
+
+LIMIT_BOUNDS = {
+    "rpm": MAX_RPM,
+    "tpm": MAX_TPM,
+    "max_concurrency": MAX_CONCURRENCY,
+    "max_tokens_per_request": MAX_TOKENS_PER_REQUEST,
+}
+
+
+def _refusal(model: type, body: dict[str, Any]) -> dict[str, Any]:
+    """The one error a body gets (the first, which is what the API reports)."""
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(body)
+    return info.value.errors()[0]
+
+
+@pytest.mark.parametrize("model", [CreateKeyRequest, UpdateKeyRequest])
+@pytest.mark.parametrize("field", list(LIMIT_BOUNDS))
+@pytest.mark.parametrize("value", ["5", True, False, 5.0, 5.5, [5], {"n": 5}])
+def test_limits_must_be_json_integers_not_strings_booleans_or_floats(model: type, field: str, value: Any):
+    body = {"name": "a", field: value} if model is CreateKeyRequest else {field: value}
+    error = _refusal(model, body)
+    assert error["loc"] == (field,)
+    assert error["type"] == "int_type"
+
+
+@pytest.mark.parametrize("model", [CreateKeyRequest, UpdateKeyRequest])
+@pytest.mark.parametrize(("field", "bound"), list(LIMIT_BOUNDS.items()))
+def test_limits_have_upper_bounds(model: type, field: str, bound: int):
+    base = {"name": "a"} if model is CreateKeyRequest else {}
+    for too_big in (bound + 1, 10**30, 10**400):
+        error = _refusal(model, {**base, field: too_big})
+        assert error["loc"] == (field,)
+        assert error["type"] == "less_than_equal"
+    assert getattr(model.model_validate({**base, field: bound}), field) == bound
+
+
+@pytest.mark.parametrize(("field", "bound"), list(LIMIT_BOUNDS.items()))
+def test_limits_bounds_hold_for_stored_records_and_operator_defaults(field: str, bound: int):
+    assert Limits.model_validate({field: bound}).model_dump()[field] == bound
+    with pytest.raises(ValidationError):
+        Limits.model_validate({field: bound + 1})
+    with pytest.raises(ValidationError):
+        Limits.model_validate_json(json.dumps({field: "5"}))
+
+
+def test_rate_limit_bounds_stay_exact_in_the_admission_scripts_doubles():
+    """admit.lua keeps bucket levels as doubles scaled by SCALE; every level must be an exact integer."""
+    assert SCALE == 60_000
+    for bound in (MAX_RPM, MAX_TPM):
+        assert bound * SCALE < 2**53
+        assert float(bound * SCALE) == bound * SCALE
+    # The README states these figures.
+    assert (MAX_RPM, MAX_TPM, MAX_CONCURRENCY, MAX_TOKENS_PER_REQUEST) == (10**6, 10**9, 10**4, 10**8)
+
+
+def test_create_key_request_takes_max_tokens_per_request_into_its_limits():
+    body = CreateKeyRequest.model_validate({"name": "a", "rpm": 5, "max_tokens_per_request": 4096})
+    assert body.limits == Limits(rpm=5, max_tokens_per_request=4096)
+
+
+@pytest.mark.parametrize(("model", "field"), [(CreateKeyRequest, "credit_usd"), (CreditRequest, "amount_usd")])
+@pytest.mark.parametrize("value", ["1", "1_000", "0.5", True, False, None, [1], {"usd": 1}])
+def test_money_must_be_a_json_number(model: type, field: str, value: Any):
+    body = {"name": "a", field: value} if model is CreateKeyRequest else {field: value}
+    error = _refusal(model, body)
+    assert error["loc"] == (field,)
+    assert error["type"] == "usd_number"
+    assert "JSON number of US dollars" in error["msg"]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_money_must_be_finite(value: float):
+    assert _refusal(CreditRequest, {"amount_usd": value})["loc"] == ("amount_usd",)
+
+
+@pytest.mark.parametrize(("value", "micros"), [(5, 5_000_000), (0.1, 100_000), (12.345678, 12_345_678), (1e-6, 1)])
+def test_money_as_json_numbers_is_exact(value: float, micros: int):
+    assert usd_to_micros(CreditRequest.model_validate({"amount_usd": value}).amount_usd) == micros
+    assert usd_to_micros(CreditRequest.model_validate_json(json.dumps({"amount_usd": value})).amount_usd) == micros
+
+
+@pytest.mark.parametrize("model", [CreateKeyRequest, UpdateKeyRequest])
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (1_893_456_000_000, "expiry_milliseconds"),  # milliseconds
+        (100_000_000_000, "expiry_milliseconds"),
+        (1_893_456_000.0, "expiry_type"),  # a float
+        (1_893_456_000.5, "expiry_type"),
+        (True, "expiry_type"),
+        ("1893456000", "expiry_type"),  # a numeric string
+        ("1893456000000", "expiry_type"),
+        (-1, "expiry_range"),
+    ],
+)
+def test_ambiguous_expiry_is_refused(model: type, value: Any, kind: str):
+    base = {"name": "a"} if model is CreateKeyRequest else {}
+    error = _refusal(model, {**base, "expires_at": value})
+    assert error["loc"] == ("expires_at",)
+    assert error["type"] == kind
+
+
+def test_expiry_in_epoch_seconds_just_below_the_milliseconds_threshold_is_seconds():
+    body = UpdateKeyRequest.model_validate({"expires_at": 99_999_999_999})
+    assert body.expires_at_epoch == 99_999_999_999
+
+
+@pytest.mark.parametrize("value", ["2020-01-01T00:00:00Z", "2020-01-01T00:00:00", 1_000, 0])
+def test_a_key_cannot_be_created_already_expired(value: Any):
+    error = _refusal(CreateKeyRequest, {"name": "a", "expires_at": value})
+    assert error["loc"] == ("expires_at",)
+    assert error["type"] == "expired"
+
+
+def test_a_key_expiring_a_minute_from_now_can_be_created():
+    soon = int(time.time()) + 60
+    assert CreateKeyRequest.model_validate({"name": "a", "expires_at": soon}).expires_at_epoch == soon
+
+
+def test_patch_may_set_a_past_expiry_to_expire_a_key_now():
+    assert UpdateKeyRequest.model_validate({"expires_at": "2020-01-01T00:00:00Z"}).expires_at_epoch == 1_577_836_800
+
+
+@pytest.mark.parametrize("field", ["name", "status"])
+def test_patch_refuses_null_for_fields_that_always_have_a_value(field: str):
+    error = _refusal(UpdateKeyRequest, {field: None})
+    assert error["loc"] == (field,)
+    assert error["type"] == "not_null"
+
+
+def test_patch_null_resets_limits_models_and_expiry():
+    body = UpdateKeyRequest.model_validate({"rpm": None, "models": None, "expires_at": None})
+    assert body.model_dump(exclude_unset=True) == {"rpm": None, "models": None, "expires_at": None}
+    assert body.expires_at_epoch is None
 
 
 # -- KeyRecord ------------------------------------------------------------------------------------
@@ -210,14 +356,14 @@ def test_view_shows_money_in_usd():
     assert view["prefix"] == "sk-tm-AbCd...wXyZ"
     assert view["status"] == "active"
     assert view["models"] is None
-    assert view["limits"] == {"rpm": None, "tpm": None, "max_concurrency": None}
+    assert view["limits"] == {"rpm": None, "tpm": None, "max_concurrency": None, "max_tokens_per_request": None}
 
 
 def test_view_carries_limits_and_models():
     record = _record(models=["m"], limits=Limits(rpm=60, tpm=10_000, max_concurrency=4), expires_at=1_900_000_000)
     view = record.view().model_dump()
     assert view["models"] == ["m"]
-    assert view["limits"] == {"rpm": 60, "tpm": 10_000, "max_concurrency": 4}
+    assert view["limits"] == {"rpm": 60, "tpm": 10_000, "max_concurrency": 4, "max_tokens_per_request": None}
     assert view["expires_at"] == 1_900_000_000
 
 

@@ -6,6 +6,7 @@ Prometheus query would take it. Ray reports each second; the helpers wait for th
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -118,12 +119,68 @@ def test_refusals_are_counted_by_status_and_code(marketplace):
     assert delta(before, after, "ray_tokenmart_prompt_tokens_total", model="alpha-chat") == 5
 
 
+# The metrics one paid request and one stream move (hold_exceeded, say, stays unexported
+# until something exceeds a hold).
+MOVED_BY_TRAFFIC = {
+    SPECS[name].exported
+    for name in (
+        "tokenmart_requests",
+        "tokenmart_prompt_tokens",
+        "tokenmart_completion_tokens",
+        "tokenmart_spend_usd",
+        "tokenmart_in_flight_requests",
+        "tokenmart_request_latency_seconds",
+        "tokenmart_time_to_first_token_seconds",
+    )
+}
+# The tags Ray's metrics agent adds to every series (Ray 2.60).
+RAY_TAGS = {
+    "Component",
+    "NodeAddress",
+    "SessionName",
+    "Version",
+    "WorkerId",
+    "application",
+    "deployment",
+    "replica",
+    "otel_scope_name",
+    "otel_scope_schema_url",
+    "otel_scope_version",
+}
+CATALOG_MODELS = {"alpha-chat", "alpha-chat:ahoy", "alpha-chat:legal", "beta-chat"}
+
+
+def base_name(sample: str) -> str:
+    return sample.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+
+
 def test_labels_are_bounded_and_documented(marketplace):
-    series = scrape(marketplace)
-    exported = {spec.exported for spec in SPECS.values()}
-    names = {name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for name, _ in series}
-    assert names <= exported, names - exported
-    models = {dict(labels).get("model") for _, labels in series}
-    assert models <= {"alpha-chat", "alpha-chat:ahoy", "alpha-chat:legal", "beta-chat", "unknown"}
-    # Per-key labels are off by default: no series carries a key id.
-    assert {dict(labels).get("key_id", "") for _, labels in series} == {""}
+    """After traffic on a base model, an adapter and an unknown model, every exported series
+    is a documented metric and carries only bounded label values: catalog ids or `unknown`,
+    never the unknown id itself, and no key id (per-key labels are off by default)."""
+    key = marketplace.create_key(name="metrics-labels", credit_usd=1)["key"]
+    assert marketplace.chat(key, model="beta-chat", max_tokens=2).status_code == 200
+    assert stream_chat(marketplace, key, model="alpha-chat:ahoy", max_tokens=2)[-1] == "[DONE]"
+    assert marketplace.chat(key, model="no-such-model", max_tokens=1).status_code == 404
+    sent = {"beta-chat", "alpha-chat:ahoy", "unknown"}
+
+    def labelled_series() -> Series | None:
+        series = scrape(marketplace)
+        names = {base_name(name) for name, _ in series}
+        models = {dict(labels).get("model") for name, labels in series if name == "ray_tokenmart_requests_total"}
+        return series if names >= MOVED_BY_TRAFFIC and sent <= models else None
+
+    series = marketplace.wait_until(labelled_series, REPORT_TIMEOUT_S, interval_s=0.5, what="the requests' series")
+    documented = {spec.exported: spec for spec in SPECS.values()}
+    for name, labels in series:
+        spec = documented.get(base_name(name))
+        assert spec is not None, f"{name} is not in deployments/metrics.py SPECS"
+        values = dict(labels)
+        # Beyond the tags Ray adds to every series, exactly the labels the spec documents.
+        assert set(values) - RAY_TAGS - {"le"} == set(spec.labels), (name, values)
+        assert values["model"] in CATALOG_MODELS | {"unknown"}, (name, values)
+        # Per-key series are off by default: the label exists, empty, on every series that has it.
+        assert values.get("key_id", "") == "", (name, values)
+        assert values.get("stream", "true") in {"true", "false"}, (name, values)
+        assert re.fullmatch(r"[1-5][0-9][0-9]", values.get("status", "200")), (name, values)
+        assert re.fullmatch(r"[a-z_]*", values.get("code", "")), (name, values)

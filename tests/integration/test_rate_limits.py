@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from threading import Barrier
 
 import httpx
 import pytest
 
 pytestmark = pytest.mark.integration
+
+# 10 s of tokens at the fixture's 0.02 s per token: the held streams outlast every step
+# that needs them running.
+LONG_STREAM_TOKENS = 500
+SETTLE_TIMEOUT_S = 15.0
 
 RATE_HEADERS = {
     "x-ratelimit-limit-requests",
@@ -93,10 +99,50 @@ def test_concurrent_burst_never_spends_more_than_the_credit(marketplace) -> None
     assert round(info["spent_usd"] * 1_000_000) == spent
 
 
-def test_concurrency_limit_refuses_the_extra_streams(marketplace) -> None:
-    key = marketplace.create_key(credit_usd="5", max_concurrency=2)["key"]
-    responses = burst(marketplace, key, 6, max_tokens=16)
-    assert sorted(r.status_code for r in responses).count(200) >= 2
-    limited = [r for r in responses if r.status_code == 429]
-    assert limited
-    assert all(r.json()["error"]["code"] == "concurrency_limit_exceeded" for r in limited)
+def test_concurrency_limit_refuses_the_extra_streams(marketplace, redis_client) -> None:
+    """Two streams held open take both slots of max_concurrency=2: every further request is
+    refused, and both slots come back once the streams end, whether read to the end or hung up
+    (a slot leaked by either ending fails the last step)."""
+    created = marketplace.create_key(credit_usd=5, max_concurrency=2)
+    key, inflight = created["key"], f"{{acct:{created['id']}}}:inflight"
+    ledger = f"{{acct:{created['id']}}}:ledger"
+    long_stream = {
+        "model": "alpha-chat",
+        "messages": [{"role": "user", "content": f"hi [[fake-tokens={LONG_STREAM_TOKENS}]]"}],
+        "max_tokens": LONG_STREAM_TOKENS,
+        "stream": True,
+    }
+    with ExitStack() as held, httpx.Client(base_url=marketplace.base_url, timeout=60) as client:
+        streams = [
+            held.enter_context(
+                client.stream("POST", "/v1/chat/completions", json=long_stream, headers=marketplace.auth(key))
+            )
+            for _ in range(2)
+        ]
+        assert [s.status_code for s in streams] == [200, 200]
+        lines = [s.iter_lines() for s in streams]
+        assert all(next(line).startswith("data: ") for line in lines)  # both are generating
+        assert redis_client.zcard(inflight) == 2
+
+        extra = burst(marketplace, key, 4, max_tokens=2, stream=True)
+        assert [r.status_code for r in extra] == [429] * 4
+        for response in extra:
+            error = response.json()["error"]
+            assert (error["type"], error["code"]) == ("requests", "concurrency_limit_exceeded")
+            assert error["message"] == "Too many concurrent requests for this key (limit 2). Retry when one finishes."
+            assert (response.headers["retry-after"], response.headers["retry-after-ms"]) == ("1", "1000")
+        assert redis_client.zcard(inflight) == 2  # a refusal takes no slot
+
+        # One stream is read to its end while the other is still running; then the other is hung up.
+        rest = [line for line in lines[0] if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        streams[1].close()
+
+    events = marketplace.wait_until(
+        lambda: len(found := redis_client.xrange(ledger)) == 2 and found, SETTLE_TIMEOUT_S, what="both settlements"
+    )
+    statuses = {fields["status"]: int(fields["completion_tokens"]) for _, fields in events}
+    assert sorted(statuses) == ["aborted", "completed"]
+    assert statuses["completed"] == LONG_STREAM_TOKENS
+    assert redis_client.zcard(inflight) == 0
+    assert [r.status_code for r in burst(marketplace, key, 2, max_tokens=2, stream=True)] == [200, 200]

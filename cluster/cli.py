@@ -86,12 +86,20 @@ def up(
     default_max_concurrency: int | None = typer.Option(
         None, min=1, help="Concurrent requests for keys without their own (64)."
     ),
+    default_max_tokens_per_request: int | None = typer.Option(
+        None, min=1, help="Output tokens one request may ask for, prompts x n x max_tokens (131,072)."
+    ),
     state_dir: Path | None = StateDir,
 ) -> None:
     """Start Redis, a local Ray cluster and the marketplace; print the endpoint and a key."""
     if engine not in ("vllm", "fake"):
         _fail("--engine must be vllm or fake")
-    defaults = {"rpm": default_rpm, "tpm": default_tpm, "max_concurrency": default_max_concurrency}
+    defaults = {
+        "rpm": default_rpm,
+        "tpm": default_tpm,
+        "max_concurrency": default_max_concurrency,
+        "max_tokens_per_request": default_max_tokens_per_request,
+    }
     try:
         state, key = launcher.up(
             _state_dir(state_dir),

@@ -296,6 +296,7 @@ class Meter:
             admission.started_at_ms,
             SETTLED_MARKER_TTL_S,
             max(admission.reserved_tokens - prompt_tokens - completion_tokens, 0),
+            admission.reserved_tokens,
         ]
         try:
             settled, balance, charged = await self._settle(keys=keys, args=args)

@@ -16,7 +16,9 @@
 -- KEYS[7] {acct:ID}:holds     the request's hold; absent when its lease expired and admit.lua
 --                             already gave it back, in which case only the cost is taken
 -- ARGV: billing_id, key_id, model, prompt_tokens, completion_tokens, cost_micros,
---       hold_micros, status, started_at_ms, marker_ttl_s, unused_tokens
+--       hold_micros, status, started_at_ms, marker_ttl_s, unused_tokens, reserved_tokens
+--       (what admission reserved: the prompt estimate plus the output budget; in the ledger
+--       beside the hold, so each event shows the estimate bounded what was used)
 --
 -- Returns {settled (1 or 0 when already settled), balance_micros, charged_micros}
 
@@ -25,8 +27,10 @@ local prompt_tokens = tonumber(ARGV[4])
 local completion_tokens = tonumber(ARGV[5])
 local cost = tonumber(ARGV[6])
 local hold = tonumber(ARGV[7])
+local admitted_hold = hold
 local status, started_at_ms, marker_ttl = ARGV[8], ARGV[9], tonumber(ARGV[10])
 local unused_tokens = tonumber(ARGV[11] or '0')
+local reserved_tokens = ARGV[12] or ''
 
 if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', marker_ttl) then
   return {0, tonumber(redis.call('HGET', KEYS[1], 'balance_micros') or '0'), 0}
@@ -85,6 +89,7 @@ redis.call('XADD', KEYS[3], '*',
   'request_id', billing_id, 'key_id', key_id, 'model', model,
   'prompt_tokens', prompt_tokens, 'completion_tokens', completion_tokens,
   'cost_micros', charged, 'status', status,
+  'hold_micros', admitted_hold, 'reserved_tokens', reserved_tokens,
   'started_at_ms', started_at_ms, 'settled_at_ms', now_ms, 'day', day)
 if charged < cost then
   redis.call('XADD', KEYS[3], '*',

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.deployment import Application
 
-from .catalog import Catalog, Listing, WorkerGroup, load_catalog
+from .catalog import Catalog, CatalogError, Listing, WorkerGroup, load_catalog
 from .metering import DEFAULT_LIMITS
 from .placement import placement_for
 from .schemas import Limits
@@ -126,6 +126,10 @@ def llm_config_for(listing: Listing, model_dir: Path | None = None, groups: dict
     }
     if engine.max_num_seqs is not None:
         engine_kwargs["max_num_seqs"] = engine.max_num_seqs
+    if engine.tool_parser is not None:
+        # vLLM frontend flags: Ray Serve LLM hands them to vLLM's OpenAI serving layer, which
+        # then parses the model's tool calls (tool_choice auto, required, a named function).
+        engine_kwargs.update(enable_auto_tool_choice=True, tool_call_parser=known_tool_parser(listing))
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": listing.id, "model_source": listing.resolved_source(model_dir)},
         "engine_kwargs": engine_kwargs,
@@ -147,6 +151,26 @@ def llm_config_for(listing: Listing, model_dir: Path | None = None, groups: dict
         if placement.accelerator_type:
             config["accelerator_type"] = placement.accelerator_type
     return LLMConfig(**config)
+
+
+def known_tool_parser(listing: Listing) -> str:
+    """The listing's tool parser, if vLLM has one of that name.
+
+    The catalog checks only the name's shape: vLLM's registry is a module that imports vLLM and
+    torch (seconds), which loading a catalog must not cost. Building the engine config imports
+    them anyway (LLMConfig), so the name is checked here, before any replica starts. Ray Serve
+    LLM does not load vLLM's tool parser plugins, so only built-in parsers can work.
+    """
+    from vllm.tool_parsers import ToolParserManager
+
+    name = listing.engine.tool_parser
+    known = ToolParserManager.list_registered()
+    if name not in known:
+        raise CatalogError(
+            f"listing {listing.id!r}: field engine.tool_parser: vLLM has no tool parser {name!r} "
+            f"(known: {', '.join(known)})"
+        )
+    return name  # type: ignore[return-value]
 
 
 def fake_engine_placement(listing: Listing, groups: dict[str, WorkerGroup], num_cpus: float) -> dict[str, Any]:

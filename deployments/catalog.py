@@ -21,6 +21,8 @@ TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are quoted per 1M tokens
 # The LoRA ranks vLLM accepts for `max_lora_rank`.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+# vLLM tool parser names: hermes, llama3_json, granite-20b-fc, ...
+TOOL_PARSER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 # A listing source of this form names a model that tokenmart builds itself
 # (see tokenmart.cluster.model_build); it resolves to a folder in the model cache.
@@ -78,6 +80,15 @@ class EngineArgs(_Strict):
     pipeline_parallel_size: int = Field(default=1, ge=1, le=64)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_num_seqs: int | None = Field(default=None, ge=1)
+    tool_parser: str | None = Field(
+        default=None,
+        pattern=TOOL_PARSER_PATTERN,
+        description=(
+            "vLLM's tool call parser for this model's output (e.g. hermes, llama3_json, mistral): turns on "
+            "tool_choice auto, required and a named function. Without it, such requests get a 400. The name is "
+            "checked against vLLM's registered parsers when the app is built."
+        ),
+    )
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("extra")
@@ -90,6 +101,9 @@ class EngineArgs(_Strict):
         lora = sorted({"enable_lora", "max_lora_rank", "max_loras", "max_cpu_loras"} & set(value))
         if lora:
             raise ValueError(f"set LoRA serving in the listing's lora block, not {', '.join(lora)} in extra")
+        tools = sorted({"enable_auto_tool_choice", "tool_call_parser"} & set(value))
+        if tools:
+            raise ValueError(f"set tool calling with engine.tool_parser, not {', '.join(tools)} in extra")
         return value
 
 
@@ -181,6 +195,10 @@ class Listing(_Strict):
     attention_heads: int | None = Field(default=None, ge=1)
     # LoRA adapters of this model, each published as its own listing with its own price.
     lora: Lora | None = None
+    # Multimodal listings: the most prompt tokens one image can become (the vision encoder's
+    # maximum, e.g. (image_size / patch_size)^2 from the model's config), so the hold stays an
+    # upper bound. Listings without it refuse image parts with a 400.
+    max_tokens_per_image: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _fits_context(self) -> Listing:

@@ -1,9 +1,9 @@
 """Soak test against a running local tokenmart: steady mixed load with one Redis restart.
 
 For `--minutes` minutes, `--users` threads send chat requests through the official `openai`
-client. Half of them stream, and about 5% of the streams hang up after two chunks. Halfway
-through, the local Redis that `tokenmart up` started is shut down (SHUTDOWN SAVE), then
-started again on the same port `--outage-s` seconds later.
+client. Half of them stream, and a tenth of the streams (5% of all requests) hang up after
+two chunks. Halfway through, the local Redis that `tokenmart up` started is shut down
+(SHUTDOWN SAVE), then started again on the same port `--outage-s` seconds later.
 
 Afterwards the script waits until every hold is settled (spooled settlements replayed), and
 then checks the books three ways:
@@ -215,11 +215,15 @@ def report(out, outcomes, outage, outage_s, usage, reconcile, engine_before, eng
     figure.tight_layout()
     figure.savefig(out / "soak.png", dpi=120)
 
+    # A request drawn to hang up does so only if its stream began; in the outage it got a 503 first.
+    drawn_to_hang_up = sum(o.kind == "abort" for o in outcomes)
+    hung_up = sum(o.kind == "abort" and o.status == 200 for o in outcomes)
     lines = [
         f"# Soak: {minutes:g} minutes, {users} users, Redis down for {outage_s:g} s in the middle",
         "",
-        f"- Requests: {len(outcomes)} ({sum(o.kind == 'stream' for o in outcomes)} streams, "
-        f"{sum(o.kind == 'abort' for o in outcomes)} hung up mid-stream).",
+        f"- Requests: {len(outcomes)} ({sum(o.kind != 'json' for o in outcomes)} streams; {hung_up} hung up "
+        f"after two chunks, and {drawn_to_hang_up - hung_up} more drawn to hang up got an error before their "
+        "stream began).",
         f"- Redis down from {down:.0f} s to {up:.0f} s. Requests failed in that window (to 10 s after): "
         f"{len(failed_in)} of {len(in_outage)}, with codes {sorted({o.code or str(o.status) for o in failed_in})}.",
         f"- Outside it: {len(failed_outside)} failed of {len(outside)}, "

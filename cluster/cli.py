@@ -172,20 +172,39 @@ def build_model(
 
 
 # -- keys and credit -----------------------------------------------------------------------
+EXPIRES_AT_HELP = "Expiry: ISO 8601 (UTC if no zone) or epoch seconds."
+
+
+def _expiry(value: str | None) -> str | int | None:
+    """The API takes expiry as ISO-8601 text or an integer of epoch seconds (never numeric text)."""
+    if value is not None and value.strip().isdigit():
+        return int(value)
+    return value
+
+
 @keys_app.command("create")
 def keys_create(
     name: str = typer.Argument(..., help="A label for the key."),
     credit: float = typer.Option(0.0, help="Prepaid credit in USD."),
     models: str | None = typer.Option(None, help="Comma-separated listing ids this key may use (default: all)."),
-    rpm: int | None = typer.Option(None, help="Requests per minute."),
-    tpm: int | None = typer.Option(None, help="Tokens per minute."),
-    max_concurrency: int | None = typer.Option(None, help="Concurrent requests."),
-    expires_at: str | None = typer.Option(None, help="Expiry, ISO 8601 (UTC if no zone)."),
+    rpm: int | None = typer.Option(None, help="Requests per minute (up to 1,000,000)."),
+    tpm: int | None = typer.Option(None, help="Tokens per minute (up to 1,000,000,000)."),
+    max_concurrency: int | None = typer.Option(None, help="Concurrent requests (up to 10,000)."),
+    max_tokens_per_request: int | None = typer.Option(
+        None, help="Most output one request may ask for: prompts x n x max_tokens (up to 100,000,000)."
+    ),
+    expires_at: str | None = typer.Option(None, help=EXPIRES_AT_HELP),
     state_dir: Path | None = StateDir,
 ) -> None:
     """Create a key; the key itself is shown only now."""
     body: dict[str, Any] = {"name": name, "credit_usd": credit}
-    optional = {"rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency, "expires_at": expires_at}
+    optional = {
+        "rpm": rpm,
+        "tpm": tpm,
+        "max_concurrency": max_concurrency,
+        "max_tokens_per_request": max_tokens_per_request,
+        "expires_at": _expiry(expires_at),
+    }
     body.update({k: v for k, v in optional.items() if v is not None})
     if models:
         body["models"] = [m.strip() for m in models.split(",") if m.strip()]
@@ -199,18 +218,27 @@ def keys_update(
     key_id: str = typer.Argument(...),
     name: str | None = typer.Option(None, help="A new label."),
     models: str | None = typer.Option(None, help="Comma-separated listing ids this key may use."),
-    rpm: int | None = typer.Option(None, min=1, help="Requests per minute."),
-    tpm: int | None = typer.Option(None, min=1, help="Tokens per minute."),
-    max_concurrency: int | None = typer.Option(None, min=1, help="Concurrent requests."),
-    status: str | None = typer.Option(None, help="active or revoked."),
-    expires_at: str | None = typer.Option(None, help="Expiry, ISO 8601 (UTC if no zone)."),
+    rpm: int | None = typer.Option(None, min=1, help="Requests per minute (up to 1,000,000)."),
+    tpm: int | None = typer.Option(None, min=1, help="Tokens per minute (up to 1,000,000,000)."),
+    max_concurrency: int | None = typer.Option(None, min=1, help="Concurrent requests (up to 10,000)."),
+    max_tokens_per_request: int | None = typer.Option(
+        None, min=1, help="Most output one request may ask for: prompts x n x max_tokens (up to 100,000,000)."
+    ),
+    status: str | None = typer.Option(None, help="revoked (revocation is final: a revoked key stays revoked)."),
+    expires_at: str | None = typer.Option(None, help=EXPIRES_AT_HELP),
     state_dir: Path | None = StateDir,
 ) -> None:
     """Change a key's limits, models, name, status or expiry (takes effect on the next request)."""
-    changes = {"name": name, "rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency, "status": status}
+    changes = {
+        "name": name,
+        "rpm": rpm,
+        "tpm": tpm,
+        "max_concurrency": max_concurrency,
+        "max_tokens_per_request": max_tokens_per_request,
+        "status": status,
+        "expires_at": _expiry(expires_at),
+    }
     body: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
-    if expires_at is not None:
-        body["expires_at"] = expires_at
     if models is not None:
         body["models"] = [m.strip() for m in models.split(",") if m.strip()]
     if not body:
@@ -219,7 +247,9 @@ def keys_update(
     limits = key["limits"]
     out.print(
         f"{key['id']} {key['status']}  rpm: {limits['rpm'] or 'default'}  tpm: {limits['tpm'] or 'default'}  "
-        f"concurrency: {limits['max_concurrency'] or 'default'}  models: {', '.join(key['models'] or ['all'])}"
+        f"concurrency: {limits['max_concurrency'] or 'default'}  "
+        f"max tokens/request: {limits.get('max_tokens_per_request') or 'default'}  "
+        f"models: {', '.join(key['models'] or ['all'])}"
     )
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from tokenmart.deployments.catalog import Catalog, WorkerGroup
 from tokenmart.deployments.placement import placement_for
+from tokenmart.deployments.request_id import PROXY_ENV
 
 IMPORT_PATH = "tokenmart.deployments.app:build_app"
 # GCP machine types by (accelerator type, GPUs per machine): GPUs come with the machine.
@@ -135,6 +136,8 @@ def ray_cluster_config(
             # Fill these in (or template them) before `ray up`: every Ray process reads them.
             "echo 'REDIS_URL=redis://:REDIS_PASSWORD@REDIS_HOST:6379/0' | sudo tee -a /etc/environment",
             "echo 'TOKENMART_ADMIN_TOKEN=CHANGE-ME' | sudo tee -a /etc/environment",
+            # Ray's HTTP proxy loads tokenmart's request-id guard (deployments/request_id.py).
+            *(f"echo '{name}={value}' | sudo tee -a /etc/environment" for name, value in PROXY_ENV.items()),
         ],
         "head_start_ray_commands": [
             "ray stop",

@@ -27,6 +27,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tokenmart.deployments.catalog import BUILTIN_PREFIX, Catalog, load_catalog
 from tokenmart.deployments.metering import DEFAULT_LIMITS
+from tokenmart.deployments.request_id import PROXY_ENV
 
 from .state import ClusterState
 
@@ -353,7 +354,9 @@ def up(
     api_base = f"http://127.0.0.1:{port}"
     try:
         with console.status(f"starting the Ray head ({num_cpus} logical CPUs)"):
-            ray_address, dashboard_url, metrics_url = start_ray_head(num_cpus, {"TOKENMART_ADMIN_TOKEN": admin_token})
+            # PROXY_ENV: Ray's HTTP proxy loads tokenmart's request-id guard (see request_id.py).
+            env = {"TOKENMART_ADMIN_TOKEN": admin_token, **PROXY_ENV}
+            ray_address, dashboard_url, metrics_url = start_ray_head(num_cpus, env)
         console.print(f"[green]ray[/] {ray_address}, dashboard {dashboard_url}")
         state = ClusterState(
             api_base=api_base,

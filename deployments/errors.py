@@ -84,6 +84,14 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Conflict(APIError):
+    """409: the request contradicts the resource's state (e.g. reactivating a revoked key)."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class RateLimited(APIError):
     """429; `type` says which limit (`requests` or `tokens`), as OpenAI does."""
 
@@ -137,6 +145,7 @@ _HTTP_STATUS_TYPES: dict[int, tuple[str, str]] = {
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     408: ("timeout", "upstream_timeout"),
+    409: ("invalid_request_error", "conflict"),
     413: ("invalid_request_error", "request_too_large"),
     415: ("invalid_request_error", "unsupported_media_type"),
     422: ("invalid_request_error", "invalid_value"),

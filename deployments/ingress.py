@@ -17,11 +17,7 @@ from typing import Any, Literal
 
 import ray
 from fastapi import FastAPI, Query, Request
-from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelCard,
-)
+from ray.llm._internal.serve.core.configs.openai_api_models import CompletionRequest, ModelCard
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.ingress import OpenAiIngress
 from redis.exceptions import RedisError
@@ -37,8 +33,11 @@ from .keystore import KeyStore, connect
 from .metering import Meter
 from .metrics import MarketplaceMetrics
 from .reconcile import reconcile
+from .request_id import HEADER as REQUEST_ID_HEADER
+from .request_id import client_request_id
 from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, UpdateKeyRequest, usd_to_micros
 from .tokens import PromptCounter
+from .validation import ChatRequest
 
 logger = logging.getLogger("tokenmart.ingress")
 
@@ -72,11 +71,13 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode()
+        # An id that is not UTF-8 is replaced, never decoded into a crash (see request_id.py).
+        request_id = client_request_id(headers.get(REQUEST_ID_HEADER)) or ""
         echo_id = not request_id
         if echo_id:
             request_id = uuid.uuid4().hex
-            scope["headers"] = [*scope.get("headers", []), (b"x-request-id", request_id.encode())]
+            kept = [(name, value) for name, value in scope.get("headers", []) if name != REQUEST_ID_HEADER]
+            scope["headers"] = [*kept, (REQUEST_ID_HEADER, request_id.encode())]
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -85,7 +86,7 @@ class RequestContextMiddleware:
                 started = True
                 extra = []
                 if echo_id:
-                    extra.append((b"x-request-id", request_id.encode()))
+                    extra.append((REQUEST_ID_HEADER, request_id.encode()))
                 source = RequestContextMiddleware.rate_limits
                 if source is not None and not any(name == _RATE_LIMIT_HEADER for name, _ in message.get("headers", [])):
                     authorization = headers.get(b"authorization", b"").decode(errors="replace") or None
@@ -177,7 +178,13 @@ class MarketplaceIngress(OpenAiIngress):
         self.keys = KeyStore(self.redis)
         self.meter = Meter(self.redis, Limits.model_validate(default_limits) if default_limits else None)
         # Exact prompt counts where the listing's tokenizer is on this node; byte bounds elsewhere.
-        counters = {model_id: PromptCounter.for_source(src) for model_id, src in (tokenizer_sources or {}).items()}
+        # Multimodal listings bound each image by its most tokens; the byte bound covers the rest.
+        counters = {
+            listing.id: PromptCounter.for_source(
+                (tokenizer_sources or {}).get(listing.id), tokens_per_image=listing.max_tokens_per_image
+            )
+            for listing in self.catalog.listings
+        }
         self.gateway = Gateway(
             self.catalog,
             llm_deployments,
@@ -209,7 +216,7 @@ class MarketplaceIngress(OpenAiIngress):
         return state.headers()
 
     # -- OpenAI-compatible inference -------------------------------------------------
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat(self, body: ChatRequest, request: Request) -> Response:
         return await self.gateway.handle(body, request, method="chat")
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,10 +21,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import auth
-from .errors import AuthenticationFailed, BillingUnavailable, NotFound
+from .errors import AuthenticationFailed, BillingUnavailable, Conflict, NotFound
 from .schemas import CreateKeyRequest, KeyRecord, Limits, UpdateKeyRequest, usd_to_micros
 
 KEY_INDEX = "tm:keys"
+LUA_DIR = Path(__file__).parent / "lua"
+LIMIT_FIELDS = tuple(Limits.model_fields)
 
 
 def account_key(key_id: str, suffix: str) -> str:
@@ -73,9 +76,15 @@ def _from_hash(raw: dict[str, str]) -> KeyRecord:
     return KeyRecord.model_validate(data)
 
 
+def _key_not_found(key_id: str) -> NotFound:
+    return NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
+
+
 class KeyStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
+        self._update = redis.register_script((LUA_DIR / "update_key.lua").read_text())
+        self._add_credit = redis.register_script((LUA_DIR / "add_credit.lua").read_text())
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -93,7 +102,7 @@ class KeyStore:
     async def require(self, key_id: str) -> KeyRecord:
         record = await self.get(key_id)
         if record is None:
-            raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
+            raise _key_not_found(key_id)
         return record
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
@@ -117,7 +126,7 @@ class KeyStore:
             prefix=auth.display_prefix(key),
             key_hash=key_hash,
             models=request.models,
-            limits=Limits(rpm=request.rpm, tpm=request.tpm, max_concurrency=request.max_concurrency),
+            limits=request.limits,
             created_at=int(time.time()),
             expires_at=request.expires_at_epoch,
             balance_micros=usd_to_micros(request.credit_usd),
@@ -141,35 +150,48 @@ class KeyStore:
         return [_from_hash(raw) for raw in raws if raw]
 
     async def update(self, key_id: str, request: UpdateKeyRequest) -> KeyRecord:
-        record = await self.require(key_id)
+        """Write only the fields sent, in one script that refuses to reactivate a revoked key.
+
+        Only the changed fields are written, so concurrent settlements of the balance
+        counters are never overwritten.
+        """
         changes = request.model_dump(exclude_unset=True)
-        limits = record.limits.model_copy(
-            update={k: changes.pop(k) for k in ("rpm", "tpm", "max_concurrency") if k in changes}
-        )
-        fields: dict[str, str] = {"limits": limits.model_dump_json()}
+        limits = {name: changes.pop(name) for name in LIMIT_FIELDS if name in changes}
+        fields: list[str] = []
         if "name" in changes:
-            fields["name"] = changes["name"]
+            fields += ["name", changes["name"]]
         if "models" in changes:
-            fields["models"] = json.dumps(changes["models"])
+            fields += ["models", json.dumps(changes["models"])]
         if "status" in changes:
-            fields["status"] = changes["status"]
+            fields += ["status", changes["status"]]
         if "expires_at" in changes:
             epoch = request.expires_at_epoch
-            fields["expires_at"] = "" if epoch is None else str(epoch)
-        # Only the changed fields are written, so concurrent settlements of the
-        # balance counters are never overwritten.
-        await self._call(self.redis.hset(account_key(key_id, "key"), mapping=fields))
+            fields += ["expires_at", "" if epoch is None else str(epoch)]
+        await self._change(key_id, limits, fields)
         return await self.require(key_id)
 
     async def revoke(self, key_id: str) -> KeyRecord:
-        await self.require(key_id)
-        await self._call(self.redis.hset(account_key(key_id, "key"), "status", "revoked"))
+        """Idempotent: revoking a revoked key changes nothing and answers its record again."""
+        await self._change(key_id, {}, ["status", "revoked"])
         return await self.require(key_id)
 
+    async def _change(self, key_id: str, limits: dict[str, Any], fields: list[str]) -> None:
+        verdict = await self._call(self._update(keys=[account_key(key_id, "key")], args=[json.dumps(limits), *fields]))
+        if verdict == "missing":
+            raise _key_not_found(key_id)
+        if verdict == "revoked":
+            raise Conflict(
+                f"The API key {key_id!r} is revoked, and revocation is final; create a new key instead.",
+                param="status",
+                code="key_revoked",
+            )
+
     async def add_credit(self, key_id: str, micros: int) -> KeyRecord:
-        await self.require(key_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hincrby(account_key(key_id, "key"), "balance_micros", micros)
-        pipe.hincrby(account_key(key_id, "key"), "credited_micros", micros)
-        await self._call(pipe.execute())
+        verdict = await self._call(self._add_credit(keys=[account_key(key_id, "key")], args=[micros]))
+        if verdict == "missing":
+            raise _key_not_found(key_id)
+        if verdict == "revoked":
+            raise Conflict(
+                f"The API key {key_id!r} is revoked; credit cannot be added to it.", param="id", code="key_revoked"
+            )
         return await self.require(key_id)

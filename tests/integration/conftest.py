@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tokenmart.deployments.catalog import Catalog, Listing
+from tokenmart.deployments.request_id import PROXY_ENV
 
 SERVE_READY_TIMEOUT_S = 300.0
 
@@ -112,7 +113,7 @@ class Marketplace:
     def auth(key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
 
-    def create_key(self, name: str = "test", credit_usd: float | str = "1", **fields: Any) -> dict[str, Any]:
+    def create_key(self, name: str = "test", credit_usd: float = 1, **fields: Any) -> dict[str, Any]:
         """POST /admin/v1/keys; returns the created record including the one-time `key`."""
         response = self.http.post(
             "/admin/v1/keys", json={"name": name, "credit_usd": credit_usd, **fields}, headers=self.admin_headers
@@ -218,9 +219,12 @@ def ray_serve_session() -> Iterator[str]:
     from ray import serve
 
     admin_token = "adm-" + secrets.token_urlsafe(24)
-    previous = {name: os.environ.get(name) for name in ("TOKENMART_ADMIN_TOKEN", "RAY_AUTH_MODE")}
-    # Set here too, so anything Ray starts from this process inherits it.
+    names = ("TOKENMART_ADMIN_TOKEN", "RAY_AUTH_MODE", *PROXY_ENV)
+    previous = {name: os.environ.get(name) for name in names}
+    # Set here too, so anything Ray starts from this process inherits it. PROXY_ENV makes
+    # Ray's HTTP proxy load tokenmart's request-id guard, as `tokenmart up` and the chart do.
     os.environ["TOKENMART_ADMIN_TOKEN"] = admin_token
+    os.environ.update(PROXY_ENV)
     # Ray caches RAY_AUTH_MODE when it is imported. A value set later in this process
     # (the launcher's Serve client sets it) would start a token-auth GCS that this driver
     # cannot talk to. Unset, ray.init chooses the mode for its new local cluster and

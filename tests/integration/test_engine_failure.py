@@ -49,7 +49,7 @@ def wait_for_recovery(marketplace, key: str) -> None:
 
 
 def test_an_engine_dying_mid_stream_ends_the_stream_with_an_error_and_bills_what_was_sent(marketplace):
-    created = marketplace.create_key(name="engine-dies", credit_usd="1")
+    created = marketplace.create_key(name="engine-dies", credit_usd=1)
     key = created["key"]
     payload = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 400}
 

@@ -24,7 +24,7 @@ ENVELOPE = {"message", "type", "param", "code"}
 def fuzz_key(marketplace) -> str:
     # Plenty of credit and limits, so generated requests are refused for what they are, not
     # because an earlier one used the key up.
-    return marketplace.create_key(name="fuzz", credit_usd="1000", rpm=100_000, tpm=100_000_000)["key"]
+    return marketplace.create_key(name="fuzz", credit_usd=1000, rpm=100_000, tpm=100_000_000)["key"]
 
 
 def check(case, response) -> int:

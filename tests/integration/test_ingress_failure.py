@@ -46,7 +46,7 @@ def engine_streams() -> dict[str, int]:
 
 
 def test_an_ingress_dying_mid_stream_stops_the_engine_and_charges_nothing(marketplace, redis_client):
-    created = marketplace.create_key(name="ingress-dies", credit_usd="1", max_concurrency=1)
+    created = marketplace.create_key(name="ingress-dies", credit_usd=1, max_concurrency=1)
     key, key_id = created["key"], created["id"]
     before = engine_streams()
     payload = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 400}

@@ -62,7 +62,7 @@ def stream_chat(market, key: str, model: str = "alpha-chat", **body: Any) -> lis
 
 @pytest.fixture
 def key(marketplace) -> dict[str, Any]:
-    return marketplace.create_key(name="http-tests", credit_usd="1")
+    return marketplace.create_key(name="http-tests", credit_usd=1)
 
 
 # -- inference endpoints -------------------------------------------------------------
@@ -336,8 +336,14 @@ def test_revoked_key_is_401_revoked_api_key(marketplace, key):
 
 
 def test_expired_key_is_401_expired_api_key(marketplace):
+    # A key cannot be created already expired; an expiry moved into the past expires it now.
+    soon = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    expired = marketplace.create_key(name="expired", expires_at=soon)
     past = (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat()
-    expired = marketplace.create_key(name="expired", expires_at=past)
+    moved = marketplace.http.patch(
+        f"/admin/v1/keys/{expired['id']}", json={"expires_at": past}, headers=marketplace.admin_headers
+    )
+    assert moved.status_code == 200, moved.text
     assert_error(marketplace.chat(expired["key"]), 401, "expired_api_key")
 
 
@@ -391,7 +397,7 @@ def test_unknown_route_is_404_in_the_error_envelope(marketplace):
 
 
 def test_key_without_credit_is_402(marketplace):
-    broke = marketplace.create_key(name="broke", credit_usd="0")
+    broke = marketplace.create_key(name="broke", credit_usd=0)
     assert_error(marketplace.chat(broke["key"]), 402, "insufficient_quota", error_type="insufficient_quota")
 
 
@@ -493,7 +499,7 @@ def test_a_client_request_id_is_echoed(marketplace, key):
 
 
 def test_balance_and_usage_equal_the_sum_of_reported_costs(marketplace):
-    created = marketplace.create_key(name="ledger-check", credit_usd="0.5")
+    created = marketplace.create_key(name="ledger-check", credit_usd=0.5)
     key = created["key"]
     reported: list[dict[str, Any]] = []
 
@@ -590,7 +596,7 @@ def test_admin_patch_changes_limits_and_models(marketplace, key):
 
     assert patched.status_code == 200, patched.text
     body = patched.json()
-    assert body["limits"] == {"rpm": 60, "tpm": None, "max_concurrency": 2}
+    assert body["limits"] == {"rpm": 60, "tpm": None, "max_concurrency": 2, "max_tokens_per_request": None}
     assert (body["models"], body["credit_usd"]) == (["alpha-chat"], 1.0)
     assert_error(marketplace.chat(key["key"], model="beta-chat"), 403, "model_not_allowed", param="model")
     allowed = marketplace.chat(key["key"], model="alpha-chat", max_tokens=1)
@@ -604,17 +610,18 @@ def test_admin_patch_changes_limits_and_models(marketplace, key):
     assert micros(marketplace.key_info(key["key"])["credit_usd"]) == 1_000_000 - spent
 
 
-def test_admin_patch_status_suspends_and_reinstates_a_key(marketplace, key):
+def test_admin_patch_status_revokes_a_key_for_good(marketplace, key):
     url, headers = f"/admin/v1/keys/{key['id']}", marketplace.admin_headers
+    assert_error(marketplace.http.patch(url, json={"status": "paused"}, headers=headers), 400, "invalid_value")
 
-    suspended = marketplace.http.patch(url, json={"status": "revoked"}, headers=headers)
-    assert (suspended.status_code, suspended.json()["status"]) == (200, "revoked")
+    revoked = marketplace.http.patch(url, json={"status": "revoked"}, headers=headers)
+    assert (revoked.status_code, revoked.json()["status"]) == (200, "revoked")
     assert_error(marketplace.chat(key["key"], max_tokens=1), 401, "revoked_api_key")
 
+    # Revocation is final (see test_client_mistakes.py for every way back that is refused).
     reinstated = marketplace.http.patch(url, json={"status": "active"}, headers=headers)
-    assert (reinstated.status_code, reinstated.json()["status"]) == (200, "active")
-    assert marketplace.chat(key["key"], max_tokens=1).status_code == 200
-    assert_error(marketplace.http.patch(url, json={"status": "paused"}, headers=headers), 400, "invalid_value")
+    assert_error(reinstated, 409, "key_revoked", param="status")
+    assert_error(marketplace.chat(key["key"], max_tokens=1), 401, "revoked_api_key")
 
 
 def test_admin_delete_revokes_the_key(marketplace, key):
@@ -628,7 +635,7 @@ def test_admin_delete_revokes_the_key(marketplace, key):
 
 
 def test_admin_credit_adds_exactly_the_amount(marketplace):
-    created = marketplace.create_key(name="topup", credit_usd="0")
+    created = marketplace.create_key(name="topup", credit_usd=0)
     assert_error(marketplace.chat(created["key"]), 402, "insufficient_quota")
 
     credited = marketplace.http.post(

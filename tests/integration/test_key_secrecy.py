@@ -42,7 +42,7 @@ def broken_checksum(key: str) -> str:
 
 
 def test_keys_failing_the_format_or_checksum_never_reach_redis(marketplace, redis_client):
-    key = marketplace.create_key(name="typo", credit_usd="1")["key"]
+    key = marketplace.create_key(name="typo", credit_usd=1)["key"]
     bad = [
         broken_checksum(key),
         key[:-1],
@@ -68,7 +68,7 @@ def test_keys_failing_the_format_or_checksum_never_reach_redis(marketplace, redi
 def test_a_key_right_up_to_any_point_is_refused_the_same_way_at_the_same_cost(marketplace, redis_client):
     """Partly right keys take one path: the id comes from the whole key's SHA-256, so a key
     that shares a prefix with a real one looks up an unrelated record, with one script call."""
-    key = marketplace.create_key(name="real", credit_usd="1")["key"]
+    key = marketplace.create_key(name="real", credit_usd=1)["key"]
     body = key[len(auth.KEY_PREFIX) : len(auth.KEY_PREFIX) + auth._BODY_LEN]
     flip = {c: ("a" if c != "a" else "b") for c in set(body)}
     variants = [with_checksum(body[:right] + "".join(flip[c] for c in body[right:])) for right in range(0, 32, 4)]
@@ -110,7 +110,7 @@ def _all_redis_text(client: redis.Redis) -> str:
 
 
 def test_no_plaintext_key_in_redis_the_ledger_or_the_logs(marketplace, redis_client):
-    created = marketplace.create_key(name="secret", credit_usd="1")
+    created = marketplace.create_key(name="secret", credit_usd=1)
     key = created["key"]
     secret = key[len(auth.KEY_PREFIX) :]
     assert marketplace.chat(key, max_tokens=2).status_code == 200

@@ -118,7 +118,9 @@ def test_expired_key_is_refused_and_unexpired_key_works(redis_server, redis_clie
     now = datetime.now(timezone.utc)
 
     async def scenario(keys: KeyStore, _: Meter) -> None:
-        _, expired = await keys.create(CreateKeyRequest(name="old", expires_at=now - timedelta(minutes=1)))
+        # Created already expired is refused; moving the expiry into the past expires a key now.
+        old, expired = await keys.create(CreateKeyRequest(name="old", expires_at=now + timedelta(hours=1)))
+        await keys.update(old.id, UpdateKeyRequest(expires_at=now - timedelta(minutes=1)))
         _, fresh = await keys.create(CreateKeyRequest(name="new", expires_at=now + timedelta(hours=1)))
         with pytest.raises(AuthenticationFailed) as refused:
             await keys.authenticate(f"Bearer {expired}")
@@ -139,7 +141,7 @@ def test_add_credit_increases_the_balance_exactly(redis_server, redis_client):
 def test_update_changes_limits_and_models_but_never_the_balance_counters(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> tuple[Any, Any]:
         record, _ = await keys.create(CreateKeyRequest(name="erin", credit_usd=1))
-        await meter.settle(await meter.admit(record.id, record.key_hash, ALPHA, 20, 40), 100, 50, "completed")
+        await meter.settle(await meter.admit(record.id, record.key_hash, ALPHA, 100, 50), 100, 50, "completed")
         before = await keys.require(record.id)
         # A settlement landing while the admin edits the key must not be overwritten.
         redis_client.hincrby(account_key(record.id, "key"), "balance_micros", -7)
@@ -169,9 +171,8 @@ def test_admission_authenticates_the_key_in_the_same_call(redis_server, redis_cl
         live, _ = await keys.create(CreateKeyRequest(name="gina", credit_usd=1))
         revoked, _ = await keys.create(CreateKeyRequest(name="gina-revoked", credit_usd=1))
         await keys.revoke(revoked.id)
-        expired, _ = await keys.create(
-            CreateKeyRequest(name="gina-expired", credit_usd=1, expires_at=datetime(2020, 1, 1, tzinfo=timezone.utc))
-        )
+        expired, _ = await keys.create(CreateKeyRequest(name="gina-expired", credit_usd=1))
+        expired = await keys.update(expired.id, UpdateKeyRequest(expires_at=datetime(2020, 1, 1, tzinfo=timezone.utc)))
         narrow, _ = await keys.create(CreateKeyRequest(name="gina-narrow", credit_usd=1, models=["beta-chat"]))
         attempts = {
             "unknown": (auth.key_id_for_hash("f" * 64), "f" * 64),
@@ -359,7 +360,7 @@ def test_a_lapsed_lease_gives_its_hold_back_and_a_late_settlement_charges_only_t
 
 def test_a_hold_larger_than_the_balance_is_refused_with_402(redis_server, redis_client):
     async def scenario(keys: KeyStore, meter: Meter) -> None:
-        record, _ = await keys.create(CreateKeyRequest(name="ivan", credit_usd="0.000100"))
+        record, _ = await keys.create(CreateKeyRequest(name="ivan", credit_usd=0.000100))
         with pytest.raises(InsufficientCredit) as refused:
             await meter.admit(record.id, record.key_hash, BETA, 10, 100)  # up to 1025 micro-USD
         assert refused.value.status_code == 402
@@ -435,3 +436,117 @@ def test_the_spool_of_a_stopped_ingress_is_adopted_but_a_live_ones_is_not(redis_
     assert ledger_after_first == ids[:1]
     assert files_after_first == ["settlements-222.jsonl", "settlements-222.lock"]
     assert ledger == ids and files == []
+
+
+# -- revocation is final, and key changes are atomic -------------------------------------------------
+
+
+def test_a_revoked_key_cannot_be_reactivated_and_the_refused_patch_writes_nothing(redis_server, redis_client):
+    async def scenario(keys: KeyStore, _: Meter) -> tuple[APIError, dict[str, str], dict[str, str]]:
+        record, _ = await keys.create(CreateKeyRequest(name="frozen", credit_usd=1, rpm=10))
+        await keys.revoke(record.id)
+        before = redis_client.hgetall(account_key(record.id, "key"))
+        with pytest.raises(APIError) as refused:
+            await keys.update(record.id, UpdateKeyRequest(status="active", name="thawed", rpm=99))
+        return refused.value, before, redis_client.hgetall(account_key(record.id, "key"))
+
+    refused, before, after = run(redis_server.url, scenario)
+    assert (refused.status_code, refused.code, refused.param) == (409, "key_revoked", "status")
+    assert after == before  # neither the status nor the name and limits sent with it
+    assert after["status"] == "revoked" and after["name"] == "frozen"
+
+
+def test_a_revoked_key_may_still_be_renamed_and_revoked_again(redis_server, redis_client):
+    async def scenario(keys: KeyStore, _: Meter) -> tuple[Any, Any]:
+        record, _ = await keys.create(CreateKeyRequest(name="old-name", credit_usd=1))
+        await keys.revoke(record.id)
+        renamed = await keys.update(record.id, UpdateKeyRequest(name="archived", status="revoked"))
+        return renamed, await keys.revoke(record.id)
+
+    renamed, again = run(redis_server.url, scenario)
+    assert (renamed.name, renamed.status) == ("archived", "revoked")
+    assert (again.name, again.status) == ("archived", "revoked")
+
+
+def test_credit_to_a_revoked_key_is_refused_and_changes_no_balance(redis_server, redis_client):
+    async def scenario(keys: KeyStore, _: Meter) -> tuple[APIError, Any]:
+        record, _ = await keys.create(CreateKeyRequest(name="gone", credit_usd=Decimal("0.25")))
+        await keys.revoke(record.id)
+        with pytest.raises(APIError) as refused:
+            await keys.add_credit(record.id, 5_000_000)
+        return refused.value, await keys.require(record.id)
+
+    refused, record = run(redis_server.url, scenario)
+    assert (refused.status_code, refused.code) == (409, "key_revoked")
+    assert (record.balance_micros, record.credited_micros) == (250_000, 250_000)
+
+
+def test_changes_to_an_unknown_key_are_404_and_write_nothing(redis_server, redis_client):
+    missing = auth.key_id_for_hash("e" * 64)
+
+    async def scenario(keys: KeyStore, _: Meter) -> list[tuple[int, str | None]]:
+        outcomes = []
+        for change in (
+            keys.update(missing, UpdateKeyRequest(name="ghost")),
+            keys.revoke(missing),
+            keys.add_credit(missing, 1),
+        ):
+            with pytest.raises(APIError) as refused:
+                await change
+            outcomes.append((refused.value.status_code, refused.value.code))
+        return outcomes
+
+    assert run(redis_server.url, scenario) == [(404, "key_not_found")] * 3
+    assert not redis_client.exists(account_key(missing, "key"))
+
+
+def test_a_reactivation_racing_a_revocation_never_revives_the_key(redis_server, redis_client):
+    """Each round starts a revocation and a reactivation together; the key always ends revoked.
+
+    Interleaved, a check-then-write update reads 'active' before the revocation lands and then
+    writes 'active' over it; the script checks and writes in one step.
+    """
+
+    async def scenario(keys: KeyStore, _: Meter) -> list[tuple[str, str]]:
+        rounds = []
+        for _round in range(20):
+            record, _ = await keys.create(CreateKeyRequest(name="contested", credit_usd=1))
+            revoked, reactivated = await asyncio.gather(
+                keys.revoke(record.id),
+                keys.update(record.id, UpdateKeyRequest(status="active")),
+                return_exceptions=True,
+            )
+            assert not isinstance(revoked, BaseException), revoked
+            if isinstance(reactivated, BaseException):
+                assert isinstance(reactivated, APIError) and reactivated.code == "key_revoked", reactivated
+            rounds.append(((await keys.require(record.id)).status, type(reactivated).__name__))
+        return rounds
+
+    rounds = run(redis_server.url, scenario)
+    assert {status for status, _ in rounds} == {"revoked"}, rounds
+
+
+def test_concurrent_patches_of_different_limits_both_take_effect(redis_server, redis_client):
+    async def scenario(keys: KeyStore, _: Meter) -> list[Any]:
+        results = []
+        for _round in range(10):
+            record, _ = await keys.create(CreateKeyRequest(name="tuned", credit_usd=1, max_concurrency=3))
+            await asyncio.gather(
+                keys.update(record.id, UpdateKeyRequest(rpm=5)),
+                keys.update(record.id, UpdateKeyRequest(tpm=500)),
+                keys.update(record.id, UpdateKeyRequest(max_tokens_per_request=64)),
+            )
+            results.append((await keys.require(record.id)).limits)
+        return results
+
+    for limits in run(redis_server.url, scenario):
+        assert limits.model_dump() == {"rpm": 5, "tpm": 500, "max_concurrency": 3, "max_tokens_per_request": 64}
+
+
+def test_patch_null_puts_a_limit_back_to_the_default_and_keeps_the_others(redis_server, redis_client):
+    async def scenario(keys: KeyStore, _: Meter) -> Any:
+        record, _ = await keys.create(CreateKeyRequest(name="reset", credit_usd=1, rpm=7, tpm=700))
+        return await keys.update(record.id, UpdateKeyRequest.model_validate({"rpm": None}))
+
+    updated = run(redis_server.url, scenario)
+    assert (updated.limits.rpm, updated.limits.tpm) == (None, 700)

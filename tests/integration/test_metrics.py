@@ -56,7 +56,7 @@ def delta(before: Series, after: Series, name: str, **labels: str) -> float:
 
 
 def test_a_paid_request_moves_requests_tokens_spend_and_latency(marketplace):
-    key = marketplace.create_key(name="metrics", credit_usd="1")
+    key = marketplace.create_key(name="metrics", credit_usd=1)
     before = scrape(marketplace)
     response = marketplace.chat(key["key"], model="beta-chat", messages=MESSAGES, max_tokens=5)
     assert response.status_code == 200, response.text
@@ -77,7 +77,7 @@ def test_a_paid_request_moves_requests_tokens_spend_and_latency(marketplace):
 
 
 def test_a_stream_records_its_time_to_first_token_and_ends_as_200(marketplace):
-    key = marketplace.create_key(name="metrics-stream", credit_usd="1")
+    key = marketplace.create_key(name="metrics-stream", credit_usd=1)
     before = scrape(marketplace)
     events = stream_chat(marketplace, key["key"], model="alpha-chat", max_tokens=4)
     assert events[-1] == "[DONE]"
@@ -91,8 +91,8 @@ def test_a_stream_records_its_time_to_first_token_and_ends_as_200(marketplace):
 
 
 def test_refusals_are_counted_by_status_and_code(marketplace):
-    limited = marketplace.create_key(name="metrics-rpm", credit_usd="1", rpm=1)
-    broke = marketplace.create_key(name="metrics-broke", credit_usd="0")
+    limited = marketplace.create_key(name="metrics-rpm", credit_usd=1, rpm=1)
+    broke = marketplace.create_key(name="metrics-broke", credit_usd=0)
     before = scrape(marketplace)
 
     assert marketplace.chat(limited["key"], model="alpha-chat", max_tokens=1).status_code == 200

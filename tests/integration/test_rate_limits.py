@@ -44,7 +44,7 @@ def burst(marketplace, key: str, count: int, **body) -> list[httpx.Response]:
 
 
 def test_exactly_rpm_requests_of_a_concurrent_burst_are_admitted(marketplace) -> None:
-    key = marketplace.create_key(credit_usd="5", rpm=5)["key"]
+    key = marketplace.create_key(credit_usd=5, rpm=5)["key"]
     responses = burst(marketplace, key, 16, max_tokens=2)
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * 5 + [429] * 11
@@ -60,7 +60,7 @@ def test_exactly_rpm_requests_of_a_concurrent_burst_are_admitted(marketplace) ->
 
 
 def test_a_request_larger_than_the_whole_tpm_is_never_retryable(marketplace) -> None:
-    key = marketplace.create_key(credit_usd="5", tpm=100)["key"]
+    key = marketplace.create_key(credit_usd=5, tpm=100)["key"]
     response = marketplace.chat(key, max_tokens=500)
     assert response.status_code == 429
     assert response.json()["error"]["type"] == "tokens"
@@ -68,7 +68,7 @@ def test_a_request_larger_than_the_whole_tpm_is_never_retryable(marketplace) -> 
 
 
 def test_tpm_is_counted_up_front_and_refunded_on_settle(marketplace) -> None:
-    key = marketplace.create_key(credit_usd="5", tpm=1000)["key"]
+    key = marketplace.create_key(credit_usd=5, tpm=1000)["key"]
     first = marketplace.chat(key, max_tokens=400)
     assert first.status_code == 200
     # Up front: prompt estimate + 400 were taken; after settlement the unused part is back.
@@ -84,7 +84,7 @@ def test_concurrent_burst_never_spends_more_than_the_credit(marketplace) -> None
     listing = marketplace.listing("alpha-chat")
     hold = listing.cost_micros(64, 16)  # generous: the estimate of a short prompt plus max_tokens
     credit_micros = hold * 3 + hold // 2
-    credit = f"{credit_micros / 1_000_000:.6f}"
+    credit = credit_micros / 1_000_000  # a JSON number with at most 6 decimals
     created = marketplace.create_key(credit_usd=credit, rpm=1000)
     responses = burst(marketplace, created["key"], 12, max_tokens=16)
     served = [r for r in responses if r.status_code == 200]

@@ -17,7 +17,7 @@ def books(redis_url: str, *, in_flight: bool = False):
     """A key with credit added twice, three settled requests (one aborted) and maybe one in flight."""
 
     async def scenario(keys, meter):
-        record, _ = await keys.create(CreateKeyRequest(name="books", credit_usd="0.5"))
+        record, _ = await keys.create(CreateKeyRequest(name="books", credit_usd=0.5))
         await keys.add_credit(record.id, 250_000)
         for listing, prompt, completion, outcome in [
             (ALPHA, 12, 30, "completed"),

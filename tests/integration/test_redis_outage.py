@@ -85,7 +85,7 @@ def read_stream(marketplace, key: str, started: threading.Event) -> dict:
 def test_redis_killed_mid_load_loses_nothing_and_bills_nothing_twice(marketplace, redis_server, redis_client):
     redis_server.make_durable()
     try:
-        created = marketplace.create_key(name="mid-load", credit_usd="1")
+        created = marketplace.create_key(name="mid-load", credit_usd=1)
         key, key_id = created["key"], created["id"]
         served: list[dict] = []  # every 200 JSON response of the background load
         refused: list[httpx.Response] = []

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tokenmart.deployments.catalog import Catalog
+from tokenmart.deployments.request_id import PROXY_ENV
 
 from ..integration.conftest import Marketplace, free_port, ray_serve_session
 
@@ -88,7 +89,7 @@ def gpu_cluster(redis_server) -> Iterator[SimulatedCluster]:
             ray.init(
                 address=cluster.address,
                 log_to_driver=False,
-                runtime_env={"env_vars": {"TOKENMART_ADMIN_TOKEN": admin_token}},
+                runtime_env={"env_vars": {"TOKENMART_ADMIN_TOKEN": admin_token, **PROXY_ENV}},
             )
             nodes = {}
             for node in ray.nodes():

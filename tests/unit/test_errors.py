@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -17,6 +18,7 @@ from tokenmart.deployments.errors import (
     AuthenticationFailed,
     BadRequest,
     BillingUnavailable,
+    Conflict,
     EngineError,
     InsufficientCredit,
     ModelNotFound,
@@ -50,6 +52,7 @@ RAISED: dict[str, APIError] = {
     "auth": AuthenticationFailed("Incorrect API key provided."),
     "credit": InsufficientCredit("Your credit balance is used up."),
     "permission": PermissionDenied("This API key may not use the model 'm'.", param="model"),
+    "conflict": Conflict("The API key 'k' is revoked.", param="status", code="key_revoked"),
     "model": ModelNotFound("The model 'nope' does not exist.", param="model"),
     "not_found": NotFound("No such key.", param="key_id"),
     "timeout": UpstreamTimeout("The model took too long."),
@@ -211,6 +214,7 @@ def test_valid_body_passes_through(client: TestClient):
         ("auth", 401, "invalid_request_error", "invalid_api_key", None),
         ("credit", 402, "insufficient_quota", "insufficient_quota", None),
         ("permission", 403, "invalid_request_error", "model_not_allowed", "model"),
+        ("conflict", 409, "invalid_request_error", "key_revoked", "status"),
         ("model", 404, "invalid_request_error", "model_not_found", "model"),
         ("not_found", 404, "invalid_request_error", "not_found", "key_id"),
         ("timeout", 408, "timeout", "upstream_timeout", None),
@@ -374,7 +378,7 @@ def test_incoming_request_id_is_echoed_exactly_once_behind_the_serve_proxy():
 
 def test_error_module_has_no_hand_built_status_table_gaps():
     # Every status the public contract names maps to an OpenAI error type.
-    for status in (400, 401, 403, 404, 408, 413, 429, 503):
+    for status in (400, 401, 403, 404, 408, 409, 413, 429, 503):
         assert status in errors._HTTP_STATUS_TYPES
 
 
@@ -407,3 +411,90 @@ def test_unexpected_error_response_carries_a_request_id(client: TestClient):
     assert response.status_code == 500
     assert len(response.headers.get_list("x-request-id")) == 1
     assert SECRET not in response.text
+
+
+# -- a request id that is not UTF-8 ----------------------------------------------------------------
+# httpx's TestClient re-encodes header values as UTF-8, so these drive the ASGI app directly
+# with the raw bytes a client can send.
+
+
+async def _call_raw(app, headers: list[tuple[bytes, bytes]], path: str = "/request-id") -> tuple[int, list, bytes]:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 80),
+    }
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], start["headers"], body
+
+
+@pytest.mark.parametrize("raw_id", [b"ab\xff\xfe", b"\xc3\x28", b"\x80"])
+@pytest.mark.parametrize("path", ["/request-id", "/v1/nope", "/raise/credit"])
+def test_a_request_id_that_is_not_utf8_is_replaced_not_a_crash(raw_id: bytes, path: str):
+    status, headers, body = asyncio.run(_call_raw(_build_app(), [(b"x-request-id", raw_id)], path))
+    assert status == {"/request-id": 200, "/v1/nope": 404, "/raise/credit": 402}[path]
+    ids = [value for name, value in headers if name == b"x-request-id"]
+    assert len(ids) == 1 and re.fullmatch(rb"[0-9a-f]{32}", ids[0])
+    if path == "/request-id":
+        assert json.loads(body)["seen"] == ids[0].decode()  # the app sees the replacement, once
+    else:
+        assert set(json.loads(body)["error"]) == ENVELOPE_KEYS
+
+
+def test_a_utf8_request_id_is_kept():
+    raw_id = "réq-1".encode()
+    status, headers, body = asyncio.run(_call_raw(_build_app(), [(b"x-request-id", raw_id)]))
+    assert status == 200
+    assert json.loads(body)["seen"].encode("latin-1") == raw_id  # Starlette reads header bytes as latin-1
+    assert not [value for name, value in headers if name == b"x-request-id"]  # the proxy echoes a kept id
+
+
+def test_the_proxy_guard_drops_a_request_id_that_is_not_utf8_and_keeps_others():
+    """Ray Serve's proxy decodes x-request-id as UTF-8; the guard runs in front of it."""
+    from ray.serve._private.http_util import RequestIdMiddleware
+
+    from tokenmart.deployments.request_id import PROXY_ENV, RequestIdGuard, proxy_middlewares
+
+    seen: list[list[tuple[bytes, bytes]]] = []
+
+    async def proxy(scope, receive, send) -> None:
+        seen.append(list(scope["headers"]))
+        # What Ray's proxy does with the header (ray/serve/_private/proxy.py): this must not raise.
+        [value.decode() for name, value in scope["headers"] if name == b"x-request-id"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guarded = RequestIdGuard(RequestIdMiddleware(proxy))
+    other = (b"authorization", b"Bearer x")
+    status, headers, _ = asyncio.run(_call_raw(guarded, [(b"x-request-id", b"bad\xff"), other]))
+    assert status == 200
+    forwarded = dict(seen[-1])
+    assert forwarded[b"authorization"] == b"Bearer x"
+    assert re.fullmatch(rb"[0-9a-f-]{32,36}", forwarded[b"x-request-id"])  # Ray generated one
+    assert [v for n, v in headers if n.lower() == b"x-request-id"] == [forwarded[b"x-request-id"]]
+
+    asyncio.run(_call_raw(guarded, [(b"x-request-id", b"client-id-1")]))
+    assert dict(seen[-1])[b"x-request-id"] == b"client-id-1"
+
+    assert [m.cls for m in proxy_middlewares()] == [RequestIdGuard]
+    module, _, name = PROXY_ENV["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
+    assert module == "tokenmart.deployments.request_id" and name == "proxy_middlewares"

@@ -171,6 +171,19 @@ def test_secrets_reach_the_pods_from_secrets_never_from_values():
     assert all(doc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for doc in secrets.values())
 
 
+def test_every_ray_pod_loads_the_request_id_guard_into_the_serve_proxy():
+    """Same variable and value as `tokenmart up` (request_id.PROXY_ENV): a request id that is not
+    UTF-8 would otherwise be a bare 500 from Ray's proxy on every route."""
+    from tokenmart.deployments.request_id import PROXY_ENV
+
+    for values in (GPU_VALUES, CPU_VALUES):
+        cluster = one(render(values), "RayService")["spec"]["rayClusterConfig"]
+        templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        for template in templates:
+            env = {item["name"]: item.get("value") for item in template["spec"]["containers"][0]["env"]}
+            assert {name: env.get(name) for name in PROXY_ENV} == PROXY_ENV
+
+
 def test_existing_secrets_are_used_and_none_is_created(tmp_path: Path):
     values = tmp_path / "secrets.yaml"
     values.write_text(

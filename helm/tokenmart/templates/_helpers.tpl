@@ -60,6 +60,9 @@ app.kubernetes.io/component: ray
 {{- end }}
 - name: TOKENMART_SPOOL_DIR
   value: /var/lib/tokenmart/spool
+# Ray Serve's HTTP proxy loads tokenmart's request-id guard (deployments/request_id.py PROXY_ENV).
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: tokenmart.deployments.request_id:proxy_middlewares
 - name: TOKENMART_ADMIN_TOKEN
   valueFrom:
     secretKeyRef:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,6 +14,12 @@ from .conftest import MARKET_CATALOG, SimulatedCluster
 pytestmark = pytest.mark.integration
 
 PENDING_TIMEOUT_S = 60.0
+# Serve's status message for replicas it could not schedule for 30 s.
+REQUIRED_RESOURCES = re.compile(r"Resources required for each replica: (\[.*?\]), total resources available")
+REFUSAL_TIMEOUT_S = 30.0
+# 30 s of tokens at the cluster's 0.01 s per token: the stream holds narrow-cpu's one slot
+# for as long as the overload test needs it.
+LONG_STREAM_TOKENS = 3000
 
 
 def replica_groups(deployment: str) -> list[dict]:
@@ -56,11 +63,14 @@ def test_a_listing_no_node_can_host_stays_pending_with_a_clear_status(gpu_cluste
     def pending_status():
         app = serve.status().applications.get("unplaceable")
         deployment = app and app.deployments.get("fake:huge-tp8")
-        return deployment if deployment and deployment.message else None
+        return deployment if deployment and REQUIRED_RESOURCES.search(deployment.message) else None
 
     deployment = gpu_cluster.wait_until(pending_status, PENDING_TIMEOUT_S, interval_s=0.5, what="a pending status")
-    assert deployment.status in ("UPDATING", "UPSCALING", "DEPLOYING")
-    assert "8" in deployment.message and "GPU" in deployment.message, deployment.message
+    assert deployment.status == "UPDATING"
+    # Serve's message names what one replica needs: 8 H100 GPUs, with the replica's CPU in the first bundle.
+    gpu = {"GPU": 1.0, "accelerator_type:H100": 0.001}
+    needed = json.loads(REQUIRED_RESOURCES.search(deployment.message).group(1))
+    assert needed == [{**gpu, "CPU": 0.1}] + [gpu] * 7, deployment.message
     assert replica_groups("fake:huge-tp8") == []
     # Nothing crashed: the marketplace next to it serves every listing.
     assert serve.status().applications["market"].status == "RUNNING"
@@ -83,31 +93,53 @@ def gpu_cluster_cost(listing_id: str, prompt_tokens: int, completion_tokens: int
 
 
 def test_overload_beyond_the_queue_is_a_fast_503_and_is_not_billed(gpu_cluster) -> None:
-    created = gpu_cluster.create_key(name="overload", credit_usd="1")
+    """narrow-cpu runs one request and queues one. With a stream running, of 5 more requests
+    exactly one waits and 4 are refused with 503 model_overloaded while the stream still
+    holds the replica: a refusal that waited for capacity would not come back before the
+    stream is released. The refusals are settled at no cost."""
+    created = gpu_cluster.create_key(name="overload", credit_usd=1)
     key = created["key"]
-    body = {
+    running = {
         "model": "narrow-cpu",
-        "messages": [{"role": "user", "content": "long [[fake-tokens=150]]"}],
-        "max_tokens": 200,
+        "messages": [{"role": "user", "content": f"long [[fake-tokens={LONG_STREAM_TOKENS}]]"}],  # 5 prompt tokens
+        "max_tokens": LONG_STREAM_TOKENS,
+        "stream": True,
     }
+    short = {"model": "narrow-cpu", "messages": [{"role": "user", "content": "short"}], "max_tokens": 4}  # 4 tokens
 
-    def send(_: int) -> tuple[int, float, dict]:
-        started = time.monotonic()
+    def send(_: int) -> httpx.Response:
         with httpx.Client(base_url=gpu_cluster.base_url, timeout=60) as client:
-            response = client.post("/v1/chat/completions", json=body, headers=gpu_cluster.auth(key))
-        return response.status_code, time.monotonic() - started, response
+            return client.post("/v1/chat/completions", json=short, headers=gpu_cluster.auth(key))
 
-    with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(send, range(6)))
-    served = [r for status, _, r in results if status == 200]
-    refused = [(seconds, r) for status, seconds, r in results if status == 503]
-    assert len(served) + len(refused) == 6
-    assert len(served) >= 2 and len(refused) >= 1  # one running + one queued at least; the rest turned away
-    for seconds, response in refused:
-        assert seconds < 1.0  # well before a served request (1.5 s of tokens) could finish
-        assert response.json()["error"]["code"] == "model_overloaded"
-        assert int(response.headers["retry-after"]) >= 1
-    spent = sum(r.json()["usage"]["cost"] for r in served)
-    info = gpu_cluster.key_info(key)
-    assert round(info["credit_usd"] * 1e6) == 1_000_000 - round(spent * 1e6)
-    assert info["on_hold_usd"] == 0.0
+    with (
+        ThreadPoolExecutor(5) as pool,
+        httpx.Client(base_url=gpu_cluster.base_url, timeout=60) as client,
+        client.stream("POST", "/v1/chat/completions", json=running, headers=gpu_cluster.auth(key)) as stream,
+    ):
+        assert stream.status_code == 200
+        # Kept: an iterator dropped here would be closed, and the connection with it.
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: ")  # generating: the replica's one slot is taken
+        futures = [pool.submit(send, index) for index in range(5)]
+        gpu_cluster.wait_until(
+            lambda: sum(f.done() for f in futures) >= 4, REFUSAL_TIMEOUT_S, what="the requests beyond the queue"
+        )
+        refused = [f.result() for f in futures if f.done()]
+        (queued,) = [f for f in futures if not f.done()]
+        assert [r.status_code for r in refused] == [503] * 4
+        for response in refused:
+            assert response.json()["error"]["code"] == "model_overloaded"
+            assert response.headers["retry-after"] == "1"
+        lines.close()
+        stream.close()  # the client hangs up; the queued request gets the replica
+    served = queued.result(timeout=REFUSAL_TIMEOUT_S)
+    assert served.status_code == 200, served.text
+    assert served.json()["usage"]["completion_tokens"] == 4
+
+    info = gpu_cluster.wait_until(
+        lambda: (i := gpu_cluster.key_info(key))["on_hold_usd"] == 0 and i, REFUSAL_TIMEOUT_S, what="the settlements"
+    )
+    total = gpu_cluster.usage(key)["total"]
+    # Six requests in usage; only the stream (5 prompt tokens) and the served one (4) are billed.
+    assert (total["requests"], total["prompt_tokens"]) == (6, 5 + 4)
+    assert round(info["credit_usd"] * 1e6) == 1_000_000 - round(total["cost_usd"] * 1e6)

@@ -115,6 +115,8 @@ TEXT_PARTS = {"text": "text", "refusal": "refusal", "thinking": "thinking"}
 # Part type -> its modality. Images need a multimodal listing; audio and video no listing serves.
 MEDIA_PARTS = {"image_url": "image", "input_audio": "audio", "audio_url": "audio", "video_url": "video"}
 IMAGE_DETAILS = frozenset({"auto", "low", "high"})
+# Roles whose messages must carry content (an assistant message may be only tool calls).
+TEXT_REQUIRED_ROLES = frozenset({"system", "developer", "user", "tool"})
 
 
 def _part_types() -> str:
@@ -134,6 +136,12 @@ def check_messages(messages: Any, listing: Listing | None = None) -> None:
         if not isinstance(message, dict) or "content" not in message:
             continue
         content, where = message["content"], f"messages.{index}.content"
+        if content is None and message.get("role") in TEXT_REQUIRED_ROLES:
+            # The request model refuses it too, but names the wrong field (a role in its union).
+            raise BadRequest(
+                f"Invalid value for '{where}': null; only assistant messages may leave out their content.",
+                param=where,
+            )
         if content is None or isinstance(content, str):
             continue
         if not isinstance(content, list):

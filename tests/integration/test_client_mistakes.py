@@ -86,6 +86,7 @@ IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"
 INFERENCE_MISTAKES = [
     # content shapes
     pytest.param(chat_with({"a": 1}), "messages.0.content", "invalid_value", id="content-object"),
+    pytest.param(chat_with(None), "messages.0.content", "invalid_value", id="null-user-content"),
     pytest.param(chat_with(["hi"]), "messages.0.content.0", "invalid_value", id="bare-string-part"),
     pytest.param(
         chat_with([{"type": "bogus", "text": "hi"}]), "messages.0.content.0.type", "invalid_value", id="unknown-type"

@@ -118,6 +118,24 @@ def test_malformed_content_fails_the_base_model_lazily(content: Any, param: str,
     assert not isinstance(parsed.messages[0]["content"], str)  # it would have reached the engine
 
 
+@pytest.mark.parametrize("role", ["system", "developer", "user", "tool"])
+def test_null_content_is_refused_naming_the_content_not_the_role(role: str):
+    message = {"role": role, "content": None, **({"tool_call_id": "call_1"} if role == "tool" else {})}
+    with pytest.raises(BadRequest) as info:
+        ChatRequest.model_validate({"model": MODEL, "messages": [message]})
+    assert info.value.param == "messages.0.content"
+
+
+def test_an_assistant_message_of_tool_calls_only_may_have_null_content():
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    validate_request(_chat(messages=messages), TEXT_ONLY, chat=True)
+
+
 def test_a_bad_part_in_a_later_message_is_named_by_its_index():
     messages = [
         {"role": "system", "content": "be brief"},

@@ -198,7 +198,10 @@ class Gateway:
         if chat:
             # Materialise pydantic's lazy iterables (content parts) so the body can be
             # inspected here and pickled to the engine replica.
-            body = _sanitize_chat_completion_request(body)
+            try:
+                body = _sanitize_chat_completion_request(body)
+            except ValueError as exc:  # content the route's own checks did not see (callers without them)
+                raise BadRequest("Invalid message content.", param="messages") from exc
         validate_request(body, listing, chat=chat)
 
         # An adapter shares its base model's tokenizer.

@@ -71,7 +71,7 @@ def _to_hash(record: KeyRecord) -> dict[str, str]:
 def _from_hash(raw: dict[str, str]) -> KeyRecord:
     data: dict[str, Any] = dict(raw)
     data["models"] = json.loads(raw.get("models") or "null")
-    data["limits"] = Limits.model_validate_json(raw.get("limits") or "{}")
+    data["limits"] = Limits.from_stored(raw.get("limits"))
     data["expires_at"] = int(raw["expires_at"]) if raw.get("expires_at") else None
     return KeyRecord.model_validate(data)
 

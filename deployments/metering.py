@@ -260,7 +260,7 @@ class Meter:
         pipe.hmget(account_key(key_id, "buckets"), ["req_level", "req_ts", "tok_level", "tok_ts"])
         pipe.time()
         raw_limits, (req_level, req_ts, tok_level, tok_ts), (seconds, micros) = await pipe.execute()
-        own = Limits.model_validate_json(raw_limits) if raw_limits else Limits()
+        own = Limits.from_stored(raw_limits)
         rpm, tpm, max_concurrency, max_per_request = self.effective_limits(own)
         now_ms = seconds * 1000 + micros // 1000
         req = bucket_level(rpm, req_level, req_ts, now_ms)

@@ -7,6 +7,7 @@ micro-USD everywhere else.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -128,6 +129,30 @@ class Limits(BaseModel):
         description=f"The most output one request may ask for: prompts x n x max output tokens "
         f"(1 to {MAX_TOKENS_PER_REQUEST:,}).",
     )
+
+    @classmethod
+    def from_stored(cls, raw: str | None) -> Limits:
+        """A key record's stored limits, read leniently: records written before the bounds
+        existed may hold larger numbers (or strings); they are clamped into range, so a key
+        record always loads (admit.lua reads the same JSON and applies it as stored)."""
+        try:
+            stored = json.loads(raw or "{}")
+        except ValueError:
+            stored = {}
+        bounds = {
+            "rpm": MAX_RPM,
+            "tpm": MAX_TPM,
+            "max_concurrency": MAX_CONCURRENCY,
+            "max_tokens_per_request": MAX_TOKENS_PER_REQUEST,
+        }
+        clamped: dict[str, int] = {}
+        for name, upper in bounds.items():
+            value = stored.get(name) if isinstance(stored, dict) else None
+            if isinstance(value, str) and value.strip().isdigit():
+                value = int(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:
+                clamped[name] = int(min(value, upper))
+        return cls(**clamped)
 
 
 class KeyRecord(BaseModel):

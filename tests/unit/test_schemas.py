@@ -378,3 +378,10 @@ def test_created_key_shows_the_key_once_but_not_its_hash():
 def test_key_record_rejects_unknown_status():
     with pytest.raises(ValidationError):
         _record(status="suspended")
+
+
+def test_stored_limits_from_before_the_bounds_are_clamped_so_the_record_still_loads() -> None:
+    raw = '{"rpm": 1e30, "tpm": "5000", "max_concurrency": true, "max_tokens_per_request": 0, "extra": 1}'
+    assert Limits.from_stored(raw) == Limits(rpm=1_000_000, tpm=5000)
+    assert Limits.from_stored(None) == Limits.from_stored("not json") == Limits()
+    assert Limits.from_stored('{"rpm": 60, "tpm": 10000}') == Limits(rpm=60, tpm=10_000)

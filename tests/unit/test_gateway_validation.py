@@ -9,7 +9,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletio
 
 from tokenmart.deployments.catalog import Listing
 from tokenmart.deployments.errors import BadRequest
-from tokenmart.deployments.gateway import MAX_CHOICES, validate_request
+from tokenmart.deployments.validation import MAX_CHOICES, validate_request
 
 CONTEXT = 2048
 DEFAULT_MAX = 256

@@ -9,6 +9,7 @@ the project builds an error body by hand.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -160,10 +161,14 @@ def error_body(status_code: int, message: str, *, param: str | None = None, code
     return {"error": {"message": message, "type": type_, "param": param, "code": code or default_code}}
 
 
+# The tags pydantic puts in an error's location for the union member it tried (`str`,
+# `list[int]`, `function-after[...]`, a model's class name); they are not fields.
+_UNION_TAG = re.compile(r"^([A-Z].*|.*\[.*|function-.*|str|int|float|bool|bytes|none|list|dict|tuple|set|decimal)$")
+
+
 def _param_from_loc(loc: Sequence[int | str]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    # pydantic tags union members with the member's type name; those are not fields
-    parts = [p for p in parts if not p[:1].isupper() and "[" not in p and "function-" not in p]
+    parts = [p for p in parts if not _UNION_TAG.match(p)]
     return ".".join(parts) or None
 
 

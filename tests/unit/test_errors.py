@@ -498,3 +498,20 @@ def test_the_proxy_guard_drops_a_request_id_that_is_not_utf8_and_keeps_others():
     assert [m.cls for m in proxy_middlewares()] == [RequestIdGuard]
     module, _, name = PROXY_ENV["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
     assert module == "tokenmart.deployments.request_id" and name == "proxy_middlewares"
+
+
+@pytest.mark.parametrize(
+    ("loc", "param"),
+    [
+        (("body", "prompt", "str"), "prompt"),
+        (("body", "prompt", "list[str]", 1), "prompt.1"),
+        (("body", "prompt", "list[list[int]]", 0, 2), "prompt.0.2"),
+        (("body", "messages", 0, "content", "function-after[check(), str]"), "messages.0.content"),
+        (("body", "model"), "model"),
+        (("body", "n"), "n"),
+    ],
+)
+def test_param_names_the_field_not_the_union_member_pydantic_tried(loc: tuple, param: str) -> None:
+    from tokenmart.deployments.errors import _param_from_loc
+
+    assert _param_from_loc(loc) == param

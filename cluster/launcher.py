@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tokenmart.deployments.catalog import BUILTIN_PREFIX, Catalog, load_catalog
-from tokenmart.deployments.metering import DEFAULT_LIMITS
+from tokenmart.deployments.limits import DEFAULT_LIMITS
 from tokenmart.deployments.request_id import PROXY_ENV
 
 from .state import ClusterState

@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from .catalog import Catalog, CatalogError, Listing, WorkerGroup, load_catalog
-from .metering import DEFAULT_LIMITS
+from .limits import DEFAULT_LIMITS
 from .placement import placement_for
 from .schemas import Limits
 

@@ -7,7 +7,7 @@ engine replica keeps one watcher per caller it is serving. The watcher calls the
 `__ray_ready__` once a second, whatever the number of requests; when the caller is gone it
 cancels that caller's requests, which aborts them in the engine as a client disconnect does.
 
-What happens to the billing of such a request is the lease policy of `metering.py`.
+What happens to the billing of such a request is the lease policy of `billing.py`.
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import auth
+from .billing import Admission, Meter, Outcome, Settlement
 from .caller_watch import CALLER_HEADER
 from .catalog import Catalog, Listing
 from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable
-from .metering import Admission, Meter, Outcome, Settlement
 from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
 from .tokens import PromptCounter
 from .validation import engine_error, max_output_tokens, validate_request

@@ -26,17 +26,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import auth
+from .billing import Meter
 from .catalog import Catalog, Listing
 from .errors import APIError, BadRequest, BillingUnavailable, NotFound, PayloadTooLarge, install_error_handlers
 from .gateway import Gateway
 from .keystore import KeyStore, connect
-from .metering import Meter
 from .metrics import MarketplaceMetrics
 from .reconcile import reconcile
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import client_request_id
 from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, UpdateKeyRequest, usd_to_micros
 from .tokens import PromptCounter
+from .usage import usage_report
 from .validation import ChatRequest
 
 logger = logging.getLogger("tokenmart.ingress")
@@ -245,7 +246,7 @@ class MarketplaceIngress(OpenAiIngress):
     ) -> dict[str, Any]:
         record = await self.keys.authenticate(request.headers.get("authorization"))
         first, last = _usage_window(start, end)
-        return (await self.meter.usage([record.id], first, last, group_by)).model_dump()
+        return (await usage_report(self.redis, [record.id], first, last, group_by)).model_dump()
 
     async def healthz(self) -> Response:
         try:
@@ -302,7 +303,7 @@ class MarketplaceIngress(OpenAiIngress):
         self._admin(request)
         first, last = _usage_window(start, end)
         key_ids = [(await self.keys.require(key_id)).id] if key_id else [r.id for r in await self.keys.list()]
-        return (await self.meter.usage(key_ids, first, last, group_by)).model_dump()
+        return (await usage_report(self.redis, key_ids, first, last, group_by)).model_dump()
 
     async def admin_reconcile(self, request: Request, key_id: str | None = Query(default=None)) -> dict[str, Any]:
         self._admin(request)

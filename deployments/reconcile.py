@@ -21,9 +21,7 @@ import redis.asyncio as aioredis
 
 from .keystore import account_key
 from .schemas import Discrepancy, KeyReconciliation, ReconciliationReport, micros_to_usd
-
-_METRICS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
-
+from .usage import METRICS
 
 HOLD_EXCEEDED = "hold_exceeded"
 
@@ -39,7 +37,7 @@ def ledger_totals(events: list[tuple[str, dict[str, str]]]) -> Counter[str]:
     for _, event in usage_events(events):
         group = f"{event['day']}|{event['model']}|"
         totals[group + "requests"] += 1
-        for metric in _METRICS[1:]:
+        for metric in METRICS[1:]:
             totals[group + metric] += int(event[metric])
     return totals
 

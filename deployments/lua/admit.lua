@@ -3,8 +3,8 @@
 -- Nothing changes unless every check passes.
 --
 -- Rate limits are token buckets refilled continuously: capacity = the per-minute limit,
--- refill = limit per 60 000 ms. Levels are stored scaled by 60 000 so all arithmetic is
--- exact integers (refill per ms = the limit itself).
+-- refill = limit per 60 000 ms. Levels are stored scaled by SCALE (60 000) so all arithmetic
+-- is exact integers (refill per ms = the limit itself).
 --
 -- KEYS[1] {acct:ID}:key        key record (hash): key_hash, status, expires_at, models,
 --                              limits (JSON), balance_micros, hold_micros
@@ -17,10 +17,9 @@
 --
 -- Returns {verdict, retry_after_ms, rpm, rpm_remaining, rpm_reset_ms,
 --          tpm, tpm_remaining, tpm_reset_ms, max_concurrency}
--- verdict: 0 admitted, 1 requests/min, 2 tokens/min, 3 larger than the whole TPM,
---          4 concurrency, 5 insufficient credit, 6 unknown key, 7 revoked, 8 expired,
---          9 model not allowed for this key, 10 the request asks for more output than the
---          key's max_tokens_per_request (retry_after_ms then carries that limit)
+-- VERDICT.<NAME> and SCALE are not defined here: limits.py (`lua_source`) prepends them from
+-- its `Verdict` table, the one list of admission outcomes (with retry_after_ms carrying the
+-- per-request bound for OVER_REQUEST_BOUND).
 
 local billing_id, key_hash, model = ARGV[1], ARGV[2], ARGV[3]
 local tokens, hold, lease_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -34,15 +33,15 @@ end
 
 local record = redis.call('HMGET', KEYS[1], 'key_hash', 'status', 'expires_at', 'models', 'limits', 'balance_micros')
 -- Lua strings are interned, so this equality is a pointer comparison, not a byte-by-byte scan.
-if record[1] ~= key_hash then return {6, 0, 0, 0, 0, 0, 0, 0, 0} end
-if record[2] ~= 'active' then return {7, 0, 0, 0, 0, 0, 0, 0, 0} end
-if record[3] and record[3] ~= '' and now >= tonumber(record[3]) * 1000 then return {8, 0, 0, 0, 0, 0, 0, 0, 0} end
+if record[1] ~= key_hash then return {VERDICT.UNKNOWN_KEY, 0, 0, 0, 0, 0, 0, 0, 0} end
+if record[2] ~= 'active' then return {VERDICT.REVOKED_KEY, 0, 0, 0, 0, 0, 0, 0, 0} end
+if record[3] and record[3] ~= '' and now >= tonumber(record[3]) * 1000 then return {VERDICT.EXPIRED_KEY, 0, 0, 0, 0, 0, 0, 0, 0} end
 if record[4] and record[4] ~= 'null' and record[4] ~= '' then
   local allowed = false
   for _, id in ipairs(cjson.decode(record[4])) do
     if id == model then allowed = true break end
   end
-  if not allowed then return {9, 0, 0, 0, 0, 0, 0, 0, 0} end
+  if not allowed then return {VERDICT.MODEL_NOT_ALLOWED, 0, 0, 0, 0, 0, 0, 0, 0} end
 end
 
 -- The key's own limits, else the operator's defaults.
@@ -54,9 +53,8 @@ local function limit(name, default)
 end
 local rpm, tpm, max_conc = limit('rpm', ARGV[4]), limit('tpm', ARGV[5]), limit('max_concurrency', ARGV[6])
 local max_per_request = limit('max_tokens_per_request', ARGV[11])
-if tonumber(ARGV[12]) > max_per_request then return {10, max_per_request, 0, 0, 0, 0, 0, 0, 0} end
+if tonumber(ARGV[12]) > max_per_request then return {VERDICT.OVER_REQUEST_BOUND, max_per_request, 0, 0, 0, 0, 0, 0, 0} end
 
-local SCALE = 60000
 local state = redis.call('HMGET', KEYS[2], 'req_level', 'req_ts', 'tok_level', 'tok_ts')
 
 local function level(lim, stored, ts)
@@ -96,20 +94,20 @@ if #expired > 0 then
   end
 end
 if redis.call('ZCARD', KEYS[3]) >= max_conc then
-  return report(4, 1000, req_level, tok_level)
+  return report(VERDICT.CONCURRENCY, 1000, req_level, tok_level)
 end
 if req_level < req_cost then
-  return report(1, ceil_div(req_cost - req_level, rpm), req_level, tok_level)
+  return report(VERDICT.REQUESTS_PER_MINUTE, ceil_div(req_cost - req_level, rpm), req_level, tok_level)
 end
 if tokens > tpm then
-  return report(3, 0, req_level, tok_level)
+  return report(VERDICT.LARGER_THAN_TPM, 0, req_level, tok_level)
 end
 if tok_level < tok_cost then
-  return report(2, ceil_div(tok_cost - tok_level, tpm), req_level, tok_level)
+  return report(VERDICT.TOKENS_PER_MINUTE, ceil_div(tok_cost - tok_level, tpm), req_level, tok_level)
 end
 local balance = tonumber(record[6] or '0')
 if balance < hold or balance <= 0 then
-  return report(5, 0, req_level, tok_level)
+  return report(VERDICT.INSUFFICIENT_CREDIT, 0, req_level, tok_level)
 end
 
 req_level = req_level - req_cost
@@ -122,4 +120,4 @@ if hold > 0 then  -- (Redis refuses "-0" as an increment)
   redis.call('HINCRBY', KEYS[1], 'hold_micros', hold)
   redis.call('HSET', KEYS[4], billing_id, hold)
 end
-return report(0, 0, req_level, tok_level)
+return report(VERDICT.ADMITTED, 0, req_level, tok_level)

@@ -70,8 +70,8 @@ end
 redis.call('HINCRBY', KEYS[1], 'spent_micros', charged)
 redis.call('ZREM', KEYS[6], billing_id)
 if unused_tokens > 0 and redis.call('HEXISTS', KEYS[5], 'tok_level') == 1 then
-  -- levels are scaled by 60 000 (see admit.lua); the next admission caps at capacity
-  redis.call('HINCRBY', KEYS[5], 'tok_level', unused_tokens * 60000)
+  -- levels are scaled by SCALE (prepended by limits.lua_source); the next admission caps at capacity
+  redis.call('HINCRBY', KEYS[5], 'tok_level', unused_tokens * SCALE)
 end
 
 if status == 'rejected' and charged == 0 then

@@ -18,10 +18,10 @@ from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletio
 from redis import asyncio as aioredis
 from starlette.requests import ClientDisconnect, Request
 
+from tokenmart.deployments.billing import Meter
 from tokenmart.deployments.errors import ServiceUnavailable
 from tokenmart.deployments.gateway import Gateway
 from tokenmart.deployments.keystore import KeyStore
-from tokenmart.deployments.metering import Meter
 from tokenmart.deployments.schemas import CreateKeyRequest
 from tokenmart.deployments.spool import SettlementSpool
 

@@ -13,10 +13,11 @@ import pytest
 import redis
 
 from tokenmart.deployments import auth
+from tokenmart.deployments.billing import LEASE_MS, Meter
 from tokenmart.deployments.errors import APIError, AuthenticationFailed, InsufficientCredit
 from tokenmart.deployments.keystore import KeyStore, account_key, connect
-from tokenmart.deployments.metering import LEASE_MS, Meter
 from tokenmart.deployments.schemas import CreateKeyRequest, UpdateKeyRequest
+from tokenmart.deployments.usage import usage_report
 
 from .conftest import TEST_CATALOG, free_port
 
@@ -287,7 +288,7 @@ def test_usage_report_groups_by_model_and_day_within_the_date_range(redis_server
     )
 
     def report(start: date, end: date, group_by: str):
-        return run(redis_server.url, lambda _, meter: meter.usage([key_id], start, end, group_by))  # type: ignore[arg-type]
+        return run(redis_server.url, lambda _, meter: usage_report(meter.redis, [key_id], start, end, group_by))  # type: ignore[arg-type]
 
     alpha_cost = ALPHA.cost_micros(10, 4)
     beta_cost = BETA.cost_micros(6, 2) + BETA.cost_micros(4, 2)

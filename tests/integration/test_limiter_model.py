@@ -15,11 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenmart.deployments.keystore import account_key
-from tokenmart.deployments.metering import LUA_DIR
+from tokenmart.deployments.limits import SCALE, Verdict, lua_source
 
 pytestmark = pytest.mark.integration
 
-SCALE = 60_000
 KEY_ID = "key_model"
 KEY_HASH = "0" * 64
 
@@ -59,22 +58,22 @@ class Model:
             del self.inflight[expired]
             self.balance += self.holds.pop(expired, 0)  # a lapsed lease gives its hold back
         if len(self.inflight) >= self.max_concurrency:
-            return report(4, 1000, req, tok)
+            return report(Verdict.CONCURRENCY, 1000, req, tok)
         if req < SCALE:
-            return report(1, ceil_div(SCALE - req, self.rpm), req, tok)
+            return report(Verdict.REQUESTS_PER_MINUTE, ceil_div(SCALE - req, self.rpm), req, tok)
         if tokens > self.tpm:
-            return report(3, 0, req, tok)
+            return report(Verdict.LARGER_THAN_TPM, 0, req, tok)
         if tok < tokens * SCALE:
-            return report(2, ceil_div(tokens * SCALE - tok, self.tpm), req, tok)
+            return report(Verdict.TOKENS_PER_MINUTE, ceil_div(tokens * SCALE - tok, self.tpm), req, tok)
         if self.balance < hold or self.balance <= 0:
-            return report(5, 0, req, tok)
+            return report(Verdict.INSUFFICIENT_CREDIT, 0, req, tok)
         req, tok = req - SCALE, tok - tokens * SCALE
         self.levels = {"req": (req, now), "tok": (tok, now)}
         self.inflight[billing_id] = now + lease
         if hold:
             self.holds[billing_id] = hold
         self.balance -= hold
-        return report(0, 0, req, tok)
+        return report(Verdict.ADMITTED, 0, req, tok)
 
     def settle(self, billing_id: str, hold: int, cost: int, unused: int) -> int:
         """Returns what was charged: the cost, capped at the hold (or, with no hold left, the balance)."""
@@ -114,8 +113,8 @@ operations = st.lists(
 )
 def test_lua_limiter_matches_the_model(redis_client, rpm, tpm, max_concurrency, balance, own_limits, ops) -> None:
     redis_client.flushall()
-    admit = redis_client.register_script((LUA_DIR / "admit.lua").read_text())
-    settle = redis_client.register_script((LUA_DIR / "settle.lua").read_text())
+    admit = redis_client.register_script(lua_source("admit"))
+    settle = redis_client.register_script(lua_source("settle"))
     record = account_key(KEY_ID, "key")
     limits = {"rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency}
     # The limits come from the key's own record, or (when it sets none) from the operator defaults.
@@ -149,7 +148,7 @@ def test_lua_limiter_matches_the_model(redis_client, rpm, tpm, max_concurrency, 
             got = admit(keys=keys, args=args)
             want = model.admit(billing_id, tokens, hold, now, lease)
             assert [int(v) for v in got] == want, (index, op)
-            if want[0] == 0:
+            if want[0] == Verdict.ADMITTED:
                 admitted.append((billing_id, hold, tokens))
         elif admitted:
             _, pick, cost_seed, used_seed = op

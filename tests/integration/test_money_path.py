@@ -16,9 +16,9 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from tokenmart.deployments.billing import LEASE_MS
 from tokenmart.deployments.catalog import Listing
 from tokenmart.deployments.keystore import account_key
-from tokenmart.deployments.metering import LEASE_MS
 from tokenmart.deployments.reconcile import reconcile
 from tokenmart.deployments.schemas import CreateKeyRequest
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tokenmart.deployments.billing import Meter
 from tokenmart.deployments.errors import BillingUnavailable
 from tokenmart.deployments.keystore import KeyStore, connect
-from tokenmart.deployments.metering import Meter
 from tokenmart.deployments.schemas import CreateKeyRequest
 from tokenmart.deployments.spool import SettlementSpool
 

@@ -119,5 +119,10 @@ def test_up_passes_the_operators_default_limits_to_the_app(tmp_path: Path, monke
 
     (config,) = deployed
     args = config["applications"][0]["args"]
-    assert args["default_limits"] == {"rpm": 5, "tpm": 1_000_000, "max_concurrency": 2, "max_tokens_per_request": 131_072}
+    assert args["default_limits"] == {
+        "rpm": 5,
+        "tpm": 1_000_000,
+        "max_concurrency": 2,
+        "max_tokens_per_request": 131_072,
+    }
     assert AppArgs.model_validate(args).default_limits.rpm == 5

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tokenmart.deployments.metering import SCALE
+from tokenmart.deployments.limits import SCALE
 from tokenmart.deployments.schemas import (
     MAX_CONCURRENCY,
     MAX_RPM,

@@ -9,7 +9,6 @@ import pytest
 from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
 from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 
-from tokenmart.deployments.validation import max_output_tokens
 from tokenmart.deployments.tokens import (
     INLINE_TOKENIZE_CHARS,
     MERGE_SLACK_TOKENS,
@@ -19,6 +18,7 @@ from tokenmart.deployments.tokens import (
     byte_bound,
     prompt_count,
 )
+from tokenmart.deployments.validation import max_output_tokens
 
 
 class WordTokenizer:

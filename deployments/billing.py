@@ -1,0 +1,229 @@
+"""Billing: hold credit for a request's worst case at admission, settle its real tokens after.
+
+The request pipeline calls exactly two methods, `admit` before dispatch and `settle` in a
+`finally` after it; each is one Lua call. Admission (`lua/admit.lua`) authenticates the key,
+checks its limits (see `limits.py`) and places a credit hold for the worst case at the
+listing's prices. Settlement (`lua/settle.lua`), idempotent per billing id, charges the real
+tokens (at most the hold), refunds the rest, returns the unused tokens to the TPM bucket,
+releases the concurrency slot and appends the ledger event. When Redis cannot take a
+settlement it goes to the local spool (`spool.py`) and is replayed.
+
+Redis layout (per account, hash-tagged):
+  {acct:<id>}:key                 the key record, with balance/hold/spent/credited micro-USD
+  {acct:<id>}:buckets             rate-limit token buckets (levels scaled by limits.SCALE)
+  {acct:<id>}:inflight            zset: admitted, unsettled billing ids -> lease expiry (ms)
+  {acct:<id>}:holds               hash: billing id -> the credit it holds
+  {acct:<id>}:usage               hash "<UTC day>|<model>|<metric>" -> int (usage.py)
+  {acct:<id>}:ledger              stream of usage events (reconcile.py)
+  {acct:<id>}:settled:<billing>   idempotency marker (7 days)
+
+An admission whose ingress dies before settling keeps its slot and hold until its lease
+(LEASE_MS) runs out; the next admission of that key frees both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .catalog import Listing
+from .errors import BillingUnavailable
+from .keystore import account_key
+from .limits import (
+    DEFAULT_LIMITS,
+    RateLimitState,
+    Verdict,
+    current_state,
+    default_state,
+    effective_limits,
+    lua_source,
+    refusal,
+)
+from .schemas import Limits, micros_to_usd
+from .spool import SettlementSpool
+
+logger = logging.getLogger("tokenmart.billing")
+
+SETTLED_MARKER_TTL_S = 7 * 24 * 3600
+# rejected: the engine refused the request as invalid before doing any work; it is released
+# like any other admission but is not a request in the usage counters or the ledger.
+Outcome = Literal["completed", "aborted", "error", "rejected"]
+
+
+# Unsettled admissions expire after this long, so a crashed ingress cannot hold a slot forever.
+LEASE_MS = 15 * 60 * 1000
+
+
+SCALE = 60_000  # bucket levels are stored scaled (see lua/admit.lua)
+
+
+@dataclass
+class Admission:
+    """What admission granted; settlement needs it back."""
+
+    billing_id: str
+    key_id: str
+    listing: Listing
+    hold_micros: int = 0
+    reserved_tokens: int = 0
+    limits: RateLimitState | None = None
+    started_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+
+@dataclass(frozen=True)
+class Settlement:
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int  # what was charged: the tokens' cost, capped at the hold
+    balance_micros: int | None  # None when the settlement was spooled (balance unknown)
+    duplicate: bool = False
+    spooled: bool = False
+    # The tokens' cost beyond what could be charged (a `hold_exceeded` ledger event); 0 normally.
+    uncharged_micros: int = 0
+
+    @property
+    def cost_usd(self) -> float:
+        return micros_to_usd(self.cost_micros)
+
+
+def new_billing_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Meter:
+    def __init__(
+        self, redis: aioredis.Redis, defaults: Limits | None = None, spool: SettlementSpool | None = None
+    ) -> None:
+        self.redis = redis
+        self.defaults = defaults or DEFAULT_LIMITS
+        self.spool = spool or SettlementSpool()
+        self._admit = redis.register_script(lua_source("admit"))
+        self._settle = redis.register_script(lua_source("settle"))
+
+    def default_state(self) -> RateLimitState:
+        """What the headers say when no key is known: the operator's defaults, untouched."""
+        return default_state(self.defaults)
+
+    async def admit(
+        self,
+        key_id: str,
+        key_hash: str,
+        listing: Listing,
+        prompt_tokens: int,
+        max_output_tokens: int,
+        *,
+        now_ms: int | None = None,
+    ) -> Admission:
+        """Authenticate the key and reserve limits and credit for the worst case, in one Redis call.
+
+        Raises 401 (unknown, revoked or expired key), 403 (model not allowed), 429 or 402
+        (with the rate-limit headers), or 503 when Redis does not answer.
+        """
+        tokens = prompt_tokens + max_output_tokens
+        hold = listing.cost_micros(prompt_tokens, max_output_tokens)
+        billing_id = new_billing_id()
+        keys = [account_key(key_id, name) for name in ("key", "buckets", "inflight", "holds")]
+        rpm, tpm, max_concurrency, max_per_request = effective_limits(Limits(), self.defaults)
+        args = [billing_id, key_hash, listing.id, rpm, tpm, max_concurrency, tokens, hold, LEASE_MS]
+        args += ["" if now_ms is None else now_ms, max_per_request, max_output_tokens]
+        try:
+            verdict, retry_ms, *state = await self._admit(keys=keys, args=args)
+        except RedisError as exc:
+            logger.warning("admission of %s refused: Redis failed (%r)", key_id, exc)
+            raise BillingUnavailable(
+                "The billing store is unavailable; the request was not served. Retry shortly.", retry_after_s=2
+            ) from exc
+        limits = RateLimitState(*(int(v) for v in state))
+        if verdict != Verdict.ADMITTED:
+            raise refusal(Verdict(int(verdict)), int(retry_ms), limits, tokens, hold, listing.id, max_output_tokens)
+        return Admission(billing_id, key_id, listing, hold, tokens, limits)
+
+    async def current_state(self, key_id: str) -> RateLimitState:
+        """The key's limits and bucket levels now, without consuming anything (one round trip)."""
+        return await current_state(self.redis, key_id, self.defaults)
+
+    async def settle(
+        self, admission: Admission, prompt_tokens: int, completion_tokens: int, outcome: Outcome
+    ) -> Settlement:
+        """Charge the real tokens. Engine errors charge no completion tokens (the caller passes 0)."""
+        cost = admission.listing.cost_micros(prompt_tokens, completion_tokens)
+        key_id = admission.key_id
+        keys = [
+            account_key(key_id, "key"),
+            account_key(key_id, "usage"),
+            account_key(key_id, "ledger"),
+            account_key(key_id, f"settled:{admission.billing_id}"),
+        ]
+        keys += [account_key(key_id, "buckets"), account_key(key_id, "inflight"), account_key(key_id, "holds")]
+        args = [
+            admission.billing_id,
+            key_id,
+            admission.listing.id,
+            prompt_tokens,
+            completion_tokens,
+            cost,
+            admission.hold_micros,
+            outcome,
+            admission.started_at_ms,
+            SETTLED_MARKER_TTL_S,
+            max(admission.reserved_tokens - prompt_tokens - completion_tokens, 0),
+            admission.reserved_tokens,
+        ]
+        try:
+            settled, balance, charged = await self._settle(keys=keys, args=args)
+        except RedisError as exc:
+            self.spool.append(keys, args)
+            logger.warning("Redis unavailable at settlement of %s (%s); spooled for replay", admission.billing_id, exc)
+            return Settlement(prompt_tokens, completion_tokens, cost, balance_micros=None, spooled=True)
+        if not settled:
+            return Settlement(prompt_tokens, completion_tokens, cost, int(balance), duplicate=True)
+        if int(charged) < cost:
+            logger.error(
+                "settlement of %s cost %d micro-USD, more than its hold; charged %d (hold_exceeded in the ledger)",
+                admission.billing_id,
+                cost,
+                int(charged),
+            )
+        return Settlement(
+            prompt_tokens, completion_tokens, int(charged), int(balance), uncharged_micros=cost - int(charged)
+        )
+
+    async def replay_forever(self, interval_s: float = 2.0) -> None:
+        """Background task of each ingress replica: drain the spool whenever Redis answers."""
+        while True:
+            await self.replay_spool()
+            await asyncio.sleep(interval_s)
+
+    async def replay_spool(self) -> int:
+        """Send spooled settlements again, in order, stopping at the first failure; also adopt
+        the spools of ingress processes that died. Returns how many went."""
+        replayed = await self._replay(self.spool)
+        for orphan in self.spool.orphans():
+            sent = await self._replay(orphan)
+            replayed += sent
+            if orphan.pending():
+                orphan.release()  # Redis failed part way; adopted again on a later pass
+            else:
+                orphan.remove()
+                logger.info("adopted and replayed the spool %s of a stopped ingress", orphan.path.name)
+        return replayed
+
+    async def _replay(self, spool: SettlementSpool) -> int:
+        replayed = 0
+        for entry in spool.pending():
+            try:
+                await self._settle(keys=entry["keys"], args=entry["args"])
+            except RedisError:
+                break
+            replayed += 1
+        if replayed:
+            spool.drop_first(replayed)
+            logger.info("replayed %d spooled settlement(s) from %s", replayed, spool.path.name)
+        return replayed

@@ -14,6 +14,7 @@ import string
 import zlib
 
 from .errors import AuthenticationFailed
+from .scripts import Verdict
 
 KEY_PREFIX = "sk-tm-"
 _ALPHABET = string.digits + string.ascii_letters  # base62
@@ -98,3 +99,18 @@ def check_admin_token(authorization: str | None, admin_token: str | None) -> Non
     token = bearer_token(authorization)
     if not hmac.compare_digest(token.encode(), admin_token.encode()):
         raise AuthenticationFailed("Incorrect admin token.", code="invalid_admin_token")
+
+
+_KEY_REFUSALS = {
+    Verdict.UNKNOWN_KEY: ("Incorrect API key provided.", "invalid_api_key"),
+    Verdict.REVOKED_KEY: ("This API key has been revoked.", "revoked_api_key"),
+    Verdict.EXPIRED_KEY: ("This API key has expired.", "expired_api_key"),
+}
+
+
+def auth_refusal(verdict: int) -> AuthenticationFailed | None:
+    """The 401 for a key the key check (lua/lib/key_check.lua) refused; None for other verdicts."""
+    if verdict not in _KEY_REFUSALS:
+        return None
+    message, code = _KEY_REFUSALS[Verdict(verdict)]
+    return AuthenticationFailed(message, code=code)

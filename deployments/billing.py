@@ -10,7 +10,7 @@ settlement it goes to the local spool (`spool.py`) and is replayed.
 
 Redis layout (per account, hash-tagged):
   {acct:<id>}:key                 the key record, with balance/hold/spent/credited micro-USD
-  {acct:<id>}:buckets             rate-limit token buckets (levels scaled by limits.SCALE)
+  {acct:<id>}:buckets             rate-limit token buckets (levels scaled by scripts.SCALE)
   {acct:<id>}:inflight            zset: admitted, unsettled billing ids -> lease expiry (ms)
   {acct:<id>}:holds               hash: billing id -> the credit it holds
   {acct:<id>}:usage               hash "<UTC day>|<model>|<metric>" -> int (usage.py)
@@ -35,18 +35,9 @@ from redis.exceptions import RedisError
 
 from .catalog import Listing
 from .errors import BillingUnavailable
-from .keystore import account_key
-from .limits import (
-    DEFAULT_LIMITS,
-    RateLimitState,
-    Verdict,
-    current_state,
-    default_state,
-    effective_limits,
-    lua_source,
-    refusal,
-)
+from .limits import DEFAULT_LIMITS, RateLimitState, current_state, default_state, effective_limits, refusal
 from .schemas import Limits, micros_to_usd
+from .scripts import Verdict, account_key, lua_source
 from .spool import SettlementSpool
 
 logger = logging.getLogger("tokenmart.billing")

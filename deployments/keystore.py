@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -21,16 +20,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import auth
-from .errors import AuthenticationFailed, BillingUnavailable, Conflict, NotFound
+from .errors import BillingUnavailable, Conflict, NotFound
 from .schemas import CreateKeyRequest, KeyRecord, Limits, UpdateKeyRequest, usd_to_micros
+from .scripts import Verdict, account_key, lua_source
 
 KEY_INDEX = "tm:keys"
-LUA_DIR = Path(__file__).parent / "lua"
 LIMIT_FIELDS = tuple(Limits.model_fields)
-
-
-def account_key(key_id: str, suffix: str) -> str:
-    return f"{{acct:{key_id}}}:{suffix}"
 
 
 def connect(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis:
@@ -83,8 +78,9 @@ def _key_not_found(key_id: str) -> NotFound:
 class KeyStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self._update = redis.register_script((LUA_DIR / "update_key.lua").read_text())
-        self._add_credit = redis.register_script((LUA_DIR / "add_credit.lua").read_text())
+        self._authenticate = redis.register_script(lua_source("authenticate"))
+        self._update = redis.register_script(lua_source("update_key"))
+        self._add_credit = redis.register_script(lua_source("add_credit"))
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -106,16 +102,17 @@ class KeyStore:
         return record
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
-        """401 for anything but a live key; malformed keys never reach Redis."""
+        """401 for anything but a live key, in one round trip; malformed keys never reach Redis.
+
+        The check itself is the one admission runs (lua/lib/key_check.lua), with Redis's clock.
+        """
         key_id, key_hash = auth.parse_api_key(authorization)
-        record = await self.get(key_id)
-        if record is None or not auth.hashes_match(record.key_hash, key_hash):
-            raise AuthenticationFailed("Incorrect API key provided.")
-        if record.status != "active":
-            raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
-        if record.is_expired(time.time()):
-            raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
-        return record
+        verdict, *fields = await self._call(self._authenticate(keys=[account_key(key_id, "key")], args=[key_hash]))
+        if verdict != Verdict.ADMITTED:
+            refused = auth.auth_refusal(int(verdict))
+            assert refused is not None, verdict  # the key check only answers with key verdicts
+            raise refused
+        return _from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
 
     async def create(self, request: CreateKeyRequest) -> tuple[KeyRecord, str]:
         key = auth.generate_key()

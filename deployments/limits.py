@@ -5,57 +5,23 @@ limit per 60 000 ms). `lua/admit.lua` keeps their levels in Redis scaled by `SCA
 arithmetic is exact integers; Python reads them back with `bucket_level` for the headers of
 responses that admission did not decide. The admission script answers with a `Verdict`.
 
-The scale and the verdict table are defined here once: `lua_source` prepends them to the
-scripts as Lua constants (`SCALE`, `VERDICT.<NAME>`), so neither side spells a number the
-other must match (`tests/unit/test_lua_constants.py` checks the scripts use only these names).
+The scale and the verdict table are defined once, in `scripts.py`, and handed to the Lua
+scripts as constants; this module turns each refusing verdict into its API error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
-from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from .errors import (
-    APIError,
-    AuthenticationFailed,
-    BadRequest,
-    InsufficientCredit,
-    PermissionDenied,
-    RateLimited,
-)
-from .keystore import account_key
+from .auth import auth_refusal
+from .errors import APIError, BadRequest, InsufficientCredit, PermissionDenied, RateLimited
 from .schemas import Limits, micros_to_usd
+from .scripts import SCALE, Verdict, account_key
 
-LUA_DIR = Path(__file__).parent / "lua"
-SCALE = 60_000  # bucket levels are stored scaled: refill per ms = the per-minute limit itself
 # Operator defaults for keys that set no limits of their own (AppArgs.default_limits).
 DEFAULT_LIMITS = Limits(rpm=600, tpm=1_000_000, max_concurrency=64, max_tokens_per_request=131_072)
-
-
-class Verdict(IntEnum):
-    """What `lua/admit.lua` decides; the first check that fails wins, in this order of listing."""
-
-    ADMITTED = 0
-    REQUESTS_PER_MINUTE = 1
-    TOKENS_PER_MINUTE = 2
-    LARGER_THAN_TPM = 3  # more tokens than the whole per-minute limit: never retryable
-    CONCURRENCY = 4
-    INSUFFICIENT_CREDIT = 5
-    UNKNOWN_KEY = 6
-    REVOKED_KEY = 7
-    EXPIRED_KEY = 8
-    MODEL_NOT_ALLOWED = 9
-    OVER_REQUEST_BOUND = 10  # prompts x n x max output above max_tokens_per_request
-
-
-def lua_source(name: str) -> str:
-    """A script of `lua/`, with the constants it shares with Python prepended."""
-    verdicts = ", ".join(f"{verdict.name} = {verdict.value}" for verdict in Verdict)
-    prelude = f"local SCALE = {SCALE}\nlocal VERDICT = {{{verdicts}}}\n"
-    return prelude + (LUA_DIR / f"{name}.lua").read_text()
 
 
 @dataclass(frozen=True)
@@ -141,21 +107,13 @@ async def current_state(redis: aioredis.Redis, key_id: str, defaults: Limits) ->
     )  # fmt: skip
 
 
-_AUTH_REFUSALS = {
-    Verdict.UNKNOWN_KEY: ("Incorrect API key provided.", "invalid_api_key"),
-    Verdict.REVOKED_KEY: ("This API key has been revoked.", "revoked_api_key"),
-    Verdict.EXPIRED_KEY: ("This API key has expired.", "expired_api_key"),
-}
-
-
 def refusal(
     verdict: Verdict, retry_ms: int, limits: RateLimitState, tokens: int, hold: int, model: str, output_tokens: int
 ) -> APIError:
     """The API error for a verdict other than ADMITTED (`retry_ms` carries the per-request bound
     for OVER_REQUEST_BOUND)."""
-    if verdict in _AUTH_REFUSALS:
-        message, code = _AUTH_REFUSALS[verdict]
-        return AuthenticationFailed(message, code=code)
+    if (refused_key := auth_refusal(verdict)) is not None:
+        return refused_key
     if verdict is Verdict.MODEL_NOT_ALLOWED:
         return PermissionDenied(f"This API key may not use the model {model!r}.", param="model")
     if verdict is Verdict.OVER_REQUEST_BOUND:

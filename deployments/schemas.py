@@ -23,7 +23,7 @@ from .catalog import MICROS_PER_USD
 KeyStatus = Literal["active", "revoked"]
 
 # Upper bounds of the per-key limits. The admission script keeps its token buckets as Lua
-# doubles scaled by 60,000 per request or token (limits.SCALE), so limit x 60,000 must stay
+# doubles scaled by 60,000 per request or token (scripts.SCALE), so limit x 60,000 must stay
 # an exact integer, below 2^53; these bounds keep it below 2^46, and keep the x-ratelimit
 # headers ordinary integers.
 MAX_RPM = 1_000_000

@@ -17,9 +17,9 @@
 --
 -- Returns {verdict, retry_after_ms, rpm, rpm_remaining, rpm_reset_ms,
 --          tpm, tpm_remaining, tpm_reset_ms, max_concurrency}
--- VERDICT.<NAME> and SCALE are not defined here: limits.py (`lua_source`) prepends them from
--- its `Verdict` table, the one list of admission outcomes (with retry_after_ms carrying the
--- per-request bound for OVER_REQUEST_BOUND).
+-- VERDICT.<NAME>, SCALE, key_refusal and redis_now_ms are not defined here: scripts.py
+-- (`lua_source`) prepends them, from its `Verdict` table (the one list of admission outcomes;
+-- retry_after_ms carries the per-request bound for OVER_REQUEST_BOUND) and lib/key_check.lua.
 
 local billing_id, key_hash, model = ARGV[1], ARGV[2], ARGV[3]
 local tokens, hold, lease_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -27,22 +27,12 @@ local now
 if ARGV[10] ~= '' then
   now = tonumber(ARGV[10])
 else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now = redis_now_ms()
 end
 
 local record = redis.call('HMGET', KEYS[1], 'key_hash', 'status', 'expires_at', 'models', 'limits', 'balance_micros')
--- Lua strings are interned, so this equality is a pointer comparison, not a byte-by-byte scan.
-if record[1] ~= key_hash then return {VERDICT.UNKNOWN_KEY, 0, 0, 0, 0, 0, 0, 0, 0} end
-if record[2] ~= 'active' then return {VERDICT.REVOKED_KEY, 0, 0, 0, 0, 0, 0, 0, 0} end
-if record[3] and record[3] ~= '' and now >= tonumber(record[3]) * 1000 then return {VERDICT.EXPIRED_KEY, 0, 0, 0, 0, 0, 0, 0, 0} end
-if record[4] and record[4] ~= 'null' and record[4] ~= '' then
-  local allowed = false
-  for _, id in ipairs(cjson.decode(record[4])) do
-    if id == model then allowed = true break end
-  end
-  if not allowed then return {VERDICT.MODEL_NOT_ALLOWED, 0, 0, 0, 0, 0, 0, 0, 0} end
-end
+local refused = key_refusal(record, key_hash, model, now)
+if refused then return {refused, 0, 0, 0, 0, 0, 0, 0, 0} end
 
 -- The key's own limits, else the operator's defaults.
 local own = (record[5] and record[5] ~= '') and cjson.decode(record[5]) or {}

@@ -70,7 +70,7 @@ end
 redis.call('HINCRBY', KEYS[1], 'spent_micros', charged)
 redis.call('ZREM', KEYS[6], billing_id)
 if unused_tokens > 0 and redis.call('HEXISTS', KEYS[5], 'tok_level') == 1 then
-  -- levels are scaled by SCALE (prepended by limits.lua_source); the next admission caps at capacity
+  -- levels are scaled by SCALE (prepended by scripts.lua_source); the next admission caps at capacity
   redis.call('HINCRBY', KEYS[5], 'tok_level', unused_tokens * SCALE)
 end
 

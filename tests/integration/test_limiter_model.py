@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenmart.deployments.keystore import account_key
-from tokenmart.deployments.limits import SCALE, Verdict, lua_source
+from tokenmart.deployments.scripts import SCALE, Verdict, lua_source
 
 pytestmark = pytest.mark.integration
 

@@ -3,6 +3,7 @@ nothing is cached in the ingress)."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -12,6 +13,7 @@ from .test_metrics import REPORT_TIMEOUT_S, Series, scrape
 
 pytestmark = pytest.mark.integration
 
+QUIET_S = 3.0
 CHATS = 20  # per phase; each goes to either replica at random, so both see some (all on one: 2 in a million)
 
 
@@ -31,6 +33,22 @@ def per_replica(series: Series, **labels: str) -> Counter[str]:
     return counts
 
 
+def quiet_scrape(market) -> Series:
+    """The export once it has stopped moving, so requests of earlier tests that Ray exports late
+    are not counted as this test's (each replica flushes every second, Ray exports every second)."""
+    last: list[Series] = [scrape(market)]
+
+    def unchanged() -> Series | None:
+        time.sleep(QUIET_S)
+        now = scrape(market)
+        if now == last[0]:
+            return now
+        last[0] = now
+        return None
+
+    return market.wait_until(unchanged, REPORT_TIMEOUT_S, interval_s=0, what="the metrics export to stop moving")
+
+
 def answered_by_replica(market, before: Series, count: int, **labels: str) -> Counter[str]:
     """Waits until Ray's metrics export shows `count` more such requests, and says which replica answered each."""
 
@@ -47,7 +65,7 @@ def test_revoked_key_is_refused_by_every_replica_from_the_next_request(marketpla
     created = marketplace.create_key(name="to-revoke", credit_usd=1)
     key = created["key"]
     # Use the key through both replicas first, so any per-replica cache would be warm.
-    before = scrape(marketplace)
+    before = quiet_scrape(marketplace)
     for _ in range(CHATS):
         assert marketplace.http.get("/v1/key", headers=marketplace.auth(key)).status_code == 200
         reply = marketplace.chat(key, max_tokens=1)
@@ -58,7 +76,7 @@ def test_revoked_key_is_refused_by_every_replica_from_the_next_request(marketpla
     revoke = marketplace.http.delete(f"/admin/v1/keys/{created['id']}", headers=marketplace.admin_headers)
     assert revoke.status_code == 200, revoke.text
 
-    before = scrape(marketplace)
+    before = quiet_scrape(marketplace)
     outcomes = []
     for _ in range(CHATS):
         for response in (

@@ -1,7 +1,8 @@
-"""The admission verdicts and the bucket scale are one table in Python, read by the Lua scripts.
+"""The admission verdicts, the bucket scale and the key check are defined once, for Python and Lua.
 
-`limits.lua_source` prepends `SCALE` and `VERDICT` to each script; these tests keep the scripts
-from spelling a verdict or the scale as a bare number, and every verdict from going unhandled.
+`scripts.lua_source` prepends `SCALE`, `VERDICT` and a script's shared helpers (the key check
+of lib/key_check.lua) to it; these tests keep the scripts from spelling a verdict or the scale
+as a bare number or checking a key their own way, and every verdict from going unhandled.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import re
 
 import pytest
 
-from tokenmart.deployments.billing import Meter  # noqa: F401 - the scripts' loader is importable
-from tokenmart.deployments.limits import LUA_DIR, SCALE, Verdict, lua_source, refusal
+from tokenmart.deployments.limits import RateLimitState, refusal
+from tokenmart.deployments.scripts import LIBRARIES, LUA_DIR, SCALE, Verdict, lua_source
 
 
 def script(name: str) -> str:
@@ -24,18 +25,29 @@ def code(name: str) -> str:
 
 
 def test_the_prelude_defines_the_scale_and_every_verdict_from_the_python_table() -> None:
-    prelude = lua_source("admit").removesuffix(script("admit"))
+    prelude = lua_source("settle").removesuffix(script("settle"))
     assert prelude.splitlines()[0] == f"local SCALE = {SCALE}"
     defined = dict(re.findall(r"(\w+) = (\d+)", prelude.splitlines()[1]))
     assert {name: int(value) for name, value in defined.items()} == {v.name: v.value for v in Verdict}
 
 
-def test_admit_returns_only_named_verdicts_and_every_verdict_is_returned() -> None:
-    body = code("admit")
+def test_verdicts_are_only_named_and_every_verdict_is_returned_by_admission() -> None:
+    body = code("admit") + "\n" + "\n".join(code(f"lib/{library}") for library in LIBRARIES["admit"])
     assert not re.search(r"return \{\s*\d", body), "a verdict spelled as a number"
     assert not re.search(r"report\(\s*\d", body), "a verdict spelled as a number"
     used = set(re.findall(r"VERDICT\.(\w+)", body))
     assert used == {verdict.name for verdict in Verdict}
+
+
+@pytest.mark.parametrize("name", ["admit", "authenticate"])
+def test_admission_and_authentication_run_the_one_key_check(name: str) -> None:
+    assert LIBRARIES[name] == ("key_check",)
+    assert "key_refusal(" in code(name)
+    assert "key_hash" in code("lib/key_check")
+    # Neither script compares the status or the expiry itself.
+    for own_check in ("'active'", "expires_at'] * 1000", "record[3]"):
+        assert own_check not in code(name), (name, own_check)
+    assert lua_source(name).index("local function key_refusal") < lua_source(name).index(script(name))
 
 
 @pytest.mark.parametrize("name", ["admit", "settle"])
@@ -46,8 +58,6 @@ def test_no_script_spells_the_bucket_scale(name: str) -> None:
 
 @pytest.mark.parametrize("verdict", [v for v in Verdict if v is not Verdict.ADMITTED])
 def test_every_refusal_verdict_has_its_own_api_error(verdict: Verdict) -> None:
-    from tokenmart.deployments.limits import RateLimitState
-
     error = refusal(verdict, 1500, RateLimitState(60, 0, 1000, 1000, 0, 1000, 4, 100), 10, 5, "m", 200)
     expected = {
         Verdict.REQUESTS_PER_MINUTE: (429, "rate_limit_exceeded"),

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tokenmart.deployments.limits import SCALE
 from tokenmart.deployments.schemas import (
     MAX_CONCURRENCY,
     MAX_RPM,
@@ -27,6 +26,7 @@ from tokenmart.deployments.schemas import (
     micros_to_usd,
     usd_to_micros,
 )
+from tokenmart.deployments.scripts import SCALE
 
 # -- money ----------------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from .keystore import account_key
 from .schemas import Discrepancy, KeyReconciliation, ReconciliationReport, micros_to_usd
+from .scripts import account_key
 from .usage import METRICS
 
 HOLD_EXCEEDED = "hold_exceeded"

@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .errors import BillingUnavailable
-from .keystore import account_key
 from .schemas import UsageReport, UsageRow, micros_to_usd
+from .scripts import account_key
 
 METRICS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
 

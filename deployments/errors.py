@@ -3,11 +3,14 @@
 Domain code raises an `APIError` subclass; the handlers installed by `install_error_handlers`
 turn it, FastAPI's validation errors and Starlette's HTTP errors into the OpenAI shape
 `{"error": {"message", "type", "param", "code"}}` with the right status. Nothing else in
-the project builds an error body by hand.
+the project builds an error body by hand: each status's type and code are in `STATUS_TYPES`,
+engine ErrorResponses are mapped by `engine_error`, and the internal 500 is rendered by
+`internal_error_response`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -21,10 +24,49 @@ from starlette.responses import JSONResponse
 logger = logging.getLogger("tokenmart.errors")
 
 
+# The one status table: status -> (type, default code). The APIError classes take their
+# `type` and `code` from it (a class may name a more specific code), and `error_body` uses it
+# for a bare status: errors raised by Starlette/FastAPI itself (unknown route, wrong method)
+# or by Ray Serve LLM's HTTPException paths. A status missing here is a 500's type and code.
+STATUS_TYPES: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_value"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    402: ("insufficient_quota", "insufficient_quota"),
+    403: ("invalid_request_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    408: ("timeout", "upstream_timeout"),
+    409: ("invalid_request_error", "conflict"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    422: ("invalid_request_error", "invalid_value"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", "internal_error"),
+    503: ("service_unavailable", "service_unavailable"),
+}
+
+
+def status_type(status_code: int) -> tuple[str, str]:
+    """The (type, default code) of a status; one the table does not name is a 500's."""
+    return STATUS_TYPES.get(status_code, STATUS_TYPES[500])
+
+
 class APIError(Exception):
+    """The base of every error the API returns; a subclass names its status (and, at most,
+    a more specific `code` or `type`); the rest comes from `STATUS_TYPES`."""
+
     status_code: int = 500
-    type: str = "server_error"
-    code: str | None = "internal_error"
+    type: str = STATUS_TYPES[500][0]
+    code: str | None = STATUS_TYPES[500][1]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "status_code" in cls.__dict__:
+            type_, code = status_type(cls.status_code)
+            if "type" not in cls.__dict__:
+                cls.type = type_
+            if "code" not in cls.__dict__:
+                cls.code = code
 
     def __init__(
         self,
@@ -53,32 +95,23 @@ class APIError(Exception):
 
 class BadRequest(APIError):
     status_code = 400
-    type = "invalid_request_error"
-    code = "invalid_value"
 
 
 class AuthenticationFailed(APIError):
     status_code = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
 
 
 class InsufficientCredit(APIError):
     status_code = 402
-    type = "insufficient_quota"
-    code = "insufficient_quota"
 
 
 class PermissionDenied(APIError):
     status_code = 403
-    type = "invalid_request_error"
     code = "model_not_allowed"
 
 
 class NotFound(APIError):
     status_code = 404
-    type = "invalid_request_error"
-    code = "not_found"
 
 
 class ModelNotFound(NotFound):
@@ -89,36 +122,22 @@ class Conflict(APIError):
     """409: the request contradicts the resource's state (e.g. reactivating a revoked key)."""
 
     status_code = 409
-    type = "invalid_request_error"
-    code = "conflict"
 
 
 class RateLimited(APIError):
     """429; `type` says which limit (`requests` or `tokens`), as OpenAI does."""
 
     status_code = 429
-    type = "requests"
-    code = "rate_limit_exceeded"
-
-
-class UpstreamTimeout(APIError):
-    status_code = 408
-    type = "timeout"
-    code = "upstream_timeout"
 
 
 class PayloadTooLarge(APIError):
     status_code = 413
-    type = "invalid_request_error"
-    code = "request_too_large"
 
 
 class ServiceUnavailable(APIError):
     """503; always sent with Retry-After so well-behaved clients back off."""
 
     status_code = 503
-    type = "service_unavailable"
-    code = "service_unavailable"
 
     def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs: Any) -> None:
         headers = {"retry-after": str(retry_after_s), **kwargs.pop("headers", {})}
@@ -133,31 +152,76 @@ class EngineError(APIError):
     """The model replica failed; no completion tokens are charged."""
 
     status_code = 500
-    type = "server_error"
     code = "engine_error"
 
 
-# Status -> (type, code) for errors raised by Starlette/FastAPI itself (unknown route,
-# wrong method) or by Ray Serve LLM's HTTPException paths.
-_HTTP_STATUS_TYPES: dict[int, tuple[str, str]] = {
-    400: ("invalid_request_error", "invalid_value"),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "forbidden"),
-    404: ("invalid_request_error", "not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    408: ("timeout", "upstream_timeout"),
-    409: ("invalid_request_error", "conflict"),
-    413: ("invalid_request_error", "request_too_large"),
-    415: ("invalid_request_error", "unsupported_media_type"),
-    422: ("invalid_request_error", "invalid_value"),
-    429: ("requests", "rate_limit_exceeded"),
-    503: ("service_unavailable", "service_unavailable"),
-}
+class EngineRefusal(BadRequest):
+    """An engine's 4xx: the request was the problem, so the client gets the engine's status
+    (never a 5xx, which SDKs retry) with a bad request's body. `engine_refusal_class` gives
+    the class of each status; an instance is never given another status."""
+
+    type = BadRequest.type
+    code = BadRequest.code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The classes of statuses other than 400 are made by `engine_refusal_class`, so they
+        # are rebuilt through it rather than looked up by name.
+        return (_rebuild_engine_refusal, (self.status_code, self.message), self.__dict__)
+
+
+@functools.cache
+def engine_refusal_class(status_code: int) -> type[EngineRefusal]:
+    """The `EngineRefusal` class of a 4xx status (one class per status, made once)."""
+    if not 400 <= status_code < 500:
+        raise ValueError(f"an engine refusal is a 4xx, not {status_code}")
+    if status_code == EngineRefusal.status_code:
+        return EngineRefusal
+    name = f"EngineRefusal{status_code}"
+    namespace = {
+        "status_code": status_code,
+        "type": EngineRefusal.type,
+        "code": EngineRefusal.code,
+        "__module__": __name__,
+        "__qualname__": name,
+    }
+    return type(name, (EngineRefusal,), namespace)
+
+
+def _rebuild_engine_refusal(status_code: int, message: str) -> EngineRefusal:
+    return engine_refusal_class(status_code)(message)
+
+
+def engine_error(error: Any) -> APIError:
+    """Map an engine ErrorResponse (a model or a dict) onto the envelope, keeping 4xx as 4xx.
+
+    A 4xx is an `EngineRefusal` of that status with the engine's message and `param`; any
+    other status (or none) is an `EngineError`, a 500.
+    """
+    if not isinstance(error, dict):
+        error = error.model_dump()
+    info = error.get("error", error)
+    status = int(info.get("code") or 500) if str(info.get("code", "")).isdigit() else 500
+    message = info.get("message") or "The model failed to process the request."
+    if 400 <= status < 500:
+        return engine_refusal_class(status)(message, param=info.get("param"))
+    return EngineError(message)
+
+
+INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
+
+
+def internal_error_response() -> JSONResponse:
+    """The 500 for an unexpected exception: the generic message only, never the exception's text.
+
+    Both places that catch the unexpected render it here: the app's last-resort handler and
+    the request-context middleware (so the 500 carries the request id).
+    """
+    return APIError(INTERNAL_ERROR_MESSAGE).response()
 
 
 def error_body(status_code: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
     """The envelope for a bare status (used where no APIError instance exists)."""
-    type_, default_code = _HTTP_STATUS_TYPES.get(status_code, ("server_error", "internal_error"))
+    type_, default_code = status_type(status_code)
     return {"error": {"message": message, "type": type_, "param": param, "code": code or default_code}}
 
 
@@ -204,7 +268,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError("The server had an error while processing your request.").response()
+        return internal_error_response()
 
     async def on_engine_validation_error(request: Request, exc: Exception) -> JSONResponse:
         # vLLM's request models raise this from their validators (e.g. stream_options

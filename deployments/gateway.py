@@ -31,10 +31,10 @@ from . import auth
 from .billing import Admission, Meter, Outcome, Settlement
 from .caller_watch import CALLER_HEADER
 from .catalog import Catalog, Listing
-from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable
+from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, engine_error
 from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
 from .tokens import PromptCounter
-from .validation import engine_error, max_output_tokens, validate_request
+from .validation import max_output_tokens, validate_request
 
 logger = logging.getLogger("tokenmart.gateway")
 BYTE_BOUND = PromptCounter()  # listings without a local tokenizer

@@ -28,7 +28,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import auth
 from .billing import Meter
 from .catalog import Catalog, Listing
-from .errors import APIError, BadRequest, BillingUnavailable, NotFound, PayloadTooLarge, install_error_handlers
+from .errors import (
+    APIError,
+    BadRequest,
+    BillingUnavailable,
+    NotFound,
+    PayloadTooLarge,
+    install_error_handlers,
+    internal_error_response,
+)
 from .gateway import Gateway
 from .keystore import KeyStore, connect
 from .metrics import MarketplaceMetrics
@@ -57,11 +65,10 @@ class RequestContextMiddleware:
     response, so the id is only added here when the request came without one. Unexpected
     errors are turned into the 500 envelope here, inside the id handling, so they carry it too.
     Admission puts the rate-limit headers on inference responses; every other response gets
-    them from `rate_limits`, which the ingress replica sets (the calling key's state, or the
-    operator's defaults when there is no key).
+    them from the app's rate-limit source (`attach_rate_limits`), which the ingress replica
+    attaches to its own app: the calling key's state, or the operator's defaults when there
+    is no key. An app without a source sends none.
     """
-
-    rate_limits: RateLimitSource | None = None
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
@@ -88,7 +95,7 @@ class RequestContextMiddleware:
                 extra = []
                 if echo_id:
                     extra.append((REQUEST_ID_HEADER, request_id.encode()))
-                source = RequestContextMiddleware.rate_limits
+                source = rate_limit_source(scope)
                 if source is not None and not any(name == _RATE_LIMIT_HEADER for name, _ in message.get("headers", [])):
                     authorization = headers.get(b"authorization", b"").decode(errors="replace") or None
                     limits = await source(authorization, message["status"])
@@ -121,15 +128,24 @@ class RequestContextMiddleware:
             if started:
                 raise
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            await APIError("The server had an error while processing your request.").response()(
-                scope, receive, send_with_id
-            )
+            await internal_error_response()(scope, receive, send_with_id)
+
+
+def attach_rate_limits(app: FastAPI, source: RateLimitSource | None) -> None:
+    """Give one app its rate-limit source (the headers of responses admission did not decide)."""
+    app.state.rate_limits = source
+
+
+def rate_limit_source(scope: Scope) -> RateLimitSource | None:
+    """The rate-limit source of the app serving this request (Starlette puts it in the scope)."""
+    return getattr(getattr(scope.get("app"), "state", None), "rate_limits", None)
 
 
 def create_fastapi_app(max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="tokenmart", version="0.1.0", description="OpenAI-compatible pay-per-token LLM marketplace")
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=max_body_bytes)
+    attach_rate_limits(app, None)  # until an ingress replica attaches its own
     return app
 
 
@@ -195,9 +211,18 @@ class MarketplaceIngress(OpenAiIngress):
             metrics=MarketplaceMetrics(per_key_labels=per_key_metrics),
             caller=ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None,
         )
-        RequestContextMiddleware.rate_limits = self._rate_limit_headers
         self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         self._cards = [listing_card(offer, self.catalog.base_of(offer.id)) for offer in self.catalog.offers]
+
+    async def __serve_build_asgi_app__(self) -> ASGIApp:
+        """Ray Serve calls this in the replica after the constructor, before the app serves.
+
+        The app is this replica's own (Ray Serve unpickles one per replica process, and
+        `self.app` is it); it gets this ingress's rate-limit source.
+        """
+        app = self.app  # type: ignore[attr-defined]  # set by Ray Serve's ASGI replica wrapper
+        attach_rate_limits(app, self._rate_limit_headers)
+        return app
 
     async def _rate_limit_headers(self, authorization: str | None, status: int) -> dict[str, str]:
         """The calling key's current limits for responses that admission did not decide.

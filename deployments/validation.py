@@ -1,8 +1,9 @@
-"""Request rules checked before anything reaches an engine, and engine errors mapped back.
+"""Request rules checked before anything reaches an engine.
 
 Every client mistake is answered here with a 400 in the envelope (naming the offending
 `param`), so bad input never reaches an engine and never looks like an outage (a 5xx, which
-SDKs retry). Engine errors that describe the request come back as 4xx without internals.
+SDKs retry). Engine errors that describe the request are mapped back to 4xx by
+`errors.engine_error`.
 """
 
 from __future__ import annotations
@@ -15,25 +16,11 @@ from pydantic import BaseModel, model_validator
 from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
 
 from .catalog import Listing
-from .errors import APIError, BadRequest, EngineError
+from .errors import BadRequest
 from .tokens import prompt_count
 
 ALLOWED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_CHOICES = 16
-
-
-def engine_error(error: Any) -> APIError:
-    """Map an engine ErrorResponse (object or dict) onto the envelope, keeping 4xx as 4xx."""
-    if not isinstance(error, dict):
-        error = error.model_dump()
-    info = error.get("error", error)
-    status = int(info.get("code") or 500) if str(info.get("code", "")).isdigit() else 500
-    message = info.get("message") or "The model failed to process the request."
-    if 400 <= status < 500:
-        exc: APIError = BadRequest(message, param=info.get("param"))
-        exc.status_code = status
-        return exc
-    return EngineError(message)
 
 
 def validate_request(body: Any, listing: Listing, *, chat: bool) -> None:

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
 
 from tokenmart.deployments import errors
 from tokenmart.deployments.errors import (
@@ -26,7 +27,6 @@ from tokenmart.deployments.errors import (
     PayloadTooLarge,
     PermissionDenied,
     ServiceUnavailable,
-    UpstreamTimeout,
     error_body,
 )
 from tokenmart.deployments.ingress import create_fastapi_app
@@ -55,7 +55,6 @@ RAISED: dict[str, APIError] = {
     "conflict": Conflict("The API key 'k' is revoked.", param="status", code="key_revoked"),
     "model": ModelNotFound("The model 'nope' does not exist.", param="model"),
     "not_found": NotFound("No such key.", param="key_id"),
-    "timeout": UpstreamTimeout("The model took too long."),
     "too_large": PayloadTooLarge("Too big."),
     "unavailable": ServiceUnavailable("Overloaded.", retry_after_s=7),
     "billing": BillingUnavailable("The billing store is unreachable.", retry_after_s=2),
@@ -217,7 +216,6 @@ def test_valid_body_passes_through(client: TestClient):
         ("conflict", 409, "invalid_request_error", "key_revoked", "status"),
         ("model", 404, "invalid_request_error", "model_not_found", "model"),
         ("not_found", 404, "invalid_request_error", "not_found", "key_id"),
-        ("timeout", 408, "timeout", "upstream_timeout", None),
         ("too_large", 413, "invalid_request_error", "request_too_large", None),
         ("unavailable", 503, "service_unavailable", "service_unavailable", None),
         ("billing", 503, "service_unavailable", "billing_unavailable", None),
@@ -378,8 +376,8 @@ def test_incoming_request_id_is_echoed_exactly_once_behind_the_serve_proxy():
 
 def test_error_module_has_no_hand_built_status_table_gaps():
     # Every status the public contract names maps to an OpenAI error type.
-    for status in (400, 401, 403, 404, 408, 409, 413, 429, 503):
-        assert status in errors._HTTP_STATUS_TYPES
+    for status in (400, 401, 402, 403, 404, 409, 413, 429, 500, 503):
+        assert status in errors.STATUS_TYPES
 
 
 def _chunks(total: int, size: int = 512):
@@ -515,3 +513,227 @@ def test_param_names_the_field_not_the_union_member_pydantic_tried(loc: tuple, p
     from tokenmart.deployments.errors import _param_from_loc
 
     assert _param_from_loc(loc) == param
+
+
+# -- one status table ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        APIError,
+        BadRequest,
+        AuthenticationFailed,
+        InsufficientCredit,
+        NotFound,
+        Conflict,
+        errors.RateLimited,
+        PayloadTooLarge,
+        ServiceUnavailable,
+    ],
+)
+def test_error_classes_and_the_bare_status_envelope_read_the_same_table(cls: type[APIError]) -> None:
+    assert (cls.type, cls.code) == errors.STATUS_TYPES[cls.status_code]
+    assert cls("m").body() == error_body(cls.status_code, "m")
+
+
+@pytest.mark.parametrize(
+    ("cls", "code"),
+    [
+        (PermissionDenied, "model_not_allowed"),
+        (ModelNotFound, "model_not_found"),
+        (BillingUnavailable, "billing_unavailable"),
+        (EngineError, "engine_error"),
+    ],
+)
+def test_a_class_names_only_its_more_specific_code(cls: type[APIError], code: str) -> None:
+    assert cls.code == code
+    assert cls.type == errors.STATUS_TYPES[cls.status_code][0]
+
+
+def test_the_dead_408_class_is_gone() -> None:
+    assert not hasattr(errors, "UpstreamTimeout")
+
+
+# -- engine errors -----------------------------------------------------------------------------------
+
+
+class _EngineErrorModel:
+    """Stands in for Ray Serve LLM's ErrorResponse model (only `model_dump` is read)."""
+
+    def __init__(self, payload: dict) -> None:
+        self.payload = payload
+
+    def model_dump(self) -> dict:
+        return self.payload
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 418, 422, 429])
+@pytest.mark.parametrize("shape", ["nested", "flat", "model", "string_code"])
+def test_an_engine_4xx_is_a_refusal_of_that_status_with_a_bad_request_body(status: int, shape: str) -> None:
+    info = {"message": "bad 'foo'", "type": "BadRequestError", "param": "foo", "code": status}
+    error = {
+        "nested": {"error": info},
+        "flat": info,
+        "model": _EngineErrorModel({"error": info}),
+        "string_code": {"error": {**info, "code": str(status)}},
+    }[shape]
+    exc = errors.engine_error(error)
+    assert type(exc) is errors.engine_refusal_class(status)
+    assert isinstance(exc, errors.EngineRefusal) and isinstance(exc, BadRequest)
+    assert exc.status_code == status
+    assert exc.body() == {
+        "error": {"message": "bad 'foo'", "type": "invalid_request_error", "param": "foo", "code": "invalid_value"}
+    }
+    assert exc.response().status_code == status
+    # The status is the class's, never set on the instance, and no shared class changed.
+    assert "status_code" not in vars(exc)
+    assert (BadRequest.status_code, errors.EngineRefusal.status_code) == (400, 400)
+    assert BadRequest("x").status_code == 400
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"error": {"message": "engine crashed", "code": 500}},
+        {"error": {"message": "engine crashed", "code": 503}},
+        {"error": {"message": "engine crashed", "code": "InternalServerError"}},
+        {"error": {"message": "engine crashed"}},
+        {"error": {"message": "engine crashed", "code": 302}},
+    ],
+)
+def test_any_other_engine_error_is_a_500_engine_error(error: dict) -> None:
+    exc = errors.engine_error(error)
+    assert type(exc) is EngineError
+    assert exc.status_code == 500
+    assert exc.body() == {
+        "error": {"message": "engine crashed", "type": "server_error", "param": None, "code": "engine_error"}
+    }
+
+
+def test_an_engine_error_without_a_message_gets_the_generic_one() -> None:
+    assert errors.engine_error({"error": {"code": 500}}).message == "The model failed to process the request."
+    assert errors.engine_error({"error": {"code": 404, "message": ""}}).message == (
+        "The model failed to process the request."
+    )
+
+
+def test_engine_refusal_classes_are_made_once_per_4xx_status() -> None:
+    assert errors.engine_refusal_class(404) is errors.engine_refusal_class(404)
+    assert errors.engine_refusal_class(400) is errors.EngineRefusal
+    assert errors.engine_refusal_class(404) is not errors.engine_refusal_class(422)
+    for status in (399, 500, 503):
+        with pytest.raises(ValueError):
+            errors.engine_refusal_class(status)
+
+
+def test_an_engine_refusal_survives_pickling() -> None:
+    import pickle
+
+    exc = errors.engine_error({"error": {"message": "no such adapter", "param": "model", "code": 404}})
+    exc.headers = {"x-request-id": "r1"}
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is type(exc)
+    assert (copy.status_code, copy.body(), copy.headers) == (404, exc.body(), {"x-request-id": "r1"})
+
+
+# -- the internal 500 ------------------------------------------------------------------------------------
+
+
+INTERNAL_500 = {
+    "error": {
+        "message": "The server had an error while processing your request.",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
+}
+
+
+def test_the_internal_500_is_rendered_by_one_function() -> None:
+    response = errors.internal_error_response()
+    assert response.status_code == 500
+    assert json.loads(response.body) == INTERNAL_500
+
+
+def test_the_middleware_fallback_renders_the_internal_500(client: TestClient) -> None:
+    response = client.get("/boom")
+    assert response.status_code == 500
+    assert response.json() == INTERNAL_500
+
+
+def test_the_last_resort_handler_renders_the_same_internal_500() -> None:
+    """Without the middleware in front, the app's own Exception handler answers."""
+    bare = FastAPI()
+    errors.install_error_handlers(bare)
+
+    @bare.get("/boom")
+    async def boom() -> dict:
+        raise RuntimeError(SECRET)
+
+    response = TestClient(bare, raise_server_exceptions=False).get("/boom")
+    assert response.status_code == 500
+    assert response.json() == INTERNAL_500
+
+
+# -- rate-limit headers: one source per app -------------------------------------------------------------
+
+
+def _source(name: str, calls: list):
+    async def source(authorization: str | None, status: int) -> dict[str, str]:
+        calls.append((authorization, status))
+        return {"x-ratelimit-limit-requests": name, "x-ratelimit-remaining-requests": "9"}
+
+    return source
+
+
+def test_each_app_keeps_its_own_rate_limit_source() -> None:
+    from tokenmart.deployments.ingress import RequestContextMiddleware, attach_rate_limits
+
+    first_calls: list = []
+    second_calls: list = []
+    first, second, bare = _build_app(), _build_app(), _build_app()
+    attach_rate_limits(first, _source("first", first_calls))
+    attach_rate_limits(second, _source("second", second_calls))
+
+    one = TestClient(first, raise_server_exceptions=False).get("/v1/nope", headers={"authorization": "Bearer k1"})
+    two = TestClient(second, raise_server_exceptions=False).get("/raise/credit")
+    none = TestClient(bare, raise_server_exceptions=False).get("/request-id")
+
+    assert one.headers["x-ratelimit-limit-requests"] == "first"
+    assert two.headers["x-ratelimit-limit-requests"] == "second"
+    assert "x-ratelimit-limit-requests" not in none.headers
+    assert first_calls == [("Bearer k1", 404)]
+    assert second_calls == [(None, 402)]
+    assert "rate_limits" not in vars(RequestContextMiddleware)
+
+
+def test_rate_limit_headers_already_on_a_response_are_not_replaced() -> None:
+    from tokenmart.deployments.ingress import attach_rate_limits
+
+    app = _build_app()
+
+    @app.get("/admitted")
+    async def admitted() -> JSONResponse:
+        return JSONResponse({}, headers={"x-ratelimit-limit-requests": "admission"})
+
+    calls: list = []
+    attach_rate_limits(app, _source("source", calls))
+    response = TestClient(app).get("/admitted")
+    assert response.headers.get_list("x-ratelimit-limit-requests") == ["admission"]
+    assert calls == []
+
+
+def test_the_ingress_attaches_its_source_to_its_own_app() -> None:
+    """Ray Serve calls `__serve_build_asgi_app__` in the replica after the constructor."""
+    from types import SimpleNamespace
+
+    from tokenmart.deployments.ingress import MarketplaceIngress, rate_limit_source
+
+    apps = [_build_app(), _build_app()]
+    replicas = [SimpleNamespace(app=app, _rate_limit_headers=_source(str(i), [])) for i, app in enumerate(apps)]
+    for replica in replicas:
+        assert asyncio.run(MarketplaceIngress.__serve_build_asgi_app__(replica)) is replica.app
+    for app, replica in zip(apps, replicas, strict=True):
+        assert rate_limit_source({"app": app}) is replica._rate_limit_headers
+    assert rate_limit_source({}) is None

@@ -21,8 +21,7 @@ from typing import Any
 
 import yaml
 
-from tokenmart.deployments.catalog import Catalog, WorkerGroup
-from tokenmart.deployments.placement import placement_for
+from tokenmart.deployments.catalog import Catalog, WorkerGroup, placement_for
 from tokenmart.deployments.request_id import PROXY_ENV
 
 IMPORT_PATH = "tokenmart.deployments.app:build_app"

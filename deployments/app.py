@@ -16,9 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.deployment import Application
 
-from .catalog import Catalog, CatalogError, Listing, WorkerGroup, load_catalog
+from .catalog import Catalog, CatalogError, Listing, WorkerGroup, load_catalog, placement_for
 from .limits import DEFAULT_LIMITS
-from .placement import placement_for
 from .schemas import Limits
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .placement import GroupSpec, ListingSpec, Placement, place, placement_problems
+
 MICROS_PER_USD = 1_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are quoted per 1M tokens
 
@@ -213,6 +215,18 @@ class Listing(_Strict):
         """The path or hub id that the engine loads."""
         return _resolve_builtin(self.source, model_dir)
 
+    def placement_spec(self) -> ListingSpec:
+        """What deployments/placement.py needs to know of this listing."""
+        return ListingSpec(
+            id=self.id,
+            tensor_parallel_size=self.engine.tensor_parallel_size,
+            pipeline_parallel_size=self.engine.pipeline_parallel_size,
+            accelerator_kind=self.accelerator.kind,
+            accelerator_type=self.accelerator.type,
+            accelerator_group=self.accelerator.group,
+            attention_heads=self.attention_heads,
+        )
+
     @property
     def adapters(self) -> list[LoraAdapter]:
         return self.lora.adapters if self.lora else []
@@ -249,6 +263,27 @@ class WorkerGroup(_Strict):
     # Kubernetes pod resources (requests/limits) for the Helm chart; not used by Ray itself.
     resources: dict[str, Any] = Field(default_factory=dict)
 
+    def placement_spec(self) -> GroupSpec:
+        """What deployments/placement.py needs to know of this worker group."""
+        return GroupSpec(
+            name=self.name,
+            gpus_per_worker=self.gpus_per_worker,
+            max_replicas=self.max_replicas,
+            accelerator_type=self.accelerator_type,
+        )
+
+
+def _group_specs(groups: dict[str, WorkerGroup] | None) -> dict[str, GroupSpec]:
+    return {name: group.placement_spec() for name, group in (groups or {}).items()}
+
+
+def placement_for(listing: Listing, groups: dict[str, WorkerGroup] | None = None) -> Placement | None:
+    """The placement of one replica of this listing on these worker groups; None for CPU listings.
+
+    Raises placement.PlacementError naming the listing and the fix when it cannot be placed.
+    """
+    return place(listing.placement_spec(), _group_specs(groups))
+
 
 class Catalog(_Strict):
     """The marketplace: the served listings (`listings`) and every model sold (`offers`).
@@ -282,10 +317,10 @@ class Catalog(_Strict):
 
     @model_validator(mode="after")
     def _placeable(self) -> Catalog:
-        from .placement import placement_problems
-
-        groups = {group.name: group for group in self.worker_groups}
-        problems = [problem for listing in self.listings for problem in placement_problems(listing, groups)]
+        groups = _group_specs(self.groups)
+        problems = [
+            problem for listing in self.listings for problem in placement_problems(listing.placement_spec(), groups)
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -1,7 +1,8 @@
 """Where a listing's replicas go: tensor x pipeline parallel GPUs as one placement group.
 
-One pure function of the catalog, so the rules can be unit-tested and every impossible
-layout is refused before anything starts:
+One pure function of plain data (`ListingSpec`, `GroupSpec`: what placement needs of a
+catalog listing and its worker group, so this module imports nothing from the catalog), so
+the rules can be unit-tested and every impossible layout is refused before anything starts:
 
 - A replica needs TP x PP GPUs, one placement-group bundle each (Ray Serve LLM adds the
   accelerator-type resource from the listing's `accelerator.type`).
@@ -16,13 +17,34 @@ layout is refused before anything starts:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from .catalog import Listing, WorkerGroup
+from typing import Literal
 
 Strategy = Literal["STRICT_PACK", "PACK"]
+
+
+@dataclass(frozen=True)
+class ListingSpec:
+    """What placement needs to know of a listing (built by `catalog.Listing.placement_spec`)."""
+
+    id: str
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    accelerator_kind: Literal["cpu", "gpu"] = "gpu"
+    accelerator_type: str | None = None
+    accelerator_group: str | None = None
+    attention_heads: int | None = None
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What placement needs to know of a worker group (built by `catalog.WorkerGroup.placement_spec`)."""
+
+    name: str
+    gpus_per_worker: int
+    max_replicas: int = 1
+    accelerator_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,11 +67,11 @@ class PlacementError(ValueError):
     pass
 
 
-def placement_problems(listing: Listing, groups: dict[str, WorkerGroup]) -> list[str]:
+def placement_problems(listing: ListingSpec, groups: Mapping[str, GroupSpec]) -> list[str]:
     """Every reason this listing cannot be placed, each naming the listing and the fix."""
-    if listing.accelerator.kind == "cpu":
+    if listing.accelerator_kind == "cpu":
         return []
-    tp, pp = listing.engine.tensor_parallel_size, listing.engine.pipeline_parallel_size
+    tp, pp = listing.tensor_parallel_size, listing.pipeline_parallel_size
     where = f"listing {listing.id!r}"
     problems = []
     heads = listing.attention_heads
@@ -59,7 +81,7 @@ def placement_problems(listing: Listing, groups: dict[str, WorkerGroup]) -> list
             f"{where}: tensor_parallel_size {tp} does not divide its {heads} attention heads; "
             f"use one of {', '.join(map(str, divisors))}"
         )
-    name = listing.accelerator.group
+    name = listing.accelerator_group
     if name is None:
         return problems
     group = groups.get(name)
@@ -68,9 +90,9 @@ def placement_problems(listing: Listing, groups: dict[str, WorkerGroup]) -> list
             known = ", ".join(sorted(groups))
             problems.append(f"{where}: accelerator.group {name!r} is not a worker group (known: {known})")
         return problems
-    if listing.accelerator.type and group.accelerator_type and listing.accelerator.type != group.accelerator_type:
+    if listing.accelerator_type and group.accelerator_type and listing.accelerator_type != group.accelerator_type:
         problems.append(
-            f"{where}: accelerator.type {listing.accelerator.type!r} does not match worker group {name!r} "
+            f"{where}: accelerator.type {listing.accelerator_type!r} does not match worker group {name!r} "
             f"({group.accelerator_type!r}); change one of them"
         )
     per_node = group.gpus_per_worker
@@ -93,16 +115,19 @@ def placement_problems(listing: Listing, groups: dict[str, WorkerGroup]) -> list
     return problems
 
 
-def placement_for(listing: Listing, groups: dict[str, WorkerGroup] | None = None) -> Placement | None:
-    """The placement of one replica of this listing; None for CPU listings (no GPU bundles)."""
+def place(listing: ListingSpec, groups: Mapping[str, GroupSpec] | None = None) -> Placement | None:
+    """The placement of one replica of this listing; None for CPU listings (no GPU bundles).
+
+    `catalog.placement_for` calls this with a catalog listing and its worker groups.
+    """
     groups = groups or {}
     problems = placement_problems(listing, groups)
     if problems:
         raise PlacementError("; ".join(problems))
-    if listing.accelerator.kind == "cpu":
+    if listing.accelerator_kind == "cpu":
         return None
-    tp, pp = listing.engine.tensor_parallel_size, listing.engine.pipeline_parallel_size
-    group = groups.get(listing.accelerator.group or "")
+    tp, pp = listing.tensor_parallel_size, listing.pipeline_parallel_size
+    group = groups.get(listing.accelerator_group or "")
     fits_one_node = pp == 1 or (group is not None and tp * pp <= group.gpus_per_worker)
-    accelerator_type = listing.accelerator.type or (group.accelerator_type if group else None)
+    accelerator_type = listing.accelerator_type or (group.accelerator_type if group else None)
     return Placement(tp, pp, "STRICT_PACK" if fits_one_node else "PACK", accelerator_type)

@@ -9,8 +9,7 @@ import yaml
 
 from tokenmart.cluster.cluster_config import ClusterConfigError, ray_cluster_config, render
 from tokenmart.deployments.app import AppArgs
-from tokenmart.deployments.catalog import Catalog, load_catalog
-from tokenmart.deployments.placement import placement_for
+from tokenmart.deployments.catalog import Catalog, load_catalog, placement_for
 
 CATALOG_PATH = Path("cluster/catalog/gpu-example.yaml")
 RENDERED = Path("cluster/deploy/gpu-example")

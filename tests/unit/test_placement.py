@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import tokenmart.deployments.placement as placement_module
 from tokenmart.deployments.app import AppArgs, build_app, fake_engine_placement, llm_config_for
-from tokenmart.deployments.catalog import Catalog, CatalogError, Listing, WorkerGroup, load_catalog, parse_catalog
-from tokenmart.deployments.placement import PlacementError, placement_for
+from tokenmart.deployments.catalog import (
+    Catalog,
+    CatalogError,
+    Listing,
+    WorkerGroup,
+    load_catalog,
+    parse_catalog,
+    placement_for,
+)
+from tokenmart.deployments.placement import GroupSpec, ListingSpec, PlacementError, place
 
 AUTOSCALING_FIELDS = {
     "min_replicas",
@@ -92,6 +103,46 @@ def test_an_accelerator_type_that_contradicts_the_group_is_refused() -> None:
     with pytest.raises(PlacementError) as refused:
         placement_for(listing(4, 1, "a100x4", accelerator={"type": "H100"}), GROUPS)
     assert "accelerator.type 'H100' does not match worker group 'a100x4'" in str(refused.value)
+
+
+def test_placement_imports_nothing_from_the_catalog() -> None:
+    """The catalog calls placement; placement reads only plain data, so there is no import circle."""
+    tree = ast.parse(Path(placement_module.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+            if node.level and not node.module:
+                imported.update("." + alias.name for alias in node.names)
+    assert not {name for name in imported if name.startswith(".") or "tokenmart" in name}, imported
+    assert not {name for name in imported if name.split(".")[-1] == "catalog"}, imported
+
+
+def test_placement_works_on_plain_data() -> None:
+    groups = {"t4x2": GroupSpec(name="t4x2", accelerator_type="T4", gpus_per_worker=2, max_replicas=4)}
+    spread = ListingSpec(id="m", tensor_parallel_size=2, pipeline_parallel_size=2, accelerator_group="t4x2")
+    assert place(spread, groups) == placement_for(listing(2, 2, "t4x2"), GROUPS)
+    assert place(ListingSpec(id="m", accelerator_kind="cpu")) is None
+    with pytest.raises(PlacementError, match="listing 'm': tensor_parallel_size 4 is larger than the 2 GPUs"):
+        place(ListingSpec(id="m", tensor_parallel_size=4, accelerator_group="t4x2"), groups)
+
+
+def test_the_catalog_hands_placement_what_it_needs_of_listings_and_groups() -> None:
+    tagged = listing(4, 2, "a100x4", heads=64, accelerator={"type": "A100"})
+    assert tagged.placement_spec() == ListingSpec(
+        id="m",
+        tensor_parallel_size=4,
+        pipeline_parallel_size=2,
+        accelerator_kind="gpu",
+        accelerator_type="A100",
+        accelerator_group="a100x4",
+        attention_heads=64,
+    )
+    assert GROUPS["a100x4"].placement_spec() == GroupSpec(
+        name="a100x4", gpus_per_worker=4, max_replicas=2, accelerator_type="A100"
+    )
 
 
 def test_cpu_listings_get_no_gpu_placement() -> None:

@@ -251,7 +251,7 @@ def ingress_deployment_options(options: IngressOptions) -> dict[str, Any]:
 
 def model_cards(catalog: Catalog) -> dict[str, Any]:
     """Ray Serve LLM's ingress wants one card per engine deployment."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
+    from .ray_llm import ModelCard
 
     return {
         listing.id: ModelCard(id=listing.id, object="model", owned_by=listing.owner, permission=[], metadata={})

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.llm._internal.serve.core.server.llm_server import LLMServer
-
 from .caller_watch import CallerWatch
+from .ray_llm import LLMServer
 
 
 class MarketplaceLLMServer(LLMServer):

@@ -208,12 +208,12 @@ class FakeEngine:
 
 
 def _typed_response(body: dict, chat: bool) -> Any:
-    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionResponse, CompletionResponse
+    from .ray_llm import ChatCompletionResponse, CompletionResponse
 
     return (ChatCompletionResponse if chat else CompletionResponse).model_validate(body)
 
 
 def _typed_error(error: dict) -> Any:
-    from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
+    from .ray_llm import ErrorResponse
 
     return ErrorResponse.model_validate({"error": error})

@@ -21,9 +21,6 @@ from typing import Any, get_args
 
 import anyio
 from fastapi import Request
-from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
-from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
-from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -33,6 +30,7 @@ from .caller_watch import CALLER_HEADER
 from .catalog import Catalog, Listing
 from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, engine_error
 from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
+from .ray_llm import ErrorResponse, RawRequestInfo, sanitize_chat_request
 from .tokens import PromptCounter
 from .validation import max_output_tokens, validate_request
 
@@ -199,7 +197,7 @@ class Gateway:
             # Materialise pydantic's lazy iterables (content parts) so the body can be
             # inspected here and pickled to the engine replica.
             try:
-                body = _sanitize_chat_completion_request(body)
+                body = sanitize_chat_request(body)
             except ValueError as exc:  # content the route's own checks did not see (callers without them)
                 raise BadRequest("Invalid message content.", param="messages") from exc
         validate_request(body, listing, chat=chat)

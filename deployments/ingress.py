@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import ray
 from fastapi import FastAPI, Query, Request
-from ray.llm._internal.serve.core.configs.openai_api_models import CompletionRequest, ModelCard
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.ingress import OpenAiIngress
 from redis.exceptions import RedisError
@@ -40,6 +39,7 @@ from .errors import (
 from .gateway import Gateway
 from .keystore import KeyStore, connect
 from .metrics import MarketplaceMetrics
+from .ray_llm import CompletionRequest, ModelCard
 from .reconcile import reconcile
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import client_request_id

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.llm._internal.common.models import global_id_manager
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
-
 from .lora import AdapterError, check_adapter
+from .ray_llm import DiskMultiplexConfig, LoraModelLoader, global_id_manager
 
 
 class CatalogAdapterLoader(LoraModelLoader):

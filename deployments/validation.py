@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, model_validator
-from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
 
 from .catalog import Listing
 from .errors import BadRequest
+from .ray_llm import ChatCompletionRequest
 from .tokens import prompt_count
 
 ALLOWED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from ray.exceptions import ActorDiedError
-from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
 from redis import asyncio as aioredis
 from starlette.requests import ClientDisconnect, Request
 
@@ -22,6 +21,7 @@ from tokenmart.deployments.billing import Meter
 from tokenmart.deployments.errors import ServiceUnavailable
 from tokenmart.deployments.gateway import Gateway
 from tokenmart.deployments.keystore import KeyStore
+from tokenmart.deployments.ray_llm import ChatCompletionRequest
 from tokenmart.deployments.schemas import CreateKeyRequest
 from tokenmart.deployments.spool import SettlementSpool
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from tokenmart.deployments.catalog import Listing
 from tokenmart.deployments.errors import BadRequest
+from tokenmart.deployments.ray_llm import ChatCompletionRequest, CompletionRequest
 from tokenmart.deployments.validation import MAX_CHOICES, validate_request
 
 CONTEXT = 2048

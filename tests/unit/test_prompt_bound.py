@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
-from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 
 from tokenmart.deployments.catalog import default_model_dir
+from tokenmart.deployments.ray_llm import ChatCompletionRequest, sanitize_chat_request
 from tokenmart.deployments.tokens import PromptCounter
 
 MODEL = default_model_dir() / "smollm2-135m-instruct"
@@ -67,7 +66,7 @@ def counter() -> PromptCounter:
 
 
 def request(**fields: Any) -> ChatCompletionRequest:
-    return _sanitize_chat_completion_request(ChatCompletionRequest.model_validate({"model": "m", **fields}))
+    return sanitize_chat_request(ChatCompletionRequest.model_validate({"model": "m", **fields}))
 
 
 WEATHER_TOOL = {

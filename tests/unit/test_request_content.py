@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
-from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 
 from tokenmart.deployments.catalog import Listing
 from tokenmart.deployments.errors import BadRequest
 from tokenmart.deployments.ingress import create_fastapi_app
+from tokenmart.deployments.ray_llm import ChatCompletionRequest, CompletionRequest, sanitize_chat_request
 from tokenmart.deployments.validation import (
     MEDIA_PARTS,
     RESERVED_TEMPLATE_KWARGS,
@@ -57,7 +56,7 @@ def _chat(content: Any = "hi", **fields: Any) -> ChatCompletionRequest:
     surrogates, Python's does not).
     """
     raw = json.loads(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": content}], **fields}))
-    return _sanitize_chat_completion_request(ChatRequest.model_validate(raw))
+    return sanitize_chat_request(ChatRequest.model_validate(raw))
 
 
 def _refused(body: Any, listing: Listing = TEXT_ONLY, *, chat: bool = True) -> BadRequest:
@@ -112,7 +111,7 @@ def test_malformed_content_fails_the_base_model_lazily(content: Any, param: str,
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
     try:
         parsed = ChatCompletionRequest.model_validate(body)
-        _sanitize_chat_completion_request(parsed)
+        sanitize_chat_request(parsed)
     except ValueError:
         return
     assert not isinstance(parsed.messages[0]["content"], str)  # it would have reached the engine
@@ -168,7 +167,7 @@ def test_every_text_part_type_is_accepted_in_assistant_history(kind: str):
         {"role": "user", "content": "and now?"},
     ]
     body = ChatRequest.model_validate({"model": MODEL, "messages": messages})
-    validate_request(_sanitize_chat_completion_request(body), TEXT_ONLY, chat=True)
+    validate_request(sanitize_chat_request(body), TEXT_ONLY, chat=True)
 
 
 def test_the_accepted_part_types_all_parse_in_the_engines_request_model():

@@ -6,9 +6,8 @@ import asyncio
 from typing import Any
 
 import pytest
-from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
-from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
 
+from tokenmart.deployments.ray_llm import ChatCompletionRequest, CompletionRequest, sanitize_chat_request
 from tokenmart.deployments.tokens import (
     INLINE_TOKENIZE_CHARS,
     MERGE_SLACK_TOKENS,
@@ -43,7 +42,7 @@ class WordTokenizer:
 
 def chat(messages: list[dict[str, Any]] | None = None, **fields: Any) -> ChatCompletionRequest:
     body = {"model": "m", "messages": messages or [{"role": "user", "content": "hello there"}], **fields}
-    return _sanitize_chat_completion_request(ChatCompletionRequest.model_validate(body))
+    return sanitize_chat_request(ChatCompletionRequest.model_validate(body))
 
 
 def completion(prompt: Any, **fields: Any) -> CompletionRequest:

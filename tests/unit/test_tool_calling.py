@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from tokenmart.deployments.app import known_tool_parser, llm_config_for
 from tokenmart.deployments.catalog import CatalogError, Listing, load_catalog, parse_catalog
 from tokenmart.deployments.errors import BadRequest
+from tokenmart.deployments.ray_llm import ChatCompletionRequest, CompletionRequest
 from tokenmart.deployments.validation import validate_request
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

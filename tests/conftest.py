@@ -8,7 +8,6 @@ use to take the billing store away from a running cluster and bring it back.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,14 +17,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from .helpers import free_port
+
 REDIS_START_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    """A loopback port that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:

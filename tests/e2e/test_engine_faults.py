@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..helpers import wait_until
 from .conftest import MODEL, Stack
 
 pytestmark = pytest.mark.e2e
@@ -52,21 +53,6 @@ METRICS_QUIET_S = 25.0
 
 def cost_micros(prompt_tokens: int, completion_tokens: int) -> int:
     return -(-(prompt_tokens * PROMPT_MICROS + completion_tokens * COMPLETION_MICROS) // 1_000_000)
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while True:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception as exc:  # what is polled may be restarting
-            last_error = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}: {last_error!r}")
-        time.sleep(interval_s)
 
 
 @dataclass
@@ -129,7 +115,7 @@ class Cluster:
             reply = httpx.post(f"{self.stack.base_url}/chat/completions", headers=auth(key), json=body, timeout=120)
             return reply.status_code == 200
 
-        wait_until(serves, RECOVERY_TIMEOUT_S, f"{MODEL} to serve again", interval_s=2)
+        wait_until(serves, RECOVERY_TIMEOUT_S, interval_s=2, what=f"{MODEL} to serve again")
 
 
 def auth(key: str) -> dict[str, str]:
@@ -188,14 +174,14 @@ def test_a_client_gone_before_the_first_byte_is_settled_aborted_at_no_cost(clust
         client.sendall(request)
         # Leave once the request is admitted (its hold and concurrency slot are taken), before
         # anything of the response has arrived.
-        (billing_id,) = wait_until(lambda: cluster.in_flight(key_id), 60, "the admission", interval_s=0.002)
+        (billing_id,) = wait_until(lambda: cluster.in_flight(key_id), 60, interval_s=0.002, what="the admission")
         assert cluster.account(key)["on_hold_usd"] > 0
         client.setblocking(False)
         with pytest.raises(BlockingIOError):
             client.recv(1)  # not one byte of the response yet
 
     # Settled at once as aborted, with nothing charged; the hold and the slot are free.
-    (event,) = wait_until(lambda: cluster.ledger(key_id), 60, "the settlement")
+    (event,) = wait_until(lambda: cluster.ledger(key_id), 60, interval_s=0.5, what="the settlement")
     assert event["request_id"] == billing_id
     assert (event["status"], event["prompt_tokens"], event["completion_tokens"], event["cost_micros"]) == (
         "aborted",

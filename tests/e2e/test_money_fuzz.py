@@ -18,7 +18,6 @@ chat templates, vLLM's own usage on n > 1 streams and prompt lists), each on a f
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -32,6 +31,7 @@ import redis
 from tokenmart.cluster.state import ClusterState
 from tokenmart.deployments.keystore import account_key
 
+from ..helpers import wait_for_entries
 from .conftest import MODEL, Stack
 
 pytestmark = pytest.mark.e2e
@@ -277,22 +277,10 @@ def call(api: openai.OpenAI, shape: Shape) -> Result:
     return result
 
 
-def wait_for_entries(client: redis.Redis, stream: str, count: int) -> None:
-    """Block on the ledger stream (XREAD BLOCK) until it holds `count` entries."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    last_id, seen = "0-0", 0
-    while seen < count:
-        left_ms = int((deadline - time.monotonic()) * 1000)
-        assert left_ms > 0, f"{stream} has {seen} of {count} settlements after {SETTLE_TIMEOUT_S}s"
-        for _, entries in client.xread({stream: last_id}, block=left_ms) or []:
-            seen += len(entries)
-            last_id = entries[-1][0]
-
-
 def books_after(stack: Stack, ledger: redis.Redis, created: dict[str, Any], requests: int) -> dict[str, str]:
     """Wait for the key's settlements, then check its books; returns its one settlement (or {})."""
     stream = account_key(created["id"], "ledger")
-    wait_for_entries(ledger, stream, requests)
+    wait_for_entries(ledger, stream, requests, SETTLE_TIMEOUT_S)
     events = [event for _, event in ledger.xrange(stream)]
     assert [event for event in events if "event" in event] == [], events  # no hold_exceeded
     assert len(events) == requests, events

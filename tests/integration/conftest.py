@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +17,8 @@ import pytest
 
 from tokenmart.deployments.catalog import Catalog, Listing
 from tokenmart.deployments.request_id import PROXY_ENV
+
+from ..helpers import free_port, wait_until
 
 SERVE_READY_TIMEOUT_S = 300.0
 
@@ -72,28 +72,6 @@ TEST_CATALOG = Catalog.model_validate(
         ]
     }
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float, interval_s: float = 0.05, what: str = "") -> Any:
-    """Poll until `condition()` returns something truthy and return it."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while True:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception as exc:  # the thing polled may not be up yet
-            last_error = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or condition}: {last_error!r}")
-        time.sleep(interval_s)
 
 
 class Marketplace:

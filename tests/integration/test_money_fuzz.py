@@ -25,7 +25,6 @@ the prompt; a stream sends one chunk per token per choice.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -37,6 +36,7 @@ from hypothesis import strategies as st
 
 from tokenmart.deployments.keystore import account_key
 
+from ..helpers import wait_for_entries
 from .conftest import Marketplace
 
 pytestmark = pytest.mark.integration
@@ -466,24 +466,12 @@ def ledger_events(client: redis.Redis, key_id: str) -> list[dict[str, str]]:
     return [entry for _, entry in client.xrange(account_key(key_id, "ledger"))]
 
 
-def wait_for_entries(client: redis.Redis, stream: str, count: int) -> None:
-    """Block on the ledger stream (XREAD BLOCK) until it holds `count` entries."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    last_id, seen = "0-0", 0
-    while seen < count:
-        left_ms = int((deadline - time.monotonic()) * 1000)
-        assert left_ms > 0, f"{stream} has {seen} of {count} settlements after {SETTLE_TIMEOUT_S}s"
-        for _, entries in client.xread({stream: last_id}, block=left_ms) or []:
-            seen += len(entries)
-            last_id = entries[-1][0]
-
-
 def settled_books(
     market: Marketplace, client: redis.Redis, created: dict[str, Any], credit_micros: int, requests: int
 ) -> dict[str, str]:
     """Wait for `requests` settlements on the ledger (0 or 1), then check the books; returns the
     settlement event (an empty dict when there is none)."""
-    wait_for_entries(client, account_key(created["id"], "ledger"), requests)
+    wait_for_entries(client, account_key(created["id"], "ledger"), requests, SETTLE_TIMEOUT_S)
     events = ledger_events(client, created["id"])
     assert [entry.get("event") for entry in events if "event" in entry] == [], events  # no hold_exceeded
     assert len(events) == requests, events

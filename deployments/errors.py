@@ -191,6 +191,40 @@ def _rebuild_engine_refusal(status_code: int, message: str) -> EngineRefusal:
     return engine_refusal_class(status_code)(message)
 
 
+# What the engine raises for a request it cannot take (a template argument, a bad value); its
+# replica and the engine are fine. Anything else (a dead actor, a broken stream) is an outage.
+_REQUEST_ERRORS: tuple[type[BaseException], ...] = (TypeError, ValueError, OverflowError, UnicodeError)
+try:
+    from jinja2 import TemplateError
+
+    _REQUEST_ERRORS += (TemplateError,)
+except ImportError:  # pragma: no cover - jinja2 comes with the engine's tokenizers
+    pass
+_INTERNALS = re.compile(r"(File \"[^\"]*\"|/[\w./-]+\.py\b|Traceback \(most recent call last\)|ray::\S+)")
+MAX_ERROR_MESSAGE_CHARS = 300
+
+
+def client_message(text: str) -> str:
+    """An engine's error text fit for a client: its first line, without exception names, file
+    paths or frames ("" when nothing is left). Every engine message reaching a client, in a
+    JSON error or in a stream's error event, goes through here."""
+    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
+    line = re.sub(r"^(\w+\.)*\w*(Error|Exception)\w*:\s*", "", line)
+    line = re.sub(r"\s{2,}", " ", _INTERNALS.sub("", line)).strip(" :")
+    if len(line) > MAX_ERROR_MESSAGE_CHARS:
+        line = line[: MAX_ERROR_MESSAGE_CHARS - 3] + "..."
+    return line
+
+
+def request_refusal(exc: BaseException) -> APIError | None:
+    """A 400 for an engine exception that describes the request; None for an outage."""
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps what the replica raised
+    if not isinstance(cause, _REQUEST_ERRORS):
+        return None
+    detail = client_message(str(cause))
+    return BadRequest("The model could not process the request" + (f": {detail}" if detail else "."))
+
+
 def engine_error(error: Any) -> APIError:
     """Map an engine ErrorResponse (a model or a dict) onto the envelope, keeping 4xx as 4xx.
 
@@ -201,7 +235,7 @@ def engine_error(error: Any) -> APIError:
         error = error.model_dump()
     info = error.get("error", error)
     status = int(info.get("code") or 500) if str(info.get("code", "")).isdigit() else 500
-    message = info.get("message") or "The model failed to process the request."
+    message = client_message(info.get("message") or "") or "The model failed to process the request."
     if 400 <= status < 500:
         return engine_refusal_class(status)(message, param=info.get("param"))
     return EngineError(message)

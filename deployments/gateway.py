@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from . import auth
 from .billing import Admission, Meter, Outcome, Settlement
 from .caller_watch import CALLER_HEADER
 from .catalog import Catalog, Listing
-from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, engine_error
+from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, engine_error, request_refusal
 from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
 from .ray_llm import ErrorResponse, RawRequestInfo, sanitize_chat_request
 from .tokens import PromptCounter
@@ -50,37 +49,6 @@ class Usage:
         if not isinstance(usage, dict):
             usage = usage.model_dump()
         return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-
-
-# What the engine raises for a request it cannot take (a template argument, a bad value); its
-# replica and the engine are fine. Anything else (a dead actor, a broken stream) is an outage.
-_REQUEST_ERRORS: tuple[type[BaseException], ...] = (TypeError, ValueError, OverflowError, UnicodeError)
-try:
-    from jinja2 import TemplateError
-
-    _REQUEST_ERRORS += (TemplateError,)
-except ImportError:  # pragma: no cover - jinja2 comes with the engine's tokenizers
-    pass
-_INTERNALS = re.compile(r"(File \"[^\"]*\"|/[\w./-]+\.py\b|Traceback \(most recent call last\)|ray::\S+)")
-MAX_ERROR_MESSAGE_CHARS = 300
-
-
-def client_message(text: str) -> str:
-    """An engine's error text fit for a client: its first line, no exception names, paths or frames."""
-    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
-    line = re.sub(r"^(\w+\.)*\w*(Error|Exception)\w*:\s*", "", line)
-    line = re.sub(r"\s{2,}", " ", _INTERNALS.sub("", line)).strip(" :")
-    if len(line) > MAX_ERROR_MESSAGE_CHARS:
-        line = line[: MAX_ERROR_MESSAGE_CHARS - 3] + "..."
-    return line or "The model could not process the request."
-
-
-def request_refusal(exc: BaseException) -> APIError | None:
-    """A 400 for an engine exception that describes the request; None for an outage."""
-    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps what the replica raised
-    if isinstance(exc, BackPressureError) or not isinstance(cause, _REQUEST_ERRORS):
-        return None
-    return BadRequest(f"The model could not process the request: {client_message(str(cause))}")
 
 
 class StreamTally:
@@ -253,7 +221,6 @@ class Gateway:
         if isinstance(head, ErrorResponse) or (isinstance(head, dict) and "error" in head):
             error = engine_error(head)
             await self._settle(admission, Usage(), "rejected" if error.status_code < 500 else "error")
-            error.message = client_message(error.message)
             error.headers = {**headers, **error.headers}
             raise error
 

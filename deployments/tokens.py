@@ -110,17 +110,6 @@ def _message_bound(message: Any, tokens_per_image: int) -> tuple[int, int]:
     return total, parts
 
 
-def images_in(body: Any) -> int:
-    """How many image parts a chat request carries."""
-    return sum(
-        1
-        for message in body.messages or []
-        if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for part in message["content"]
-        if _is_image(part)
-    )
-
-
 def byte_bound(body: Any, *, chat: bool, tokens_per_image: int = 0) -> int:
     """An upper bound on the prompt tokens, with no tokenizer."""
     if not chat:

@@ -6,7 +6,7 @@ import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from tokenmart.deployments.gateway import client_message, request_refusal
+from tokenmart.deployments.errors import client_message, engine_error, request_refusal
 
 
 def through_ray(cause: Exception) -> BaseException:
@@ -49,4 +49,15 @@ def test_client_messages_keep_the_first_line_without_exception_names_or_paths() 
     assert client_message(text) == "max_tokens is too large"
     assert client_message("see /opt/venv/lib/vllm/x.py for details") == "see for details"
     assert len(client_message("x" * 1000)) == 300
-    assert client_message("") == "The model could not process the request."
+    assert client_message("") == ""
+
+
+def test_engine_error_messages_reach_clients_without_internals_in_json_and_in_streams() -> None:
+    """The JSON error and a stream's error event both come from `engine_error`."""
+    text = 'TypeError: bad value for top_k\n  File "/x/vllm/sampling_params.py", line 9'
+    for status in (400, 500):
+        body = engine_error({"error": {"message": text, "code": status}}).body()["error"]
+        assert body["message"] == "bad value for top_k"
+    assert engine_error({"error": {"message": "/only/a/path.py", "code": 500}}).message == (
+        "The model failed to process the request."
+    )

@@ -61,3 +61,51 @@ def test_engine_error_messages_reach_clients_without_internals_in_json_and_in_st
     assert engine_error({"error": {"message": "/only/a/path.py", "code": 500}}).message == (
         "The model failed to process the request."
     )
+
+
+def test_a_settlement_over_its_hold_moves_the_hold_exceeded_metric() -> None:
+    """The gateway's wiring from a capped settlement to `ray_tokenmart_hold_exceeded_total`
+    (the cap itself is tested on Redis in tests/integration/test_money_path.py)."""
+    import asyncio
+
+    from tokenmart.deployments.billing import Admission, Settlement
+    from tokenmart.deployments.catalog import Catalog
+    from tokenmart.deployments.gateway import Gateway, Usage
+
+    catalog = Catalog.model_validate(
+        {
+            "listings": [
+                {
+                    "id": "m",
+                    "owner": "o",
+                    "source": "s",
+                    "context_length": 64,
+                    "default_max_tokens": 8,
+                    "pricing": {"prompt_usd_per_1m": 1, "completion_usd_per_1m": 1},
+                    "accelerator": {"kind": "cpu"},
+                }
+            ]
+        }
+    )
+
+    class Handle:
+        def options(self, **_: object) -> Handle:
+            return self
+
+    class Meter:
+        async def settle(self, admission, prompt, completion, outcome):  # type: ignore[no-untyped-def]
+            return Settlement(prompt, completion, 8, 0, uncharged_micros=3 if prompt > 5 else 0)
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, tuple]] = []
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return lambda *args, **kwargs: self.calls.append((name, args))
+
+    metrics = Recorder()
+    gateway = Gateway(catalog, {"m": Handle()}, Meter(), metrics=metrics)  # type: ignore[arg-type]
+    admission = Admission("b1", "key_1", catalog.get("m"), hold_micros=8)
+    asyncio.run(gateway._settle(admission, Usage(9, 1), "completed"))  # cost above the hold
+    asyncio.run(gateway._settle(admission, Usage(1, 1), "completed"))  # within it
+    assert [args for name, args in metrics.calls if name == "hold_exceeded"] == [("m",)]

@@ -51,6 +51,15 @@ class Usage:
         return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
 
+@dataclass(frozen=True)
+class UsageWanted:
+    """The usage a streaming client asked to see: the final totals, and usage on every chunk
+    (vLLM's rule: `continuous_usage_stats` counts only with `include_usage`)."""
+
+    final: bool
+    per_chunk: bool
+
+
 class StreamTally:
     """What a stream has produced so far, summed over every choice and every prompt.
 
@@ -180,7 +189,10 @@ class Gateway:
         # The billing id is the engine's request id, so the response id and the ledger match.
         body.request_id = admission.billing_id
         stream = bool(body.stream)
-        wants_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
+        # What the client itself asked for: usage is forced on below for billing, and shown
+        # to the client only as far as it asked.
+        final = bool(stream and body.stream_options and body.stream_options.include_usage)
+        wants = UsageWanted(final, per_chunk=final and bool(body.stream_options.continuous_usage_stats))
         if stream:
             _force_usage(body)
 
@@ -236,7 +248,7 @@ class Gateway:
             self.metrics.first_token(listing.id, time.perf_counter() - started)
         begun = _Begun()
         return _SettledStreamingResponse(
-            self._stream(admission, first, responses, wants_usage, started, begun, StreamTally(body.n or 1)),
+            self._stream(admission, first, responses, wants, started, begun, StreamTally(body.n or 1)),
             begun,
             lambda: self._abandon(admission, responses, started),
             media_type="text/event-stream",
@@ -262,7 +274,7 @@ class Gateway:
         admission: Admission,
         first: Any,
         responses: Any,
-        wants_usage: bool,
+        wants: UsageWanted,
         started: float,
         begun: _Begun,
         tally: StreamTally,
@@ -283,7 +295,7 @@ class Gateway:
                             yield _sse(engine_error(chunk).body())
                         elif chunk.get("choices"):
                             if chunk.get("usage"):
-                                tally.add(chunk, chunk.pop("usage"))
+                                tally.add(chunk, chunk["usage"] if wants.per_chunk else chunk.pop("usage"))
                             yield _sse(chunk)
                         elif chunk.get("usage"):
                             tally.add(chunk, chunk["usage"])
@@ -311,7 +323,7 @@ class Gateway:
                 outcome, ended = "completed", (200, None)
             settlement = await self._settle(admission, tally.usage, outcome)
             settled = True
-            if usage_chunk is not None and wants_usage:
+            if usage_chunk is not None and wants.final:
                 usage_chunk["usage"]["cost"] = settlement.cost_usd
                 yield _sse(usage_chunk)
             yield "data: [DONE]\n\n"

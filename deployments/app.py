@@ -100,7 +100,7 @@ def _autoscaling(listing: Listing) -> dict[str, Any]:
     }
 
 
-def _deployment_config(listing: Listing) -> dict[str, Any]:
+def engine_deployment_options(listing: Listing) -> dict[str, Any]:
     """Serve options shared by the vLLM and the fake engine deployments of a listing."""
     return {
         "autoscaling_config": _autoscaling(listing),
@@ -132,7 +132,7 @@ def llm_config_for(listing: Listing, model_dir: Path | None = None, groups: dict
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": listing.id, "model_source": listing.resolved_source(model_dir)},
         "engine_kwargs": engine_kwargs,
-        "deployment_config": _deployment_config(listing),
+        "deployment_config": engine_deployment_options(listing),
         # vLLM's own metrics (KV cache use, queue, tokens) through Ray's metrics agent.
         "log_engine_metrics": True,
     }
@@ -195,14 +195,14 @@ def adapter_paths(listing: Listing, model_dir: Path | None = None) -> dict[str, 
 def _engine_deployment(listing: Listing, args: AppArgs, groups: dict[str, WorkerGroup]) -> Application:
     model_dir = Path(args.model_dir) if args.model_dir else None
     if args.engine == "fake":
-        from .fake_engine import FakeEngine
+        from tokenmart.doubles.fake_engine import FakeEngine
 
         fake = args.fake_engine
         return serve.deployment(
             FakeEngine,
             name=f"fake:{listing.id}",
             ray_actor_options={"num_cpus": fake.num_cpus},
-            **_deployment_config(listing),
+            **engine_deployment_options(listing),
             **fake_engine_placement(listing, groups, fake.num_cpus),
         ).bind(
             listing.id,

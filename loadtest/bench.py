@@ -339,7 +339,7 @@ class Stack:
         plain = {
             "name": "plain",
             "route_prefix": "/plain",
-            "import_path": "tokenmart.deployments.baseline:build_plain_app",
+            "import_path": "tokenmart.doubles.baseline:build_plain_app",
         }
         unlimited = {"rpm": 10_000_000, "tpm": 10_000_000_000, "max_concurrency": 100_000}
         overrides = {"ingress": {"min_replicas": 1, "max_replicas": 1}}

@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tokenmart.deployments.fake_engine import FakeEngine
+from tokenmart.doubles.fake_engine import FakeEngine
 
 
 class BareFakeEngine(FakeEngine):

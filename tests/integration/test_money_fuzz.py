@@ -16,7 +16,7 @@ settlement on the key's ledger stream, and checks what a customer's money relies
   engine's count, and no settlement ever cost more than its hold (`hold_exceeded`);
 - a client mistake costs nothing and leaves no trace in the ledger.
 
-The fake engine's rules (deployments/fake_engine.py): prompt tokens are the words of every
+The fake engine's rules (doubles/fake_engine.py): prompt tokens are the words of every
 message's content plus 3 per message (chat), or the words (token ids) of each prompt; each
 choice gets min(max_tokens, 16) tokens, or min(max_tokens, N) with `[[fake-tokens=N]]` in
 the prompt; a stream sends one chunk per token per choice.

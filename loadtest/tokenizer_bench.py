@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import typer
-from bench_load import PROMPT  # the prompt of bench.py's chat scenarios (this script runs from loadtest/)
+from bench_load import PROMPT, percentile  # bench.py's chat prompt and percentiles (this runs from loadtest/)
 
 from tokenmart.cluster.model_build import SMOLLM2_NAME, ensure_builtin
 from tokenmart.deployments.tokens import PromptCounter
@@ -33,7 +33,7 @@ def summary(samples_ns: list[int]) -> dict[str, float]:
     ms = sorted(ns / 1e6 for ns in samples_ns)
     return {
         "median": round(statistics.median(ms), 4),
-        "p99": round(ms[int(0.99 * (len(ms) - 1))], 4),
+        "p99": round(percentile(ms, 99), 4),
         "mean": round(statistics.fmean(ms), 4),
     }
 

@@ -1,12 +1,13 @@
-"""Small helpers every test package shares: free ports and waiting on a condition."""
+"""Small helpers every test package shares: free ports, waiting on a condition, reading SSE."""
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import redis
 
 
@@ -43,3 +44,10 @@ def wait_for_entries(client: redis.Redis, stream: str, count: int, timeout_s: fl
         for _, entries in client.xread({stream: last_id}, block=left_ms) or []:
             seen += len(entries)
             last_id = entries[-1][0]
+
+
+def sse_data(response: httpx.Response) -> Iterator[str]:
+    """The `data:` payloads of a streamed SSE response, as they arrive (`[DONE]` included)."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield line.removeprefix("data: ")

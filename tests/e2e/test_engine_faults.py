@@ -29,7 +29,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..helpers import wait_until
+from ..helpers import sse_data, wait_until
 from .conftest import MODEL, Stack
 
 pytestmark = pytest.mark.e2e
@@ -210,11 +210,10 @@ def test_an_ingress_dying_mid_stream_stops_the_engine_and_charges_nothing(cluste
         client.stream("POST", f"{cluster.stack.base_url}/chat/completions", json=body, headers=auth(key)) as response,
     ):
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                received.append(line.removeprefix("data: "))
-                if len(received) == 5:
-                    cluster.kill(INGRESS)
+        for event in sse_data(response):
+            received.append(event)
+            if len(received) == 5:
+                cluster.kill(INGRESS)
     # The connection broke without [DONE]: the client knows the answer is incomplete.
     assert "[DONE]" not in received and len(received) >= 5
     assert all(json.loads(event)["choices"] for event in received)
@@ -290,11 +289,10 @@ def test_an_engine_dying_mid_stream_ends_the_stream_with_an_error_and_bills_what
         client.stream("POST", f"{cluster.stack.base_url}/chat/completions", json=body, headers=auth(key)) as response,
     ):
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(line.removeprefix("data: "))
-                if len(events) == 6:
-                    cluster.kill(ENGINE)
+        for event in sse_data(response):
+            events.append(event)
+            if len(events) == 6:
+                cluster.kill(ENGINE)
 
     # The stream ended with an error event and [DONE], not a cut connection.
     assert events[-1] == "[DONE]"

@@ -15,6 +15,8 @@ import httpx
 import pytest
 import ray
 
+from ..helpers import sse_data
+
 pytestmark = pytest.mark.integration
 
 MESSAGES = [{"role": "user", "content": "tell me about ray serve [[fake-tokens=400]]"}]  # 6 words + 3
@@ -60,11 +62,10 @@ def test_an_engine_dying_mid_stream_ends_the_stream_with_an_error_and_bills_what
         client.stream("POST", "/v1/chat/completions", json=payload, headers=marketplace.auth(key)) as response,
     ):
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[len("data: ") :])
-                if len(events) == 5:
-                    killer.start()  # 395 tokens (8 s) still to come
+        for event in sse_data(response):
+            events.append(event)
+            if len(events) == 5:
+                killer.start()  # 395 tokens (8 s) still to come
     killer.join()
 
     # The stream ended with an error event and [DONE], not a cut connection.

@@ -22,6 +22,8 @@ import pytest
 import ray
 from ray import serve
 
+from ..helpers import sse_data
+
 pytestmark = pytest.mark.integration
 
 MODEL = "beta-chat"
@@ -58,13 +60,12 @@ def test_an_ingress_dying_mid_stream_stops_the_engine_and_charges_nothing(market
         client.stream("POST", "/v1/chat/completions", json=payload, headers=marketplace.auth(key)) as response,
     ):
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                received.append(line[len("data: ") :])
-                if len(received) == 5:
-                    assert engine_streams()["active"] == before["active"] + 1
-                    for replica in ingress_replicas():
-                        ray.kill(replica, no_restart=True)
+        for event in sse_data(response):
+            received.append(event)
+            if len(received) == 5:
+                assert engine_streams()["active"] == before["active"] + 1
+                for replica in ingress_replicas():
+                    ray.kill(replica, no_restart=True)
     # The connection broke without [DONE]: the client knows the answer is incomplete.
     assert "[DONE]" not in received
     assert all(json.loads(event)["choices"] for event in received)

@@ -17,6 +17,8 @@ import pytest
 
 from tokenmart.deployments import auth
 
+from ..helpers import sse_data
+
 pytestmark = pytest.mark.integration
 
 MESSAGES = [{"role": "user", "content": "tell me about ray serve"}]  # 5 words + 3 = 8 prompt tokens
@@ -49,7 +51,7 @@ def assert_error(
 
 def sse_events(response: httpx.Response) -> list[str]:
     """The `data:` payloads of an SSE response, in order."""
-    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    return list(sse_data(response))
 
 
 def stream_chat(market, key: str, model: str = "alpha-chat", **body: Any) -> list[str]:

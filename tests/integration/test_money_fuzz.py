@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from tokenmart.deployments.keystore import account_key
 
-from ..helpers import wait_for_entries
+from ..helpers import sse_data, wait_for_entries
 from .conftest import Marketplace
 
 pytestmark = pytest.mark.integration
@@ -443,13 +443,11 @@ def send(market: Marketplace, key: str, case: Case) -> Reply:
             return Reply(response.status_code, response.headers, response.json())
         assert response.headers["content-type"].startswith("text/event-stream"), response.headers
         reply = Reply(200, response.headers)
-        for line in response.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
+        for event in sse_data(response):
+            if event == "[DONE]":
                 reply.done = True
                 continue
-            chunk = json.loads(line[len("data: ") :])
+            chunk = json.loads(event)
             assert "error" not in chunk, chunk
             reply.chunks.append(chunk)
             if case.mode == "cut" and len(reply.content_chunks) == case.cut_after:

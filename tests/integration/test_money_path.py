@@ -22,6 +22,7 @@ from tokenmart.deployments.keystore import account_key
 from tokenmart.deployments.reconcile import reconcile
 from tokenmart.deployments.schemas import CreateKeyRequest
 
+from ..helpers import sse_data
 from .test_keystore import BETA, run
 
 pytestmark = pytest.mark.integration
@@ -38,11 +39,10 @@ def read_then_hang_up(marketplace, key: str, path: str, payload: dict, chunks_to
         client.stream("POST", path, json=payload, headers=marketplace.auth(key)) as response,
     ):
         assert response.status_code == 200, response.read()
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                chunks.append(json.loads(line[len("data: ") :]))
-                if len(chunks) == chunks_to_read:
-                    break
+        for event in sse_data(response):
+            chunks.append(json.loads(event))
+            if len(chunks) == chunks_to_read:
+                break
     return chunks
 
 

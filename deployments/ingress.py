@@ -8,7 +8,6 @@ to Ray Serve LLM's `make_fastapi_ingress`, so every public path is listed in one
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from typing import Any, Literal
 
 import ray
 from fastapi import FastAPI, Query, Request
+from pydantic import SecretStr
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.ingress import OpenAiIngress
 from redis.exceptions import RedisError
@@ -50,7 +50,6 @@ from .validation import ChatRequest
 
 logger = logging.getLogger("tokenmart.ingress")
 
-ADMIN_TOKEN_ENV = "TOKENMART_ADMIN_TOKEN"
 DEFAULT_USAGE_WINDOW_DAYS = 30
 
 
@@ -188,12 +187,16 @@ class MarketplaceIngress(OpenAiIngress):
         tokenizer_sources: dict[str, str] | None = None,
         plain_requests: bool = False,
         per_key_metrics: bool = False,
+        spool_dir: str | None = None,
+        admin_token: SecretStr | None = None,
     ) -> None:
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self.catalog = Catalog.model_validate(catalog)
         self.redis = connect(redis_url, timeout_s=redis_timeout_s)
         self.keys = KeyStore(self.redis)
-        self.meter = Meter(self.redis, Limits.model_validate(default_limits) if default_limits else None)
+        self.meter = Meter(
+            self.redis, Limits.model_validate(default_limits) if default_limits else None, spool_dir=spool_dir
+        )
         # Exact prompt counts where the listing's tokenizer is on this node; byte bounds elsewhere.
         # Multimodal listings bound each image by its most tokens; the byte bound covers the rest.
         counters = {
@@ -211,7 +214,8 @@ class MarketplaceIngress(OpenAiIngress):
             metrics=MarketplaceMetrics(per_key_labels=per_key_metrics),
             caller=ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None,
         )
-        self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        # From AppArgs.admin_token (the environment of the process that built the app); None: no admin API.
+        self.admin_token = admin_token
         self._cards = [listing_card(offer, self.catalog.base_of(offer.id)) for offer in self.catalog.offers]
 
     async def __serve_build_asgi_app__(self) -> ASGIApp:
@@ -282,7 +286,8 @@ class MarketplaceIngress(OpenAiIngress):
 
     # -- admin API -----------------------------------------------------------------------
     def _admin(self, request: Request) -> None:
-        auth.check_admin_token(request.headers.get("authorization"), self.admin_token)
+        token = self.admin_token.get_secret_value() if self.admin_token else None
+        auth.check_admin_token(request.headers.get("authorization"), token)
 
     def _check_models(self, models: list[str] | None) -> None:
         unknown = [m for m in models or [] if self.catalog.get(m) is None]

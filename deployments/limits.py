@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from .auth import auth_refusal
+from .config import DEFAULT_LIMITS
 from .errors import APIError, BadRequest, InsufficientCredit, PermissionDenied, RateLimited
 from .schemas import Limits, micros_to_usd
 from .scripts import SCALE, Verdict, account_key
 
-# Operator defaults for keys that set no limits of their own (AppArgs.default_limits).
-DEFAULT_LIMITS = Limits(rpm=600, tpm=1_000_000, max_concurrency=64, max_tokens_per_request=131_072)
+# DEFAULT_LIMITS, the default of AppArgs.default_limits (config.py), is also the built-in
+# fallback of each limit an operator leaves unset; importable from here as before.
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ When Redis is unreachable at settlement, the exact script call (keys and argumen
 appended here as one JSON line and fsynced; `Meter.replay_spool` sends the lines again once
 Redis answers. The settle script is idempotent per billing id, so a line whose first call
 did reach Redis (only the reply was lost) changes nothing when replayed: nothing is lost and
-nothing is billed twice. One file per ingress process; on Kubernetes, put the spool
-directory on a volume that outlives the pod.
+nothing is billed twice. One file per ingress process, in the folder `AppArgs.spool_dir`
+names; on Kubernetes, put it on a volume that outlives the pod.
 
 A process holds an exclusive `flock` on its spool's `.lock` file from its first append
 until it exits, so a spool whose lock can be taken belongs to a dead process: the next
@@ -21,14 +21,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SPOOL_DIR = Path(os.environ.get("TOKENMART_SPOOL_DIR", "/tmp/tokenmart-spool"))
-
 
 class SettlementSpool:
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path or DEFAULT_SPOOL_DIR / f"settlements-{os.getpid()}.jsonl"
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self._lock = threading.Lock()
         self._owner_fd: int | None = None
+
+    @classmethod
+    def of_this_process(cls, directory: str | Path) -> SettlementSpool:
+        """This process's own spool in `directory`."""
+        return cls(Path(directory) / f"settlements-{os.getpid()}.jsonl")
 
     @property
     def lock_path(self) -> Path:

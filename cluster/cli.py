@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tokenmart.deployments.catalog import CatalogError
+from tokenmart.deployments.config import admin_token_from_env
 
 from . import launcher
 from .state import ClusterState, default_state_dir
@@ -47,8 +48,10 @@ def _state_dir(value: Path | None) -> Path:
 class AdminClient:
     def __init__(self, state_dir: Path | None) -> None:
         state = ClusterState.load(_state_dir(state_dir))
+        # Client side: where this CLI sends admin calls; the Serve app never reads it.
         self.base = os.environ.get("TOKENMART_API_BASE") or (state.api_base if state else None)
-        self.token = os.environ.get("TOKENMART_ADMIN_TOKEN") or (state.admin_token if state else None)
+        from_env = admin_token_from_env()
+        self.token = from_env.get_secret_value() if from_env else (state.admin_token if state else None)
         if not self.base or not self.token:
             _fail("no running cluster found: run `tokenmart up`, or set TOKENMART_API_BASE and TOKENMART_ADMIN_TOKEN")
 
@@ -144,8 +147,8 @@ def status(state_dir: Path | None = StateDir) -> None:
         "redis", ("ok " if launcher.redis_ping(state.redis_url) else "[red]unreachable[/] ") + state.redis_url
     )
     table.add_row("ray dashboard", state.dashboard_url)
-    if state.extra.get("metrics_url"):
-        table.add_row("prometheus metrics", state.extra["metrics_url"])
+    if state.metrics_url:
+        table.add_row("prometheus metrics", state.metrics_url)
     table.add_row("serve app", app_state)
     for name, deployment_status in sorted(deployments.items()):
         table.add_row(f"  {name}", deployment_status)

@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from tokenmart.deployments.catalog import Catalog, WorkerGroup, placement_for
+from tokenmart.deployments.config import ADMIN_TOKEN_ENV, REDIS_URL_ENV
 from tokenmart.deployments.request_id import PROXY_ENV
 
-IMPORT_PATH = "tokenmart.deployments.app:build_app"
 # GCP machine types by (accelerator type, GPUs per machine): GPUs come with the machine.
 GCP_MACHINES: dict[tuple[str, int], tuple[str, int]] = {
     # (accelerator, gpus): (machine type, vCPUs)
@@ -133,8 +133,8 @@ def ray_cluster_config(
         "setup_commands": [
             PIP_INSTALL,
             # Fill these in (or template them) before `ray up`: every Ray process reads them.
-            "echo 'REDIS_URL=redis://:REDIS_PASSWORD@REDIS_HOST:6379/0' | sudo tee -a /etc/environment",
-            "echo 'TOKENMART_ADMIN_TOKEN=CHANGE-ME' | sudo tee -a /etc/environment",
+            f"echo '{REDIS_URL_ENV}=redis://:REDIS_PASSWORD@REDIS_HOST:6379/0' | sudo tee -a /etc/environment",
+            f"echo '{ADMIN_TOKEN_ENV}=CHANGE-ME' | sudo tee -a /etc/environment",
             # Ray's HTTP proxy loads tokenmart's request-id guard (deployments/request_id.py).
             *(f"echo '{name}={value}' | sudo tee -a /etc/environment" for name, value in PROXY_ENV.items()),
         ],
@@ -147,7 +147,9 @@ def ray_cluster_config(
 
 
 def serve_config(catalog: Catalog, *, port: int = 8000) -> dict:
-    """The Serve config for the cluster: `tokenmart.deployments.app:build_app` with the catalog inline."""
+    """The Serve config for the cluster: the app builder (`IMPORT_PATH`) with the catalog inline."""
+    from tokenmart.deployments.app import IMPORT_PATH  # the builder's module imports Ray Serve
+
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": port},
@@ -156,8 +158,8 @@ def serve_config(catalog: Catalog, *, port: int = 8000) -> dict:
                 "name": "tokenmart",
                 "route_prefix": "/",
                 "import_path": IMPORT_PATH,
-                # redis_url defaults to REDIS_URL, and the ingress reads TOKENMART_ADMIN_TOKEN,
-                # from the Ray nodes' environment (see the cluster config's setup_commands).
+                # redis_url (REDIS_URL) and the admin token (TOKENMART_ADMIN_TOKEN) are AppArgs
+                # defaults read from the Ray nodes' environment (the cluster config's setup_commands).
                 "args": {"catalog": catalog.model_dump(mode="json", exclude_defaults=True), "engine": "vllm"},
             }
         ],

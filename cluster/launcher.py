@@ -22,17 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tokenmart.deployments.catalog import BUILTIN_PREFIX, Catalog, load_catalog
-from tokenmart.deployments.limits import DEFAULT_LIMITS
+from tokenmart.deployments.config import (
+    ADMIN_TOKEN_ENV,
+    DEFAULT_LIMITS,
+    AppArgs,
+    admin_token_from_env,
+    redis_url_from_env,
+)
 from tokenmart.deployments.request_id import PROXY_ENV
 
 from .state import ClusterState
 
 APP_NAME = "tokenmart"
-IMPORT_PATH = "tokenmart.deployments.app:build_app"
 DEFAULT_CATALOG = Path(__file__).parent / "catalog" / "local.yaml"
 # Ray accounts CPUs logically: a CPU vLLM replica asks for a 2-CPU bundle and the ingress
 # for part of one, so a 2-core machine must declare more logical CPUs than it has.
@@ -203,19 +209,50 @@ def _http_ok(url: str, **kwargs: Any) -> bool:
 
 
 # -- Serve ---------------------------------------------------------------------------------
-def serve_config(app_args: dict[str, Any], port: int, extra_applications: list[dict] | None = None) -> dict[str, Any]:
+def serve_config(app_args: AppArgs, port: int, extra_applications: list[dict] | None = None) -> dict[str, Any]:
     """The Serve config: the marketplace at `/`, and any extra applications (they get the
     same builder args unless they bring their own; `loadtest/bench.py` adds plain Ray Serve
     LLM at `/plain` this way)."""
-    extra = [{"args": app_args, **app} for app in extra_applications or []]
+    from tokenmart.deployments.app import IMPORT_PATH  # the builder's module imports Ray Serve
+
+    args = app_args.serve_args()
+    extra = [{"args": args, **app} for app in extra_applications or []]
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [
-            {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": app_args},
+            {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args},
             *extra,
         ],
     }
+
+
+def app_args(
+    catalog: Catalog,
+    engine: str,
+    *,
+    redis_url: str | None = None,
+    default_limits: dict[str, int] | None = None,
+    app_overrides: dict[str, Any] | None = None,
+) -> AppArgs:
+    """The Serve app's typed arguments; a problem is a LaunchError that names the field.
+
+    `default_limits` are the operator's limits for keys that set none of their own, merged
+    over the built-in defaults; `app_overrides` are other AppArgs fields (e.g. {"ingress": {...}}).
+    """
+    fields: dict[str, Any] = {"catalog": catalog, "engine": engine}
+    if redis_url:
+        fields["redis_url"] = redis_url
+    if default_limits:
+        fields["default_limits"] = {**DEFAULT_LIMITS.model_dump(), **default_limits}
+    fields.update(app_overrides or {})
+    try:
+        return AppArgs.model_validate(fields)
+    except ValidationError as exc:
+        problems = "\n".join(
+            f"  - {'.'.join(map(str, error['loc'])) or '(top level)'}: {error['msg']}" for error in exc.errors()
+        )
+        raise LaunchError(f"the app arguments are invalid:\n{problems}") from None
 
 
 def serve_client(dashboard_url: str) -> Any:
@@ -335,10 +372,12 @@ def up(
     catalog = load_catalog(catalog_path)  # an invalid catalog fails before anything starts
     if port_in_use(port):
         raise LaunchError(f"port {port} is already in use; choose another with --port or stop what holds it")
+    # The app arguments are checked before anything starts (the Redis URL is known later).
+    app_args(catalog, engine, default_limits=default_limits, app_overrides=app_overrides)
     if engine == "vllm":
         ensure_models(catalog)
 
-    redis_url = redis_url or os.environ.get("REDIS_URL")
+    redis_url = redis_url or redis_url_from_env()
     redis_pidfile = None
     if redis_url:
         if not redis_ping(redis_url):
@@ -350,12 +389,15 @@ def up(
         managed = True
     console.print(f"[green]redis[/] {redis_url}")
 
-    admin_token = os.environ.get("TOKENMART_ADMIN_TOKEN") or f"tm-admin-{secrets.token_urlsafe(24)}"
+    from_env = admin_token_from_env()
+    admin_token = from_env.get_secret_value() if from_env else f"tm-admin-{secrets.token_urlsafe(24)}"
     api_base = f"http://127.0.0.1:{port}"
     try:
         with console.status(f"starting the Ray head ({num_cpus} logical CPUs)"):
             # PROXY_ENV: Ray's HTTP proxy loads tokenmart's request-id guard (see request_id.py).
-            env = {"TOKENMART_ADMIN_TOKEN": admin_token, **PROXY_ENV}
+            # The admin token reaches the app through the Ray processes' environment (AppArgs.admin_token),
+            # never through the Serve config, which the dashboard shows.
+            env = {ADMIN_TOKEN_ENV: admin_token, **PROXY_ENV}
             ray_address, dashboard_url, metrics_url = start_ray_head(num_cpus, env)
         console.print(f"[green]ray[/] {ray_address}, dashboard {dashboard_url}")
         state = ClusterState(
@@ -368,16 +410,14 @@ def up(
             catalog_path=str(Path(catalog_path).resolve()),
             engine=engine,
             redis_pidfile=redis_pidfile,
-            extra={"metrics_url": metrics_url},
+            metrics_url=metrics_url,
         )
         state.save(state_dir)  # from here on, `down` can find and stop this cluster
         wait_for(lambda: serve_client(dashboard_url), 120, "the Ray dashboard")
-        app_args = {"catalog": catalog.model_dump(mode="json"), "redis_url": redis_url, "engine": engine}
-        if default_limits:
-            # The operator's limits for keys that set none of their own (unset ones keep the built-in defaults).
-            app_args["default_limits"] = {**DEFAULT_LIMITS.model_dump(), **default_limits}
-        app_args.update(app_overrides or {})  # other AppArgs fields, e.g. {"ingress": {...}}
-        deploy(dashboard_url, serve_config(app_args, port, extra_applications))
+        args = app_args(
+            catalog, engine, redis_url=redis_url, default_limits=default_limits, app_overrides=app_overrides
+        )
+        deploy(dashboard_url, serve_config(args, port, extra_applications))
         wait_until_serving(dashboard_url, api_base, timeout_s)
         created = create_key(api_base, admin_token, {"name": "demo", "credit_usd": demo_credit_usd})
     except BaseException:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 
 def default_state_dir() -> Path:
+    # The CLI's own setting (where it records the local cluster); the Serve app never reads it.
     return Path(os.environ.get("TOKENMART_STATE_DIR", Path.home() / ".local" / "state" / "tokenmart"))
 
 
@@ -24,7 +26,14 @@ class ClusterState:
     engine: str = "vllm"
     redis_pidfile: str | None = None
     demo_key_id: str | None = None
-    extra: dict = field(default_factory=dict)
+    # Ray's Prometheus export of the local node (tokenmart's, Serve's and vLLM's metrics).
+    metrics_url: str | None = None
+
+    @property
+    def extra(self) -> dict[str, str]:
+        """Read-only view of the typed fields that state files once kept in a free `extra` dict,
+        for callers written against it (loadtest/soak.py); new code reads the fields."""
+        return {"metrics_url": self.metrics_url} if self.metrics_url else {}
 
     @staticmethod
     def path(state_dir: Path) -> Path:
@@ -41,9 +50,23 @@ class ClusterState:
     @classmethod
     def load(cls, state_dir: Path) -> ClusterState | None:
         try:
-            return cls(**json.loads(cls.path(state_dir).read_text()))
+            raw = json.loads(cls.path(state_dir).read_text())
         except FileNotFoundError:
             return None
+        return cls.from_record(raw)
+
+    @classmethod
+    def from_record(cls, raw: dict[str, Any]) -> ClusterState:
+        """A state record, also one written by an older or newer tokenmart: the old `extra`
+        dict is read into the typed fields, and keys this version does not know are ignored,
+        so `down` can always find a cluster that `up` recorded."""
+        raw = dict(raw)
+        legacy = raw.pop("extra", None) or {}
+        known = {f.name for f in fields(cls)}
+        for name, value in legacy.items():
+            if name in known:
+                raw.setdefault(name, value)
+        return cls(**{name: value for name, value in raw.items() if name in known})
 
     @classmethod
     def clear(cls, state_dir: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tokenmart.cluster.cluster_config import ClusterConfigError, ray_cluster_config, render
-from tokenmart.deployments.app import AppArgs
+from tokenmart.deployments.app import IMPORT_PATH, AppArgs
 from tokenmart.deployments.catalog import Catalog, load_catalog, placement_for
 
 CATALOG_PATH = Path("cluster/catalog/gpu-example.yaml")
@@ -46,7 +46,7 @@ def test_every_gpu_listing_fits_one_node_type_with_its_accelerator() -> None:
 def test_the_serve_config_deploys_the_same_catalog_through_build_app() -> None:
     serve = yaml.safe_load((RENDERED / "serve.yaml").read_text())
     (application,) = serve["applications"]
-    assert application["import_path"] == "tokenmart.deployments.app:build_app"
+    assert application["import_path"] == IMPORT_PATH
     args = AppArgs.model_validate(application["args"])
     assert args.load_catalog() == load_catalog(CATALOG_PATH)
 

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmart.cluster import helm_schema
-from tokenmart.deployments.app import AppArgs, build_app
+from tokenmart.deployments.app import IMPORT_PATH, AppArgs, build_app
 from tokenmart.deployments.catalog import load_catalog
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def test_the_serve_config_is_the_app_builder_with_args_the_app_accepts(values: P
     rayservice = one(render(*([values] if values else [])), "RayService")
     app = serve_app(rayservice)
     assert (app["name"], app["route_prefix"]) == ("tokenmart", "/")
-    assert app["import_path"] == "tokenmart.deployments.app:build_app"
+    assert app["import_path"] == IMPORT_PATH
 
     # The chart and the code cannot drift: the args validate against the app's own model and
     # build the Serve application (no Ray cluster needed).

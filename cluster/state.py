@@ -29,12 +29,6 @@ class ClusterState:
     # Ray's Prometheus export of the local node (tokenmart's, Serve's and vLLM's metrics).
     metrics_url: str | None = None
 
-    @property
-    def extra(self) -> dict[str, str]:
-        """Read-only view of the typed fields that state files once kept in a free `extra` dict,
-        for callers written against it (loadtest/soak.py); new code reads the fields."""
-        return {"metrics_url": self.metrics_url} if self.metrics_url else {}
-
     @staticmethod
     def path(state_dir: Path) -> Path:
         return state_dir / "cluster.json"

@@ -23,6 +23,7 @@ from rich.console import Console
 from tokenmart.cluster import launcher
 from tokenmart.cluster.launcher import free_port, wait_for
 from tokenmart.deployments.catalog import load_catalog
+from tokenmart.deployments.schemas import MAX_CONCURRENCY, MAX_RPM, MAX_TPM
 
 console = Console()
 HERE = Path(__file__).resolve().parent
@@ -139,7 +140,7 @@ class Stack:
             "route_prefix": "/plain",
             "import_path": "tokenmart.doubles.baseline:build_plain_app",
         }
-        unlimited = {"rpm": 10_000_000, "tpm": 10_000_000_000, "max_concurrency": 100_000}
+        unlimited = {"rpm": MAX_RPM, "tpm": MAX_TPM, "max_concurrency": MAX_CONCURRENCY}  # the highest a key may have
         overrides = {"ingress": {"min_replicas": 1, "max_replicas": 1}}
         self.stack.callback(launcher.down, state_dir)
         state, key = launcher.up(

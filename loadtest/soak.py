@@ -116,12 +116,12 @@ def main(
 ) -> None:
     state_dir = state_dir or default_state_dir()
     state = ClusterState.load(state_dir)
-    if state is None or not state.redis_managed or not state.extra.get("metrics_url"):
+    if state is None or not state.redis_managed or not state.metrics_url:
         raise typer.BadParameter("needs a local cluster from `tokenmart up` that started its own Redis")
     admin = httpx.Client(base_url=state.api_base, headers={"authorization": f"Bearer {state.admin_token}"}, timeout=60)
     created = admin.post("/admin/v1/keys", json={"name": "soak", "credit_usd": 100}).json()
     client = openai.OpenAI(base_url=f"{state.api_base}/v1", api_key=created["key"], max_retries=0, timeout=120)
-    metrics_url = state.extra["metrics_url"]
+    metrics_url = state.metrics_url
     engine_before = engine_tokens(metrics_url)
     port = int(state.redis_url.rsplit(":", 1)[1].split("/")[0])
 

@@ -289,7 +289,6 @@ def test_an_old_state_file_with_extra_still_loads(tmp_path: Path):
     state = ClusterState.load(tmp_path)
     assert state is not None
     assert state.metrics_url == "http://127.0.0.1:4/metrics"
-    assert state.extra == {"metrics_url": "http://127.0.0.1:4/metrics"}  # the old read path still answers
     state.save(tmp_path)
     saved = json.loads(ClusterState.path(tmp_path).read_text())
     assert saved["metrics_url"] == "http://127.0.0.1:4/metrics" and "extra" not in saved

@@ -20,7 +20,7 @@ from tokenmart.deployments.catalog import (
     parse_catalog,
     placement_for,
 )
-from tokenmart.deployments.placement import GroupSpec, ListingSpec, PlacementError, place
+from tokenmart.deployments.placement import RULES, GroupSpec, ListingSpec, PlacementError, place
 
 AUTOSCALING_FIELDS = {
     "min_replicas",
@@ -85,12 +85,13 @@ def test_placement_of_tp_x_pp_replicas(tp, pp, group, gpus, strategy, accelerato
     ("tp", "pp", "group", "heads", "message"),
     [
         (3, 1, "a100x4", 32, "size 3 does not divide its 32 attention heads; use one of 1, 2, 4, 8, 16"),
-        (8, 1, "a100x4", 32, "tensor_parallel_size 8 is larger than the 4 GPUs per node of worker group 'a100x4'"),
-        (2, 1, "l4x1", 32, "tensor_parallel_size 2 is larger than the 1 GPUs per node of worker group 'l4x1'"),
-        (4, 3, "h100x6", 32, "6 GPUs per node of worker group 'h100x6' must be a multiple of tensor_parallel_size 4"),
-        (4, 2, "t4x2", 32, "larger than the 2 GPUs per node"),
-        (4, 4, "a100x4", 32, "one replica needs 16 GPUs but worker group 'a100x4' has at most 8"),
-        (1, 1, "nope", 32, "group 'nope' is not a worker group (known: a100x4, a100x8, h100x6, l4x1, t4x2)"),
+        (4, 1, None, 30, "size 4 does not divide its 30 attention heads; use one of 1, 2, 3, 5, 6, 10, 15"),
+        (8, 1, "a100x4", 32, "tensor_parallel_size 8 is larger than gpus_per_worker 4 of worker group 'a100x4'"),
+        (2, 1, "l4x1", 32, "tensor_parallel_size 2 is larger than gpus_per_worker 1 of worker group 'l4x1'"),
+        (4, 3, "h100x6", 32, "gpus_per_worker 6 of worker group 'h100x6' must be a multiple of tensor_parallel_size 4"),
+        (4, 2, "t4x2", 32, "larger than gpus_per_worker 2 of"),
+        (4, 4, "a100x4", 32, "more than worker group 'a100x4' can ever have (gpus_per_worker 4 x max_replicas 2)"),
+        (1, 1, "nope", 32, "group 'nope' is not in worker_groups (a100x4, a100x8, h100x6, l4x1, t4x2)"),
     ],
 )  # fmt: skip
 def test_impossible_layouts_are_refused_with_what_to_change(tp, pp, group, heads, message) -> None:
@@ -103,7 +104,16 @@ def test_impossible_layouts_are_refused_with_what_to_change(tp, pp, group, heads
 def test_an_accelerator_type_that_contradicts_the_group_is_refused() -> None:
     with pytest.raises(PlacementError) as refused:
         placement_for(listing(4, 1, "a100x4", accelerator={"type": "H100"}), GROUPS)
-    assert "accelerator.type 'H100' does not match worker group 'a100x4'" in str(refused.value)
+    assert "accelerator.type 'H100' does not match worker group 'a100x4' (accelerator_type 'A100')" in str(
+        refused.value
+    )
+
+
+def test_the_app_leaves_to_the_chart_only_what_it_cannot_see() -> None:
+    """A listing may name no group (placed by TP alone), and the app is never handed CPU groups."""
+    assert {rule.name for rule in RULES if not rule.app} == {"gpu-listing-names-group", "group-has-gpus"}
+    assert placement_for(listing(4, 1, None), GROUPS).strategy == "STRICT_PACK"
+    assert placement_for(listing(1, 1, "anything"), {}) is not None  # no groups given: the local launcher
 
 
 def test_placement_imports_nothing_from_the_catalog() -> None:
@@ -126,7 +136,9 @@ def test_placement_works_on_plain_data() -> None:
     spread = ListingSpec(id="m", tensor_parallel_size=2, pipeline_parallel_size=2, accelerator_group="t4x2")
     assert place(spread, groups) == placement_for(listing(2, 2, "t4x2"), GROUPS)
     assert place(ListingSpec(id="m", accelerator_kind="cpu")) is None
-    with pytest.raises(PlacementError, match="listing 'm': tensor_parallel_size 4 is larger than the 2 GPUs"):
+    with pytest.raises(PlacementError, match=r"listing 'm': accelerator\.type applies only to kind: gpu"):
+        place(ListingSpec(id="m", accelerator_kind="cpu", accelerator_type="A100"))
+    with pytest.raises(PlacementError, match="listing 'm': tensor_parallel_size 4 is larger than gpus_per_worker 2"):
         place(ListingSpec(id="m", tensor_parallel_size=4, accelerator_group="t4x2"), groups)
 
 
@@ -170,7 +182,7 @@ def test_the_catalog_is_refused_before_anything_starts_naming_the_listing() -> N
     }
     with pytest.raises(CatalogError) as refused:
         parse_catalog(raw)
-    assert "listing 'big-model': tensor_parallel_size 8 is larger than the 4 GPUs per node" in str(refused.value)
+    assert "listing 'big-model': tensor_parallel_size 8 is larger than gpus_per_worker 4" in str(refused.value)
 
 
 def test_ray_serve_llm_gets_the_bundles_and_strategy() -> None:

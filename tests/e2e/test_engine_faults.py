@@ -29,6 +29,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from tokenmart.cluster.state import ClusterState
+
 from ..helpers import sse_data, wait_until
 from .conftest import MODEL, Stack
 
@@ -124,20 +126,21 @@ def auth(key: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(stack: Stack) -> Iterator[Cluster]:
-    state = json.loads((stack.state_dir / "cluster.json").read_text())
+    state = ClusterState.load(stack.state_dir)
+    assert state is not None and state.metrics_url, "tokenmart up recorded no cluster"
     # The local cluster runs with Ray's token auth (its token in ~/.ray/auth_token).
     killer = subprocess.Popen(
-        [sys.executable, "-m", "tests.e2e.replica_killer", state["ray_address"]],
+        [sys.executable, "-m", "tests.e2e.replica_killer", state.ray_address],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "RAY_AUTH_MODE": "token"},
         cwd=REPO_ROOT,
     )
-    client = redis.Redis.from_url(state["redis_url"], decode_responses=True)
+    client = redis.Redis.from_url(state.redis_url, decode_responses=True)
     try:
         assert killer.stdout.readline().strip() == "ready", "the replica killer did not connect to Ray"
-        yield Cluster(stack, client, state["extra"]["metrics_url"], killer)
+        yield Cluster(stack, client, state.metrics_url, killer)
     finally:
         client.close()
         killer.stdin.close()

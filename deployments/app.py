@@ -94,6 +94,7 @@ def llm_config_for(listing: Listing, model_dir: Path | None = None, groups: dict
         "deployment_config": engine_deployment_options(listing),
         # vLLM's own metrics (KV cache use, queue, tokens) through Ray's metrics agent.
         "log_engine_metrics": True,
+        "experimental_configs": {"stream_batching_interval_ms": engine.stream_batching_interval_ms},
     }
     if listing.lora is not None:
         # Adapters reach the engine through Serve's multiplexing (deployments/lora.py); vLLM

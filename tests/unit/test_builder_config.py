@@ -275,6 +275,13 @@ def test_engine_metrics_are_exported_for_every_vllm_listing(smollm: Listing, tmp
     assert llm_config_for(smollm, tmp_path).log_engine_metrics is True
 
 
+def test_the_stream_batching_interval_is_the_listings_with_a_measured_default(smollm: Listing, tmp_path: Path):
+    """Ray Serve LLM holds a stream's tokens for 50 ms by default; the catalog sets its own."""
+    assert llm_config_for(smollm, tmp_path).experimental_configs == {"stream_batching_interval_ms": 5.0}
+    tuned = smollm.model_copy(update={"engine": smollm.engine.model_copy(update={"stream_batching_interval_ms": 0})})
+    assert llm_config_for(tuned, tmp_path).experimental_configs == {"stream_batching_interval_ms": 0}
+
+
 def test_per_key_metric_labels_are_off_unless_the_operator_turns_them_on():
     default = build_app(AppArgs(catalog_path=str(LOCAL_CATALOG), engine="fake"))
     assert default._bound_deployment.init_kwargs["per_key_metrics"] is False

@@ -105,7 +105,7 @@ ROWS = [
 
 
 # -- the two targets -------------------------------------------------------------------------
-def bench_listing(catalog_path: Path, lora: bool | None) -> Listing:
+def bench_listing(catalog_path: Path, lora: bool | None, stream_batching_ms: float | None = None) -> Listing:
     """The benchmark catalog of `bench.py` (one fixed replica), with the listing's LoRA block kept.
 
     tokenmart serves the local listing with LoRA on when it sells adapters; `lora` None keeps
@@ -123,6 +123,11 @@ def bench_listing(catalog_path: Path, lora: bool | None) -> Listing:
         catalog_path.write_text(yaml.safe_dump(document, sort_keys=False))
     elif lora:
         raise typer.BadParameter(f"the local listing {MODEL!r} has no LoRA adapters")
+    if stream_batching_ms is not None:
+        # The catalog's own lever (engine.stream_batching_interval_ms); None keeps its default.
+        document = yaml.safe_load(catalog_path.read_text())
+        document["listings"][0].setdefault("engine", {})["stream_batching_interval_ms"] = stream_batching_ms
+        catalog_path.write_text(yaml.safe_dump(document, sort_keys=False))
     return load_catalog(catalog_path).get(MODEL)
 
 
@@ -169,14 +174,16 @@ class Endpoint:
     key: str
 
 
-def start(workdir: Path, stack: ExitStack, lora: bool | None, levers: dict[str, str]) -> tuple[dict, Listing]:
+def start(
+    workdir: Path, stack: ExitStack, lora: bool | None, levers: dict[str, str], stream_batching_ms: float | None
+) -> tuple[dict, Listing]:
     """Start tokenmart and the bare engine on this machine; both stop when `stack` closes.
 
     tokenmart goes first: `engine_argv` imports Ray Serve LLM, and Ray fixes its auth mode on
     import, which must come after `launcher.up` has turned token auth on for this process.
     """
     catalog_path = workdir / "catalog.yaml"
-    listing = bench_listing(catalog_path, lora)
+    listing = bench_listing(catalog_path, lora, stream_batching_ms)
     state_dir = workdir / "state"
     stack.callback(launcher.down, state_dir)
     unlimited = {"rpm": MAX_RPM, "tpm": MAX_TPM, "max_concurrency": MAX_CONCURRENCY}  # the highest a key may have
@@ -469,6 +476,11 @@ def main(
     env: list[str] = typer.Option(
         [], "--env", help="KEY=VALUE in the environment of tokenmart's Ray processes (repeatable)."
     ),
+    stream_batching_ms: float | None = typer.Option(
+        None,
+        min=0,
+        help="The listing's engine.stream_batching_interval_ms for tokenmart (default: the catalog's default).",
+    ),
     out: Path = typer.Option(HERE / "results" / "vllm-bench", help="Where raw/, runs.csv, report.md, ratios.png go."),
     report_only: bool = typer.Option(False, help="Redo report.md and ratios.png from an earlier runs.csv."),
 ) -> None:
@@ -485,10 +497,13 @@ def main(
     workdir = Path(tempfile.mkdtemp(prefix="tokenmart-vllm-bench-"))
     began = time.monotonic()
     with ExitStack() as stack:
-        endpoints, listing = start(workdir, stack, lora, levers)
+        endpoints, listing = start(workdir, stack, lora, levers, stream_batching_ms)
         console.print(f"[green]engine[/] {(workdir / 'engine-argv.txt').read_text().strip()}")
         tokenizer = listing.resolved_source(None)
-        text = " ".join(f"{k}={v}" for k, v in levers.items())
+        text = " ".join(
+            [f"{k}={v}" for k, v in levers.items()]
+            + [f"stream_batching_interval_ms={listing.engine.stream_batching_interval_ms:g}"]
+        )
         run_all(endpoints, plan, warm, repeats, seed, tokenizer, out, workdir / "logs", text)
     sys.stdout.write(report(out))
     minutes = (time.monotonic() - began) / 60

@@ -367,7 +367,8 @@ def write_report(out: Path, rows: list[dict[str, str]]) -> str:
             "--dataset-name random --ignore-eos --temperature 0`, a new seed per run.",
             "",
             *[f"- `{name}`: {shape}" for name, shape in shapes.items()],
-            f"- `--env` levers in tokenmart's environment: {levers}",
+            f"- tokenmart's levers: {levers} (`--env` pairs are set in its Ray processes' environment; "
+            "`stream_batching_interval_ms` is the listing's catalog field)",
             "",
         ]
     lines += [

@@ -20,7 +20,7 @@ machine's load average before and after), report.md and ratios.png; `--report-on
 the last two from runs.csv.
 
     python loadtest/vllm_bench.py --repeats 3
-    python loadtest/vllm_bench.py --env RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS=5 --out /tmp/batch5
+    python loadtest/vllm_bench.py --stream-batching-ms 50 --out /tmp/batch50
     python loadtest/vllm_bench.py --report-only --out loadtest/results/vllm-bench
 """
 
@@ -397,7 +397,7 @@ def write_report(out: Path, rows: list[dict[str, str]]) -> str:
         "",
         "Ratios are tokenmart ÷ bare engine, taken per repeat; TTFT rows are tokenmart minus bare engine. "
         "ITL is vLLM's time between streamed chunks: Ray Serve LLM batches tokens into chunks "
-        "(`RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS`), so tokenmart's ITL counts fewer, larger gaps.",
+        "(the listing's `stream_batching_interval_ms`), so tokenmart's ITL counts fewer, larger gaps.",
         "",
         "## Runs",
         "",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,19 +201,6 @@ def test_the_fake_engine_reserves_the_same_placement_group_as_llmserver() -> Non
     assert bundles[1:] == [{"GPU": 1.0, "accelerator_type:T4": 0.001}] * 3
 
 
-@pytest.fixture
-def no_ray_left_running() -> Iterator[None]:
-    """Ray Serve LLM starts a local Ray while it builds a GPU listing's engine deployment; unit
-    tests run without one, so it is stopped again (later tests assert there is none)."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    yield
-    if started_here and ray.is_initialized():
-        ray.shutdown()
-
-
-@pytest.mark.usefixtures("no_ray_left_running")
 @pytest.mark.parametrize(("engine", "name"), [("vllm", "LLMServer:m"), ("fake", "fake:m")])
 def test_the_serve_deployment_of_a_listing_gets_the_catalogs_autoscaling_and_queue_bounds(engine, name) -> None:
     """Read back from the deployment `build_app` hands Serve, not from the dict we pass on.

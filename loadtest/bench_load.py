@@ -31,6 +31,7 @@ COLUMNS = [
     "started", "backend", "repeat", "scenario", "target", "concurrency", "seconds", "stream", "max_tokens",
     "requests", "ok", "statuses", "timeouts", "errors", "rps", "p50_ms", "p99_ms", "ttft_p50_ms",
     "ttft_p99_ms", "output_tok_s", "refused", "refused_p50_ms", "refused_p99_ms", "offered_rps", "evalsha_per_request",
+    "setup",
 ]  # fmt: skip
 
 
@@ -84,6 +85,7 @@ class Target:
     base_url: str  # ends in /v1
     api_key: str
     keys: dict[str, str] = field(default_factory=dict)  # scenario key kind -> API key
+    setup: str = ""  # how a peer was set up, recorded in runs.csv (e.g. LiteLLM's virtual key store)
 
 
 async def one_request(client: httpx.AsyncClient, body: dict) -> Sample:
@@ -237,7 +239,8 @@ def run_plan(
                         samples, elapsed = asyncio.run(closed_loop(targets[name], scenario))
                     row = {
                         "started": started, "backend": backend, "repeat": repeat, "scenario": scenario.name,
-                        "target": name, **{k: v for k, v in asdict(scenario).items() if k in COLUMNS},
+                        "target": name, "setup": targets[name].setup,
+                        **{k: v for k, v in asdict(scenario).items() if k in COLUMNS},
                         **summarize(samples, elapsed),
                     }  # fmt: skip
                     if name == "tokenmart" and samples:

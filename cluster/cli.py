@@ -20,6 +20,7 @@ from tokenmart.deployments.catalog import CatalogError
 from tokenmart.deployments.config import admin_token_from_env
 
 from . import launcher
+from .serve_mode import DEFAULT_SERVE_MODE, SERVE_MODES
 from .state import ClusterState, default_state_dir
 
 app = typer.Typer(help="tokenmart: an OpenAI-compatible pay-per-token LLM marketplace on Ray.", no_args_is_help=True)
@@ -92,11 +93,18 @@ def up(
     default_max_tokens_per_request: int | None = typer.Option(
         None, min=1, help="Output tokens one request may ask for, prompts x n x max_tokens (131,072)."
     ),
+    serve_mode: str = typer.Option(
+        DEFAULT_SERVE_MODE,
+        help="haproxy (HAProxy in front of ingress replicas that serve HTTP themselves) or proxy (Ray Serve's "
+        "Python proxy).",
+    ),
     state_dir: Path | None = StateDir,
 ) -> None:
     """Start Redis, a local Ray cluster and the marketplace; print the endpoint and a key."""
     if engine not in ("vllm", "fake"):
         _fail("--engine must be vllm or fake")
+    if serve_mode not in SERVE_MODES:
+        _fail(f"--serve-mode must be one of {', '.join(SERVE_MODES)}")
     defaults = {
         "rpm": default_rpm,
         "tpm": default_tpm,
@@ -113,6 +121,7 @@ def up(
             engine=engine,
             timeout_s=timeout,
             default_limits={k: v for k, v in defaults.items() if v is not None},
+            serve_mode=serve_mode,  # type: ignore[arg-type]  # checked above
         )
     except (launcher.LaunchError, CatalogError) as exc:
         _fail(str(exc))

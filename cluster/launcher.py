@@ -34,8 +34,8 @@ from tokenmart.deployments.config import (
     admin_token_from_env,
     redis_url_from_env,
 )
-from tokenmart.deployments.request_id import PROXY_ENV
 
+from .serve_mode import DEFAULT_SERVE_MODE, ServeMode, ray_env
 from .state import ClusterState
 
 APP_NAME = "tokenmart"
@@ -365,6 +365,7 @@ def up(
     default_limits: dict[str, int] | None = None,
     app_overrides: dict[str, Any] | None = None,
     extra_applications: list[dict] | None = None,
+    serve_mode: ServeMode = DEFAULT_SERVE_MODE,
 ) -> tuple[ClusterState, str]:
     """Start everything and return (state, a fresh demo API key)."""
     if ClusterState.load(state_dir) is not None:
@@ -394,10 +395,10 @@ def up(
     api_base = f"http://127.0.0.1:{port}"
     try:
         with console.status(f"starting the Ray head ({num_cpus} logical CPUs)"):
-            # PROXY_ENV: Ray's HTTP proxy loads tokenmart's request-id guard (see request_id.py).
-            # The admin token reaches the app through the Ray processes' environment (AppArgs.admin_token),
-            # never through the Serve config, which the dashboard shows.
-            env = {ADMIN_TOKEN_ENV: admin_token, **PROXY_ENV}
+            # ray_env: how HTTP reaches the ingress (serve_mode.py). The admin token reaches the app
+            # through the Ray processes' environment (AppArgs.admin_token), never through the
+            # Serve config, which the dashboard shows.
+            env = {ADMIN_TOKEN_ENV: admin_token, **ray_env(serve_mode)}
             ray_address, dashboard_url, metrics_url = start_ray_head(num_cpus, env)
         console.print(f"[green]ray[/] {ray_address}, dashboard {dashboard_url}")
         state = ClusterState(

@@ -196,7 +196,10 @@ def ingress_deployment_options(options: IngressOptions) -> dict[str, Any]:
     """Serve options of the ingress deployment (the plain Ray Serve LLM app of the benchmarks
     takes the same, so only the ingress code differs)."""
     return {
-        "max_ongoing_requests": options.max_ongoing_requests,
+        # The ingress refuses inference requests over its own `max_ongoing_requests` with an
+        # OpenAI-style 503 (shedding.py); Serve lets the excess in, so it is refused rather than
+        # queued in front of the replica.
+        "max_ongoing_requests": options.max_ongoing_requests + options.max_queued_requests,
         "max_queued_requests": options.max_queued_requests,
         "autoscaling_config": {
             "min_replicas": options.min_replicas,
@@ -237,9 +240,8 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     # Ray Serve LLM's ingress wants one card per deployment; customers see every offer,
     # adapters included, through the marketplace's own /v1/models.
     cards = model_cards(catalog)
-    ingress_cls = make_fastapi_ingress(
-        MarketplaceIngress, endpoint_map=ENDPOINTS, app=create_fastapi_app(args.ingress.max_body_bytes)
-    )
+    app = create_fastapi_app(args.ingress.max_body_bytes, args.ingress.max_ongoing_requests)
+    ingress_cls = make_fastapi_ingress(MarketplaceIngress, endpoint_map=ENDPOINTS, app=app)
     return serve.deployment(ingress_cls, name="MarketplaceIngress", **ingress_deployment_options(args.ingress)).bind(
         llm_deployments=deployments,
         model_cards=cards,

@@ -76,11 +76,17 @@ class IngressOptions(BaseModel):
     target_ongoing_requests: float = Field(
         default=32, gt=0, description="Requests in flight per ingress replica that the autoscaler aims for."
     )
-    max_ongoing_requests: int = Field(default=128, ge=1, description="Requests one ingress replica takes at once.")
+    max_ongoing_requests: int = Field(
+        default=128,
+        ge=1,
+        description="Inference requests one ingress replica serves at once; beyond this it answers each new one "
+        "with a fast 503 (server_overloaded, Retry-After) instead of queueing it.",
+    )
     max_queued_requests: int = Field(
         default=512,
         ge=1,
-        description="Requests waiting for an ingress replica; beyond this the proxy answers a fast 503.",
+        description="Requests beyond max_ongoing_requests that still reach an ingress replica (to be refused "
+        "there, or to reach the admin and account routes); beyond this Ray Serve answers a plain 503.",
     )
     upscale_delay_s: float = Field(default=3.0, ge=0, description="Seconds of high load before adding a replica.")
     downscale_delay_s: float = Field(default=30.0, ge=0, description="Seconds of low load before removing a replica.")

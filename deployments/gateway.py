@@ -31,6 +31,7 @@ from .catalog import Catalog, Listing
 from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, engine_error, request_refusal
 from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
 from .ray_llm import ErrorResponse, RawRequestInfo, sanitize_chat_request
+from .shedding import EngineLoad
 from .tokens import PromptCounter
 from .validation import max_output_tokens, validate_request
 
@@ -137,6 +138,9 @@ class Gateway:
             for adapter in listing.adapters:
                 self._handles[adapter.id] = handles[listing.id].options(stream=True, multiplexed_model_id=adapter.id)
         self._replayer: asyncio.Task | None = None
+        # Admitted and unsettled requests per engine deployment, to refuse before Redis is asked
+        # when this replica alone fills a deployment (shedding.py).
+        self.load = EngineLoad.for_listings(catalog.listings)
 
     def _ensure_replayer(self) -> None:
         """Start the spool replay loop on the serving event loop (once per replica)."""
@@ -150,6 +154,10 @@ class Gateway:
         if listing is None:
             raise ModelNotFound(f"The model {model_id!r} does not exist. See GET /v1/models.", param="model")
         return listing
+
+    def _deployment_of(self, listing: Listing) -> str:
+        """The engine deployment that serves a listing: an adapter's is its base model's."""
+        return (self.catalog.base_of(listing.id) or listing).id
 
     async def handle(self, body: Any, request: Request, *, method: str) -> Response:
         """Serve one paid request, and record it in the metrics however it ends."""
@@ -183,6 +191,7 @@ class Gateway:
         listing = self.resolve(body.model)
         chat = method == "chat"
         body = _checked(body, listing, chat=chat)
+        self.load.check(self._deployment_of(listing))
         # The key's format and checksum were checked; its record is read by the admission
         # script, so a request costs two Redis round trips in all (admit, settle).
         admission = await self._admit(body, listing, key_id, key_hash, chat=chat)
@@ -211,9 +220,10 @@ class Gateway:
 
     async def _admit(self, body: Any, listing: Listing, key_id: str, key_hash: str, *, chat: bool) -> Admission:
         """Count the prompt (an adapter shares its base model's tokenizer) and hold its cost."""
-        counter = self._counters.get((self.catalog.base_of(listing.id) or listing).id) or BYTE_BOUND
+        counter = self._counters.get(self._deployment_of(listing)) or BYTE_BOUND
         prompt_tokens = await counter.count_async(body, chat=chat)
         admission = await self.meter.admit(key_id, key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat))
+        self.load.admitted(self._deployment_of(listing))
         if self.metrics is not None:
             self.metrics.in_flight(listing.id, +1)
         return admission
@@ -341,7 +351,10 @@ class Gateway:
         if outcome == "error":
             usage = Usage(usage.prompt_tokens, 0)
         with anyio.CancelScope(shield=True):
-            settlement = await self.meter.settle(admission, usage.prompt_tokens, usage.completion_tokens, outcome)
+            try:
+                settlement = await self.meter.settle(admission, usage.prompt_tokens, usage.completion_tokens, outcome)
+            finally:
+                self.load.settled(self._deployment_of(admission.listing))
         if self.metrics is not None:
             self.metrics.in_flight(admission.listing.id, -1)  # each admission settles once
         if self.metrics is not None and settlement.uncharged_micros:

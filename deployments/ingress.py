@@ -38,12 +38,13 @@ from .errors import (
 )
 from .gateway import Gateway
 from .keystore import KeyStore, connect
-from .metrics import MarketplaceMetrics
+from .metrics import UNKNOWN_MODEL, MarketplaceMetrics
 from .ray_llm import CompletionRequest, ModelCard
 from .reconcile import reconcile
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import client_request_id
 from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, UpdateKeyRequest, usd_to_micros
+from .shedding import SHED_CODE, DoorShedder
 from .tokens import PromptCounter
 from .usage import usage_report
 from .validation import ChatRequest
@@ -140,9 +141,13 @@ def rate_limit_source(scope: Scope) -> RateLimitSource | None:
     return getattr(getattr(scope.get("app"), "state", None), "rate_limits", None)
 
 
-def create_fastapi_app(max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_fastapi_app(max_body_bytes: int = 1 << 20, max_paid_requests: int = 128) -> FastAPI:
+    """The ingress's FastAPI app: `max_paid_requests` is how many inference requests one replica
+    serves at once before it refuses more with a fast 503 (shedding.py)."""
     app = FastAPI(title="tokenmart", version="0.1.0", description="OpenAI-compatible pay-per-token LLM marketplace")
     install_error_handlers(app)
+    # Added first, so it runs inside the request-id middleware and its 503s carry the id.
+    app.add_middleware(DoorShedder, limit=max_paid_requests, paths=PAID_PATHS)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=max_body_bytes)
     attach_rate_limits(app, None)  # until an ingress replica attaches its own
     return app
@@ -226,7 +231,13 @@ class MarketplaceIngress(OpenAiIngress):
         """
         app = self.app  # type: ignore[attr-defined]  # set by Ray Serve's ASGI replica wrapper
         attach_rate_limits(app, self._rate_limit_headers)
+        app.state.shed_hook = self._record_shed
         return app
+
+    def _record_shed(self, seconds: float) -> None:
+        metrics = self.gateway.metrics
+        if metrics is not None:
+            metrics.request_done(UNKNOWN_MODEL, 503, SHED_CODE, stream=False, key_id=None, seconds=seconds)
 
     async def _rate_limit_headers(self, authorization: str | None, status: int) -> dict[str, str]:
         """The calling key's current limits for responses that admission did not decide.
@@ -358,9 +369,13 @@ def _route(method: str, *paths: str, **kwargs: Any):
     return factory
 
 
+CHAT_PATHS = ("/v1/chat/completions", "/api/v1/chat/completions", "/v1/inference/chat/completions")
+COMPLETION_PATHS = ("/v1/completions", "/api/v1/completions")
+PAID_PATHS = (*CHAT_PATHS, *COMPLETION_PATHS)
+
 ENDPOINTS = {
-    "chat": _route("post", "/v1/chat/completions", "/api/v1/chat/completions", "/v1/inference/chat/completions"),
-    "completions": _route("post", "/v1/completions", "/api/v1/completions"),
+    "chat": _route("post", *CHAT_PATHS),
+    "completions": _route("post", *COMPLETION_PATHS),
     "models": _route("get", "/v1/models", "/api/v1/models"),
     "model_data": _route("get", "/v1/models/{model:path}", "/api/v1/models/{model:path}"),
     "key_info": _route("get", "/v1/key", "/api/v1/key"),

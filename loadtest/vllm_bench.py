@@ -49,6 +49,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tokenmart.cluster import launcher
 from tokenmart.cluster.launcher import free_port
+from tokenmart.cluster.serve_mode import DEFAULT_SERVE_MODE, SERVE_MODES, ServeMode
 from tokenmart.deployments.catalog import Listing, load_catalog
 from tokenmart.deployments.schemas import MAX_CONCURRENCY, MAX_RPM, MAX_TPM
 
@@ -175,7 +176,12 @@ class Endpoint:
 
 
 def start(
-    workdir: Path, stack: ExitStack, lora: bool | None, levers: dict[str, str], stream_batching_ms: float | None
+    workdir: Path,
+    stack: ExitStack,
+    lora: bool | None,
+    levers: dict[str, str],
+    stream_batching_ms: float | None,
+    serve_mode: ServeMode = DEFAULT_SERVE_MODE,
 ) -> tuple[dict, Listing]:
     """Start tokenmart and the bare engine on this machine; both stop when `stack` closes.
 
@@ -196,6 +202,7 @@ def start(
             demo_credit_usd=1_000_000,
             default_limits=unlimited,
             app_overrides={"ingress": {"min_replicas": 1, "max_replicas": 1}},
+            serve_mode=serve_mode,
         )
 
     processes = Stack("vllm", workdir, stack)  # its process handling only: logs, stop on exit
@@ -482,6 +489,7 @@ def main(
         min=0,
         help="The listing's engine.stream_batching_interval_ms for tokenmart (default: the catalog's default).",
     ),
+    serve_mode: str = typer.Option(DEFAULT_SERVE_MODE, help=f"tokenmart's serve mode: {', '.join(SERVE_MODES)}."),
     out: Path = typer.Option(HERE / "results" / "vllm-bench", help="Where raw/, runs.csv, report.md, ratios.png go."),
     report_only: bool = typer.Option(False, help="Redo report.md and ratios.png from an earlier runs.csv."),
 ) -> None:
@@ -490,6 +498,8 @@ def main(
         sys.stdout.write(report(out))
         return
     levers = parse_levers(env)
+    if serve_mode not in SERVE_MODES:
+        raise typer.BadParameter(f"--serve-mode must be one of {', '.join(SERVE_MODES)}")
     plan = [
         Scenario("stream16", streams, input_len, output_len, num_prompts),
         Scenario("single", 1, input_len, single_output_len, single_prompts),
@@ -498,11 +508,12 @@ def main(
     workdir = Path(tempfile.mkdtemp(prefix="tokenmart-vllm-bench-"))
     began = time.monotonic()
     with ExitStack() as stack:
-        endpoints, listing = start(workdir, stack, lora, levers, stream_batching_ms)
+        endpoints, listing = start(workdir, stack, lora, levers, stream_batching_ms, serve_mode)  # type: ignore[arg-type]
         console.print(f"[green]engine[/] {(workdir / 'engine-argv.txt').read_text().strip()}")
         tokenizer = listing.resolved_source(None)
         text = " ".join(
-            [f"{k}={v}" for k, v in levers.items()]
+            [f"serve_mode={serve_mode}"]
+            + [f"{k}={v}" for k, v in levers.items()]
             + [f"stream_batching_interval_ms={listing.engine.stream_batching_interval_ms:g}"]
         )
         run_all(endpoints, plan, warm, repeats, seed, tokenizer, out, workdir / "logs", text)

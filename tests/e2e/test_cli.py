@@ -104,3 +104,15 @@ def test_reconcile_finds_the_books_in_order_after_real_traffic(stack: Stack) -> 
     assert "reconcile exactly" in result.stdout
     row = next(line for line in result.stdout.splitlines() if key["id"] in line)
     assert "ok" in row and "MISMATCH" not in result.stdout
+
+
+def test_up_serves_the_api_through_haproxy_by_default(stack: Stack) -> None:
+    """The default serve mode: HAProxy owns the API port and the ingress replicas serve HTTP
+    themselves behind it, so a request crosses no Python proxy (cluster/serve_mode.py)."""
+    import psutil
+
+    port = int(stack.api_base.rsplit(":", 1)[1])
+    (listener,) = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    assert psutil.Process(listener).name() == "haproxy"
+    models = httpx.get(f"{stack.base_url}/models", headers={"authorization": f"Bearer {stack.api_key}"})
+    assert models.status_code == 200 and models.headers["server"] == "uvicorn"  # an ingress replica answered

@@ -201,6 +201,8 @@ def ray_serve_session() -> Iterator[str]:
     previous = {name: os.environ.get(name) for name in names}
     # Set here too, so anything Ray starts from this process inherits it. PROXY_ENV makes
     # Ray's HTTP proxy load tokenmart's request-id guard, as `tokenmart up` and the chart do.
+    # These clusters serve through Serve's Python proxy (serve mode `proxy`); the e2e stack,
+    # started by `tokenmart up`, serves through its default, HAProxy, so both modes are tested.
     os.environ["TOKENMART_ADMIN_TOKEN"] = admin_token
     os.environ.update(PROXY_ENV)
     # Ray caches RAY_AUTH_MODE when it is imported. A value set later in this process

@@ -18,6 +18,7 @@ from redis import asyncio as aioredis
 from starlette.requests import ClientDisconnect, Request
 
 from tokenmart.deployments.billing import Meter
+from tokenmart.deployments.catalog import Catalog
 from tokenmart.deployments.errors import ServiceUnavailable
 from tokenmart.deployments.gateway import Gateway
 from tokenmart.deployments.keystore import KeyStore
@@ -157,6 +158,81 @@ def test_a_client_gone_before_the_stream_starts_stops_the_engine_and_is_settled_
             (event,) = await redis.xrange(f"{{acct:{record.id}}}:ledger")
             assert (event[1]["status"], event[1]["completion_tokens"], event[1]["cost_micros"]) == ("aborted", "0", "0")
             assert await redis.zcard(f"{{acct:{record.id}}}:inflight") == 0  # the concurrency slot is free
+        finally:
+            await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def _narrow_catalog() -> Catalog:
+    """TEST_CATALOG with beta-chat taking one request at a time and queueing one: capacity 2."""
+    listings = [listing.model_dump(mode="json") for listing in TEST_CATALOG.listings]
+    for listing in listings:
+        if listing["id"] == "beta-chat":
+            listing["autoscaling"] |= {"max_ongoing_requests": 1, "max_queued_requests": 1}
+    return Catalog.model_validate({"listings": listings})
+
+
+async def _hang_up(response) -> None:
+    """A client that is gone before the stream's first byte: the gateway settles the admission."""
+
+    async def receive() -> dict:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        raise OSError("connection reset by peer")
+
+    with pytest.raises(ClientDisconnect):
+        await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+
+
+def test_a_full_listing_is_refused_before_redis_and_the_engine_and_takes_requests_again_once_settled(
+    redis_server, redis_client, tmp_path: Path
+):
+    """beta-chat's whole capacity (1 running + 1 queued) is taken by this gateway's own streams,
+    so Serve would refuse a third with back-pressure: the gateway refuses it first, with the
+    same 503, without holding credit (no Redis call) or calling the engine. Settling one stream
+    frees its place."""
+
+    async def scenario() -> None:
+        redis = aioredis.from_url(redis_server.url, decode_responses=True)
+        try:
+            keys = KeyStore(redis)
+            record, key = await keys.create(CreateKeyRequest(name="full-listing", credit_usd=Decimal(1)))
+            handles = {listing.id: _LiveHandle() for listing in TEST_CATALOG.listings}
+            gateway = Gateway(_narrow_catalog(), handles, Meter(redis), plain_requests=True)
+
+            def body() -> ChatCompletionRequest:
+                return ChatCompletionRequest(
+                    model="beta-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True
+                )
+
+            running = [await gateway.handle(body(), _request(key), method="chat") for _ in range(2)]
+            held = (await keys.require(record.id)).hold_micros
+            assert held > 0
+            commands_before = (await redis.info("stats"))["total_commands_processed"]
+
+            with pytest.raises(ServiceUnavailable) as refusal:
+                await gateway.handle(body(), _request(key), method="chat")
+
+            assert refusal.value.status_code == 503
+            assert refusal.value.body()["error"]["code"] == "model_overloaded"
+            assert refusal.value.headers["retry-after"] == "1"
+            # No Redis command between the two INFO calls but the second INFO itself.
+            assert (await redis.info("stats"))["total_commands_processed"] == commands_before + 1
+            assert len(handles["beta-chat"].streams) == 2  # never dispatched
+            assert gateway.load.admitted_to("beta-chat") == 2
+
+            await _hang_up(running[0])
+            assert gateway.load.admitted_to("beta-chat") == 1
+            third = await gateway.handle(body(), _request(key), method="chat")
+            assert len(handles["beta-chat"].streams) == 3
+            for response in (running[1], third):
+                await _hang_up(response)
+            after = await keys.require(record.id)
+            assert (after.balance_micros, after.hold_micros, after.spent_micros) == (1_000_000, 0, 0)
+            assert gateway.load.admitted_to("beta-chat") == 0
         finally:
             await redis.aclose()
 

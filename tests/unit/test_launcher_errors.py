@@ -126,3 +126,45 @@ def test_up_passes_the_operators_default_limits_to_the_app(tmp_path: Path, monke
         "max_tokens_per_request": 131_072,
     }
     assert AppArgs.model_validate(args).default_limits.rpm == 5
+
+
+@pytest.mark.parametrize(
+    ("args", "mode_env"),
+    [
+        ([], {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),  # the default
+        (["--serve-mode", "haproxy"], {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+        (["--serve-mode", "proxy"], {}),
+    ],
+)
+def test_the_serve_mode_reaches_the_ray_heads_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], mode_env: dict[str, str]
+) -> None:
+    """Every Ray process reads the mode from the environment it starts with, so it is set on
+    the head `up` starts; the request-id guard's variable goes with every mode."""
+    from tokenmart.deployments.request_id import PROXY_ENV
+
+    envs: list[dict[str, str]] = []
+
+    def start_ray_head(num_cpus: int, env: dict[str, str]) -> tuple[str, str, str]:
+        envs.append(env)
+        raise launcher.LaunchError("stop here")
+
+    monkeypatch.setattr(launcher, "port_in_use", lambda port: False)
+    monkeypatch.setattr(launcher, "start_redis", lambda state_dir: ("redis://127.0.0.1:1/0", None))
+    monkeypatch.setattr(launcher, "stop_redis", lambda url: None)
+    monkeypatch.setattr(launcher, "start_ray_head", start_ray_head)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+
+    result = runner.invoke(cli.app, ["up", "--engine", "fake", "--state-dir", str(tmp_path), *args])
+
+    assert result.exit_code == 1 and "stop here" in result.output
+    (env,) = envs
+    assert {name: value for name, value in env.items() if name.startswith("RAY_SERVE_")} == {**PROXY_ENV, **mode_env}
+    assert env["RAY_worker_niceness"] == "0"  # the replicas run at the host's normal priority
+
+
+def test_an_unknown_serve_mode_is_refused_before_anything_starts(tmp_path: Path, nothing_starts: list[str]) -> None:
+    result = runner.invoke(cli.app, ["up", "--engine", "fake", "--serve-mode", "nginx", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "--serve-mode must be one of haproxy, proxy" in result.output
+    assert nothing_starts == []

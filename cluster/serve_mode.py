@@ -17,11 +17,12 @@ other process on the host: on a shared machine, a load generator or a bare `vllm
 beside it wins every contended core.
 
 Both are set through environment variables that Ray reads when each process starts, so the
-launcher puts them on the Ray head it starts, the chart on every Ray container. Serve's
-proxy (still started in `haproxy` mode, as HAProxy's fallback and for gRPC) loads
-tokenmart's request-id guard either way (`PROXY_ENV`); in `haproxy` mode the ingress's own
-middleware applies the same rule. `loadtest/vllm_bench.py` measured the modes side by side
-(README, performance).
+launcher puts them on the Ray head it starts. The Helm chart still serves through Serve's
+proxy (it sets `PROXY_ENV` alone): HAProxy mode on KubeRay, where HAProxy must reach
+replicas on other pods, is not yet tried on a cluster. Serve's proxy (still started in
+`haproxy` mode, as HAProxy's fallback and for gRPC) loads tokenmart's request-id guard
+either way (`PROXY_ENV`); in `haproxy` mode the ingress's own middleware applies the same
+rule. `loadtest/vllm_bench.py` measured the modes side by side (README, performance).
 """
 
 from __future__ import annotations

@@ -170,6 +170,7 @@ def _engine_deployment(listing: Listing, args: AppArgs, groups: dict[str, Worker
             token_delay_s=fake.token_delay_s,
             adapters=adapter_paths(listing, model_dir),
             max_adapters=listing.lora.max_adapters_per_replica if listing.lora else 1,
+            typed=fake.typed,
         )
 
     from ray.serve.llm import build_llm_deployment
@@ -253,7 +254,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         # A SecretStr: kept out of reprs and logs on its way to the replicas.
         admin_token=args.admin_token,
         tokenizer_sources=_tokenizer_sources(catalog, args),
-        plain_requests=args.engine == "fake",
+        plain_requests=args.engine == "fake" and not args.fake_engine.typed,
         per_key_metrics=args.metrics.per_key_labels,
     )
 
@@ -265,7 +266,7 @@ IMPORT_PATH = "tokenmart.deployments.app:build_app"
 
 def _tokenizer_sources(catalog: Catalog, args: AppArgs) -> dict[str, str]:
     """Where the ingress finds each listing's tokenizer, to count prompts as the engine will."""
-    if args.engine == "fake":
+    if args.engine == "fake" and not args.fake_engine.typed:
         return {}  # the fake engine counts words, which the byte bound covers
     model_dir = Path(args.model_dir) if args.model_dir else None
     return {listing.id: listing.resolved_source(model_dir) for listing in catalog.listings}

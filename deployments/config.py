@@ -108,6 +108,12 @@ class FakeEngineOptions(BaseModel):
     reply_tokens: int = Field(default=16, ge=1, description="Tokens the fake engine answers with.")
     token_delay_s: float = Field(default=0.005, ge=0, description="Seconds between the fake engine's tokens.")
     num_cpus: float = Field(default=0.1, ge=0, description="Logical CPUs per fake engine replica.")
+    typed: bool = Field(
+        default=False,
+        description="Send the fake engine the pydantic requests a vLLM engine gets and count prompts with each "
+        "listing's own tokenizer, so it costs the ingress what vLLM would (benchmarks). Off: plain dicts and "
+        "byte bounds, and the fake engine's replicas never import vLLM.",
+    )
 
 
 class MetricsOptions(BaseModel):

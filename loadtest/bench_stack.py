@@ -158,7 +158,11 @@ class Stack:
             "import_path": "tokenmart.doubles.baseline:build_plain_app",
         }
         unlimited = {"rpm": MAX_RPM, "tpm": MAX_TPM, "max_concurrency": MAX_CONCURRENCY}  # the highest a key may have
-        overrides = {"ingress": {"min_replicas": 1, "max_replicas": 1}}
+        overrides: dict = {"ingress": {"min_replicas": 1, "max_replicas": 1}}
+        if self.backend == "fake":
+            # Typed, as plain Ray Serve LLM's ingress sends it: pydantic requests to the fake engine,
+            # and prompts counted with the listing's tokenizer, as tokenmart does for vLLM.
+            overrides["fake_engine"] = {"typed": True}
         self.stack.callback(launcher.down, state_dir)
         state, key = launcher.up(
             state_dir,

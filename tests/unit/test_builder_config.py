@@ -287,3 +287,21 @@ def test_per_key_metric_labels_are_off_unless_the_operator_turns_them_on():
     assert default._bound_deployment.init_kwargs["per_key_metrics"] is False
     opted_in = build_app(AppArgs(catalog_path=str(LOCAL_CATALOG), engine="fake", metrics={"per_key_labels": True}))
     assert opted_in._bound_deployment.init_kwargs["per_key_metrics"] is True
+
+
+def test_a_typed_fake_engine_gets_what_a_vllm_engine_gets(tmp_path: Path):
+    """For benchmarks against plain Ray Serve LLM: pydantic requests, not dicts, and prompts
+    counted with the listing's tokenizer, not bounded by bytes."""
+    plain = build_app(AppArgs(catalog_path=str(LOCAL_CATALOG), engine="fake", model_dir=str(tmp_path)))
+    typed = build_app(
+        AppArgs(catalog_path=str(LOCAL_CATALOG), engine="fake", model_dir=str(tmp_path), fake_engine={"typed": True})
+    )
+    plain_kwargs, typed_kwargs = plain._bound_deployment.init_kwargs, typed._bound_deployment.init_kwargs
+    assert (plain_kwargs["plain_requests"], typed_kwargs["plain_requests"]) == (True, False)
+    assert plain_kwargs["tokenizer_sources"] == {}
+    assert typed_kwargs["tokenizer_sources"] == {
+        "smollm2-135m-instruct": str(tmp_path / "smollm2-135m-instruct"),
+    }
+    for app, expected in ((plain, False), (typed, True)):
+        engine = app._bound_deployment.init_kwargs["llm_deployments"]["smollm2-135m-instruct"]._bound_deployment
+        assert engine.init_kwargs["typed"] is expected

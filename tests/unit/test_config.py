@@ -129,7 +129,12 @@ def test_the_defaults_without_environment(bare_env: Path):
     assert args.redis_timeout_s == 1.0
     assert args.model_dir == str(bare_env / ".cache" / "tokenmart" / "models")
     assert args.engine == "vllm"
-    assert args.fake_engine.model_dump() == {"reply_tokens": 16, "token_delay_s": 0.005, "num_cpus": 0.1, "typed": False}
+    assert args.fake_engine.model_dump() == {
+        "reply_tokens": 16,
+        "token_delay_s": 0.005,
+        "num_cpus": 0.1,
+        "typed": False,
+    }
     assert args.ingress.model_dump() == {
         "min_replicas": 1,
         "max_replicas": 2,

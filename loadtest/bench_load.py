@@ -62,11 +62,16 @@ def scenarios(backend: str) -> list[Scenario]:
             Scenario("refuse_429", 0, 5, False, 8, ("tokenmart",), key="limited", times_saturation=2),
             Scenario("refuse_503", 0, 5, False, 64, ("tokenmart",), model=TIGHT_MODEL, times_saturation=2),
         ]
+    # vLLM: long enough for 200 samples a run at 2 clients (p99 of the sweep), 4 tokens each.
+    # No 503 scenario: a listing that takes one request would need a second vLLM engine.
     return [
         Scenario("latency_c1", 1, 15, stream=False, max_tokens=16),
         Scenario("ttft_c1", 1, 15, stream=True, max_tokens=8),
         Scenario("max_rps", 16, 15, stream=False, max_tokens=4),
         Scenario("stream_c16", 16, 20, stream=True, max_tokens=64),
+        *(Scenario(f"sweep_c{c}", c, 20, stream=False, max_tokens=4) for c in (2, 8, 16)),
+        Scenario("refuse_429_c1", 1, 5, False, 4, ("tokenmart",), key="limited"),
+        Scenario("refuse_429", 0, 10, False, 4, ("tokenmart",), key="limited", times_saturation=2),
     ]
 
 

@@ -8,16 +8,29 @@ scale-down. It writes, to --out:
   locust_*.csv     Locust's own stats (incl. ttft / itl / tokens_per_s, see locustfile.py)
   autoscaling.png  load, replicas per deployment and p50/p99 time to first token over time
   summary.md       the steps, and per deployment: time from each load step to a new replica
-                   serving, peak replicas, and time to scale back down after the load drops
+                   serving, peak replicas, every change of RUNNING replicas (when each went up
+                   and came back down), and the cold start below
+  cold_start.csv   with --cold-model: one request to a listing scaled to zero replicas
+
+With `--up CATALOG` it starts the cluster itself (the launcher's `up`, with `--ingress`
+options such as target_ongoing_requests=4, which `tokenmart up` has no flag for) and stops
+it at the end. With `--cold-model ID` (a listing with `min_replicas: 0`) it first waits until
+that listing has no replica, then sends it one streamed request with a fresh key and reports
+the status, the time to first token, the cost in the usage, and the key's balance and hold
+before and after (the key must be charged the tokens only, and nothing left on hold).
 
 Usage:
     tokenmart up --engine fake --catalog loadtest/catalogs/fake-market.yaml
     python loadtest/stepped_load.py --steps 6:40,18:90,6:60 --cooldown 60 --prompt "[[fake-tokens=48]]"
+    python loadtest/stepped_load.py --up loadtest/catalogs/fake-ingress.yaml --engine fake \
+        --ingress target_ongoing_requests=4 --ingress max_replicas=3 --cold-model chat-cold ...
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -206,6 +219,203 @@ def scaling_events(run: Run, name: str) -> list[str]:
     return lines
 
 
+def replica_changes(run: Run, name: str) -> list[str]:
+    """Every change of this deployment's RUNNING replicas, and when the autoscaler's target moved
+    for it (each move of the target is matched to the next change of RUNNING it explains)."""
+    lines: list[str] = []
+    last, last_target = None, None
+    decisions: list[float] = []  # target moves not yet carried out
+    for sample in run.samples:
+        if not sample.replicas:
+            continue  # a sample the dashboard did not answer
+        count, target = sample.replicas.get(name, 0), sample.targets.get(name, 0)
+        if last_target is not None and target != last_target:
+            decisions += [sample.t] * abs(target - last_target)
+        if last is not None and count != last:
+            moved = [decisions.pop(0) for _ in range(min(abs(count - last), len(decisions)))]
+            decided = f"{moved[0]:.0f} s" if moved else ""
+            lines.append(f"| {name} | {sample.t:.0f} s | {last} -> {count} | {decided} | {run.users_at(sample.t)} |")
+        last, last_target = count, target
+    return lines
+
+
+def excursions(run: Run, name: str) -> str:
+    """When the deployment first went above its starting count, and when it was back."""
+    counts = [(s.t, s.replicas.get(name, 0)) for s in run.samples if s.replicas]
+    if not counts:
+        return f"| {name} | | | | |"
+    base = counts[0][1]
+    up = next(((t, c) for t, c in counts if c > base), None)
+    if up is None:
+        return f"| {name} | {base} | never above {base} | | |"
+    peak = max(c for _, c in counts)
+    back = next(((t, c) for t, c in counts if t > up[0] and c <= base), None)
+    back_text = f"{back[0]:.0f} s" if back else "not within the run"
+    return f"| {name} | {base} | {up[0]:.0f} s | {peak} | {back_text} |"
+
+
+@dataclass
+class ColdStart:
+    """One request to a listing at zero replicas, and what the key was charged for it."""
+
+    model: str
+    deployment: str
+    replicas_before: int
+    status: int = 0
+    ttft_s: float | None = None
+    total_s: float | None = None
+    replica_running_s: float | None = None  # after the request was sent
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    usage_cost_usd: float | None = None
+    balance_before_usd: float | None = None
+    balance_after_usd: float | None = None
+    hold_after_usd: float | None = None
+    error: str = ""
+
+    @property
+    def charged_usd(self) -> float | None:
+        if self.balance_before_usd is None or self.balance_after_usd is None:
+            return None
+        return round(self.balance_before_usd - self.balance_after_usd, 6)
+
+    def verdict(self) -> str:
+        problems = []
+        if self.status != 200:
+            problems.append(f"status {self.status}")
+        charged, cost = self.charged_usd, self.usage_cost_usd
+        if charged is None or cost is None or abs(charged - cost) > 1e-6:
+            problems.append(f"charged {self.charged_usd} against a usage cost of {self.usage_cost_usd}")
+        if self.hold_after_usd:
+            problems.append(f"{self.hold_after_usd} USD left on hold")
+        return "ok: 200, charged exactly the usage's cost, nothing on hold" if not problems else "; ".join(problems)
+
+    def write(self, path: Path) -> None:
+        fields = {k: v for k, v in vars(self).items()}
+        fields["charged_usd"], fields["verdict"] = self.charged_usd, self.verdict()
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(list(fields))
+            writer.writerow(list(fields.values()))
+
+    @classmethod
+    def read(cls, path: Path) -> ColdStart | None:
+        if not path.exists():
+            return None
+        with path.open() as handle:
+            row = next(csv.DictReader(handle))
+        names = {f for f in cls.__dataclass_fields__}
+        kinds = {"model": str, "deployment": str, "error": str, "replicas_before": int, "status": int}
+        kinds |= {"completion_tokens": int, "prompt_tokens": int}
+        values = {k: (kinds.get(k, float)(v) if v != "" else None) for k, v in row.items() if k in names}
+        values["error"] = values.get("error") or ""
+        return cls(**values)
+
+    def markdown(self) -> list[str]:
+        def seconds(value: float | None) -> str:
+            return f"{value:.2f} s" if value is not None else "-"
+
+        return [
+            "## Cold start (a listing at zero replicas)",
+            "",
+            "| model | deployment | replicas when sent | status | TTFT | whole request | replica RUNNING after | "
+            "tokens (prompt + completion) | usage cost | balance before -> after | charged | on hold after |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"| {self.model} | {self.deployment} | {self.replicas_before} | {self.status} | "
+            f"**{seconds(self.ttft_s)}** | "
+            f"{seconds(self.total_s)} | {seconds(self.replica_running_s)} | {self.prompt_tokens} + "
+            f"{self.completion_tokens} | ${self.usage_cost_usd} | ${self.balance_before_usd} -> "
+            f"${self.balance_after_usd} | ${self.charged_usd} | ${self.hold_after_usd} |",
+            "",
+            f"Verdict: {self.verdict()}." + (f" Error: {self.error}" if self.error else ""),
+            "",
+        ]
+
+
+def deployment_of(client: Any, model: str) -> str | None:
+    running, _ = replica_counts(client)
+    return next((name for name in running if name.split(":", 1)[-1] == model), None)
+
+
+def wait_for_zero(client: Any, deployment: str, timeout_s: float) -> int:
+    """Wait until the deployment has no replica and the autoscaler wants none; its RUNNING count."""
+    deadline = time.monotonic() + timeout_s
+    with console.status(f"waiting for {deployment} to scale to zero replicas"):
+        while time.monotonic() < deadline:
+            running, targets = replica_counts(client)
+            if running.get(deployment) == 0 and targets.get(deployment) == 0:
+                return 0
+            time.sleep(1)
+    running, _ = replica_counts(client)
+    return running.get(deployment, -1)
+
+
+def key_state(api_base: str, key: str) -> dict[str, Any]:
+    return httpx.get(f"{api_base}/v1/key", headers={"authorization": f"Bearer {key}"}, timeout=30).json()
+
+
+def cold_request(api_base: str, admin_token: str, client: Any, model: str, prompt: str, max_tokens: int,
+                 wait_s: float) -> ColdStart:  # fmt: skip
+    """One streamed request to a listing with no replica: status, TTFT, and what it cost the key."""
+    deployment = deployment_of(client, model) or model
+    before = wait_for_zero(client, deployment, wait_s)
+    created = launcher.create_key(api_base, admin_token, {"name": "cold-start", "credit_usd": 1})
+    result = ColdStart(model=model, deployment=deployment, replicas_before=before)
+    result.balance_before_usd = key_state(api_base, created["key"]).get("credit_usd")
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Write a short sentence about cold starts. {prompt}"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    stop, running_at = threading.Event(), []
+
+    def watch(sent: float) -> None:  # when the new replica is RUNNING, on the request's clock
+        while not stop.is_set():
+            if replica_counts(client)[0].get(deployment, 0) > 0:
+                running_at.append(time.monotonic() - sent)
+                return
+            stop.wait(0.5)
+
+    sent = time.monotonic()
+    watcher = threading.Thread(target=watch, args=(sent,), daemon=True)
+    watcher.start()
+    try:
+        headers = {"authorization": f"Bearer {created['key']}"}
+        with httpx.stream("POST", f"{api_base}/v1/chat/completions", json=body, headers=headers, timeout=900) as reply:
+            result.status = reply.status_code
+            if reply.status_code != 200:
+                result.error = reply.read().decode()[:300]
+            for line in reply.iter_lines() if reply.status_code == 200 else []:
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                if result.ttft_s is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    result.ttft_s = time.monotonic() - sent
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                    result.prompt_tokens, result.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+                    result.usage_cost_usd = usage.get("cost")
+        result.total_s = time.monotonic() - sent
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        watcher.join(5 if result.status == 200 else 0)
+        stop.set()
+    result.replica_running_s = running_at[0] if running_at else None
+    deadline = time.monotonic() + 15  # settlement runs after the stream; wait for the hold to clear
+    while True:
+        state = key_state(api_base, created["key"])
+        if not state.get("on_hold_usd") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    result.balance_after_usd, result.hold_after_usd = state.get("credit_usd"), state.get("on_hold_usd")
+    console.print(f"cold start of {model}: {result.status}, TTFT {result.ttft_s}, {result.verdict()}")
+    return result
+
+
 def summarize(run: Run, names: list[str], latency: list, locust_dir: Path, path: Path, title: str) -> str:
     lines = [f"# {title}", "", "## Steps", "", "| step | users | seconds |", "| --- | --- | --- |"]
     lines += [f"| {i + 1} | {users} | {seconds:g} |" for i, (users, seconds) in enumerate(run.steps)]
@@ -217,6 +427,17 @@ def summarize(run: Run, names: list[str], latency: list, locust_dir: Path, path:
     for name in names:
         counts = [s.replicas.get(name, 0) for s in run.samples if s.replicas]
         lines.append(f"| {name} | {min(counts, default=0)} | {max(counts, default=0)} |")
+    lines += ["", "## Up and back down", "", "Seconds since the load started.", ""]
+    lines += ["| deployment | replicas at the start | first above it | peak | back to it |"]
+    lines += ["| --- | --- | --- | --- | --- |"]
+    lines += [excursions(run, name) for name in names]
+    lines += ["", "## Every change of RUNNING replicas", ""]
+    lines += ["| deployment | at | RUNNING | target moved for it at | users then |", "| --- | --- | --- | --- | --- |"]
+    for name in names:
+        lines += replica_changes(run, name)
+    cold = ColdStart.read(locust_dir / "cold_start.csv")
+    if cold is not None:
+        lines += ["", *cold.markdown()]
     stats = locust_dir / "locust_stats.csv"
     if stats.exists():
         lines += ["", "## Requests (Locust)", "", "| name | requests | failures | p50 ms | p99 ms | req/s |"]
@@ -254,16 +475,37 @@ def report(run: Run, names: list[str], out: Path, started_epoch: float, title: s
     console.print(f"wrote {out}/samples.csv, autoscaling.png, summary.md")
 
 
+def ingress_overrides(options: list[str]) -> dict[str, Any]:
+    """`--ingress key=value` options as the app's ingress settings (IngressOptions)."""
+    ingress: dict[str, Any] = {}
+    for option in options:
+        name, _, value = option.partition("=")
+        ingress[name.strip()] = float(value) if "." in value else int(value)
+    return {"ingress": ingress} if ingress else {}
+
+
 def main(
     steps: str = typer.Option("6:40,18:90,6:60", help="users:seconds,... (e.g. a 3x step and back)."),
     cooldown: float = typer.Option(60, help="Seconds to keep sampling after the load stops (scale-down)."),
-    models: str | None = typer.Option(None, help="Comma-separated listings (default: all in /v1/models)."),
+    models: str | None = typer.Option(
+        None, help="Comma-separated listings (default: all in /v1/models but the --cold-model)."
+    ),
     max_tokens: int = typer.Option(32),
     stream_share: float = typer.Option(0.5),
     prompt: str = typer.Option("", help='Extra prompt text, e.g. "[[fake-tokens=48]]" for the fake engine.'),
     out: Path = typer.Option(Path("loadtest/results/stepped"), help="Output directory."),
     title: str = typer.Option("Stepped load", help="Title of summary.md."),
     report_only: bool = typer.Option(False, help="Redo plot and summary from an earlier run in --out."),
+    up: Path | None = typer.Option(None, help="Start a cluster with this catalog first, and stop it at the end."),
+    engine: str = typer.Option("vllm", help="With --up: vllm or fake."),
+    ingress: list[str] = typer.Option(
+        [], help="With --up: an ingress option as key=value (IngressOptions), e.g. target_ongoing_requests=4."
+    ),
+    cold_model: str | None = typer.Option(
+        None, help="A listing with min_replicas 0: wait until it has no replica, then time one request to it."
+    ),
+    cold_wait: float = typer.Option(180, help="Seconds to wait for the --cold-model to reach zero replicas."),
+    cold_max_tokens: int = typer.Option(16, help="max_tokens of the cold request."),
 ) -> None:
     if report_only:
         run, names = load_run(out, steps)
@@ -271,6 +513,19 @@ def main(
             raise SystemExit(f"{out} holds no earlier run (started_at is missing)")
         report(run, names, out, float((out / "started_at").read_text()), title)
         return
+    state_dir = default_state_dir()
+    if up is not None:
+        launcher.up(state_dir, catalog_path=up, engine=engine, app_overrides=ingress_overrides(ingress))
+    try:
+        stepped(steps, cooldown, models, max_tokens, stream_share, prompt, out, title, cold_model, cold_wait,
+                cold_max_tokens)  # fmt: skip
+    finally:
+        if up is not None:
+            launcher.down(state_dir)
+
+
+def stepped(steps: str, cooldown: float, models: str | None, max_tokens: int, stream_share: float, prompt: str,
+            out: Path, title: str, cold_model: str | None, cold_wait: float, cold_max_tokens: int) -> None:  # fmt: skip
     state = ClusterState.load(default_state_dir())
     if state is None:
         raise SystemExit("no running cluster found: run `tokenmart up` first")
@@ -278,11 +533,17 @@ def main(
     run = Run(parse_steps(steps))
     if models is None:
         listed = httpx.get(f"{state.api_base}/v1/models", timeout=30).json()["data"]
-        models = ",".join(model["id"] for model in listed)
-    key = create_load_key(state.api_base, state.admin_token)
+        models = ",".join(model["id"] for model in listed if model["id"] != cold_model)
     client = launcher.serve_client(state.dashboard_url)
     if client is None:
         raise SystemExit(f"the Ray dashboard at {state.dashboard_url} does not answer")
+    with contextlib.suppress(FileNotFoundError):
+        (out / "cold_start.csv").unlink()  # a rerun without --cold-model reports none
+    if cold_model is not None:
+        cold_request(state.api_base, state.admin_token, client, cold_model, prompt, cold_max_tokens, cold_wait).write(
+            out / "cold_start.csv"
+        )
+    key = create_load_key(state.api_base, state.admin_token)
 
     env = {
         **os.environ,

@@ -38,6 +38,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -371,6 +372,11 @@ def groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, list[d
     return out
 
 
+def first_tokens(runs: dict[int, list[dict[str, Any]]]) -> list[float]:
+    """Seconds to the first token of each run (the REST API may report RUNNING after it)."""
+    return [row["at_s"] for run in runs.values() for row in run if row["phase"] == "first token"]
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -380,7 +386,7 @@ def median(values: list[float]) -> float:
 def summary_tables(rows: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     for (label, target), runs in groups(rows).items():
-        totals = [run[-1]["at_s"] for run in runs.values() if run and run[-1]["phase"] == "first token"]
+        totals = first_tokens(runs)
         total_text = ", ".join(f"{t:.1f} s" for t in totals)
         lines += [f"### {label}: {target} (first token after {total_text})", ""]
         lines += ["| phase reached | at (s) | took (s) | source | what the span was |"]
@@ -441,7 +447,7 @@ def report(out: Path, notes: Path | None) -> None:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     table = Table("label", "target", "runs", "first token (s)")
     for (label, target), runs in groups(rows).items():
-        totals = [run[-1]["at_s"] for run in runs.values()]
+        totals = first_tokens(runs)
         table.add_row(label, target, str(len(runs)), ", ".join(f"{t:.1f}" for t in totals))
     console.print(table)
     console.print(f"wrote {out}/phases.csv, summary.md, phases.png")
@@ -477,7 +483,7 @@ def main(
     if report_only:
         report(out, notes)
         return
-    workdir = out / "work"
+    workdir = Path(tempfile.gettempdir()) / "tokenmart-scaleup"  # engine logs, state: not results
     workdir.mkdir(exist_ok=True)
     if engine_extra:
         catalog = with_engine_extra(catalog, engine_extra, workdir / "catalog.yaml")

@@ -417,7 +417,14 @@ def cold_request(api_base: str, admin_token: str, client: Any, model: str, promp
 
 
 def summarize(run: Run, names: list[str], latency: list, locust_dir: Path, path: Path, title: str) -> str:
-    lines = [f"# {title}", "", "## Steps", "", "| step | users | seconds |", "| --- | --- | --- |"]
+    lines = [f"# {title}", ""]
+    if (locust_dir / "cluster.json").exists():  # started with --up
+        cluster = json.loads((locust_dir / "cluster.json").read_text())
+        ingress = ", ".join(f"{k}={v}" for k, v in cluster.get("ingress", {}).items()) or "defaults"
+        lines += [f"Cluster: `{cluster['catalog']}`, engine {cluster['engine']}, ingress options: {ingress}.", ""]
+    if (locust_dir / "notes.md").exists():  # findings written after the run
+        lines += [(locust_dir / "notes.md").read_text().rstrip(), ""]
+    lines += ["## Steps", "", "| step | users | seconds |", "| --- | --- | --- |"]
     lines += [f"| {i + 1} | {users} | {seconds:g} |" for i, (users, seconds) in enumerate(run.steps)]
     lines += ["", "## Scaling", ""]
     lines += ["| deployment | load change | RUNNING replicas | autoscaler decided after |", "| --- | --- | --- | --- |"]
@@ -515,7 +522,11 @@ def main(
         return
     state_dir = default_state_dir()
     if up is not None:
-        launcher.up(state_dir, catalog_path=up, engine=engine, app_overrides=ingress_overrides(ingress))
+        out.mkdir(parents=True, exist_ok=True)
+        overrides = ingress_overrides(ingress)
+        cluster = {"catalog": str(up), "engine": engine, **overrides}
+        (out / "cluster.json").write_text(json.dumps(cluster, indent=1) + "\n")
+        launcher.up(state_dir, catalog_path=up, engine=engine, app_overrides=overrides)
     try:
         stepped(steps, cooldown, models, max_tokens, stream_share, prompt, out, title, cold_model, cold_wait,
                 cold_max_tokens)  # fmt: skip

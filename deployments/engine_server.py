@@ -9,6 +9,7 @@ per-node download task, which has nothing to download and costs a replica's star
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ def skip_local_node_init(llm_config: Any) -> bool:
     if not isinstance(source, str) or not Path(source).is_dir():
         return False
     llm_config.get_or_create_callback().ctx.run_init_node = False
+    # The one other thing the task does on a node: torch cannot create its kernel cache folder
+    # when the folder above is missing (Ray Serve LLM works around it there; so do we, here).
+    import torch  # the replica has imported it with vLLM already
+
+    os.makedirs(os.path.join(torch.hub._get_torch_home(), "kernels"), exist_ok=True)
     return True
 
 

@@ -12,13 +12,15 @@ grouped by the code they were in (tokenmart, Ray Serve, Ray core, asyncio, HTTP,
     python loadtest/cpu_profile.py --out loadtest/results/cpu-profile
     python loadtest/cpu_profile.py --serve-mode proxy --out /tmp/cpu-profile-proxy
 
-Writes cpu.csv (role, target, CPU seconds, ms per output token), pyspy.csv (process, code
-group, share of samples), summary.md and cpu.png.
+Writes cpu.csv (role, target, CPU seconds, ms per output token), the replicas' collapsed
+stacks (stacks-*.txt), pyspy.csv (process, code group, share of samples), summary.md and
+cpu.png; `--report-only` redoes the last three from the others.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -55,7 +57,7 @@ ROLES: list[tuple[str, tuple[str, ...]]] = [
 
 # py-spy frames, by the file they are in; the innermost frame that matches decides the group.
 CODE_GROUPS: list[tuple[str, tuple[str, ...]]] = [
-    ("tokenmart", ("/deployments/", "tokenmart/")),
+    ("tokenmart", ("(deployments/", "/deployments/", "tokenmart/")),
     ("Ray Serve", ("ray/serve/",)),
     ("Ray core", ("ray/_private/", "ray/_raylet", "ray/util/", "ray/actor", "ray/remote_function")),
     ("HTTP (uvicorn, starlette, fastapi, h11)", ("uvicorn/", "starlette/", "fastapi/", "h11/", "httptools")),
@@ -112,8 +114,17 @@ def start_py_spy(pid: int, seconds: int, out: Path) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
+# A sample whose innermost Python frame is a thread's `run` was in C code that thread runs
+# without Python frames above it: uvloop's event loop (socket reads and writes, timers) or
+# the thread Ray Serve LLM streams the engine's output on.
+NATIVE_LOOP = "event loop in C (uvloop)"
+
+
 def code_group(stack: str) -> str:
-    for frame in reversed(stack.split(";")):
+    frames = stack.split(";")
+    if frames and frames[-1].startswith("Thread.run "):
+        return NATIVE_LOOP
+    for frame in reversed(frames):
         for group, marks in CODE_GROUPS:
             if any(mark in frame for mark in marks):
                 return group
@@ -137,7 +148,11 @@ def main(
     serve_mode: str = typer.Option(DEFAULT_SERVE_MODE, help=f"tokenmart's serve mode: {', '.join(SERVE_MODES)}."),
     seed: int = typer.Option(5000, help="The first run's --seed; every later run takes the next."),
     out: Path = typer.Option(HERE / "results" / "cpu-profile", help="Where cpu.csv, pyspy.csv, summary.md go."),
+    report_only: bool = typer.Option(False, help="Redo pyspy.csv, summary.md and cpu.png from an earlier run."),
 ) -> None:
+    if report_only:
+        report(out)
+        return
     if serve_mode not in SERVE_MODES:
         raise typer.BadParameter(f"--serve-mode must be one of {', '.join(SERVE_MODES)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +160,6 @@ def main(
     measured = Scenario("stream", streams, 128, output_len, num_prompts)
     warm = Scenario("warm", streams, 128, 16, 16)
     rows: list[dict] = []
-    spy_rows: list[dict] = []
     with ExitStack() as stack:
         endpoints, listing = start(workdir, stack, None, {}, None, serve_mode)  # type: ignore[arg-type]  # checked
         tokenizer = listing.resolved_source(None)
@@ -166,12 +180,7 @@ def main(
             for role, (spy, pid) in spies.items():
                 spy.send_signal(2)  # SIGINT: py-spy writes what it sampled and exits
                 spy.wait(timeout=60)
-                groups = samples_by_group(workdir / f"{pid}.txt")
-                total = sum(groups.values()) or 1
-                spy_rows += [
-                    {"process": role, "code": group, "samples": count, "share": round(count / total, 4)}
-                    for group, count in groups.most_common()
-                ]
+                (workdir / f"{pid}.txt").replace(out / stacks_file(role))
             tokens = data["total_output_tokens"]
             for role, seconds in sorted(spent(before, after).items(), key=lambda item: -item[1]):
                 rows.append(
@@ -185,11 +194,38 @@ def main(
                     }
                 )
     write_csv(out / "cpu.csv", rows)
-    write_csv(out / "pyspy.csv", spy_rows)
-    (out / "summary.md").write_text(summary(rows, spy_rows, serve_mode, streams, num_prompts, output_len))
-    plot(out / "cpu.png", rows)
-    sys.stdout.write((out / "summary.md").read_text())
+    (out / "run.json").write_text(json.dumps({"serve_mode": serve_mode, "streams": streams,
+                                              "num_prompts": num_prompts, "output_len": output_len}))  # fmt: skip
+    report(out)
     console.print(f"[green]wrote[/] {out}; logs in {workdir}")
+
+
+def stacks_file(role: str) -> str:
+    return "stacks-" + role.split(" (")[0].replace(" ", "-") + ".txt"
+
+
+def report(out: Path) -> None:
+    """pyspy.csv, summary.md and cpu.png from cpu.csv, run.json and the collapsed stacks."""
+    with (out / "cpu.csv").open() as f:
+        rows = [{**r, "cpu_s": float(r["cpu_s"]), "ms_per_output_token": float(r["ms_per_output_token"]),
+                 "output_tokens": int(r["output_tokens"])} for r in csv.DictReader(f)]  # fmt: skip
+    run = json.loads((out / "run.json").read_text())
+    spy_rows: list[dict] = []
+    for role in ("ingress replica", "engine replica (Ray Serve LLM)"):
+        path = out / stacks_file(role)
+        if not path.exists():
+            continue
+        groups = samples_by_group(path)
+        total = sum(groups.values()) or 1
+        spy_rows += [
+            {"process": role, "code": group, "samples": count, "share": round(count / total, 4)}
+            for group, count in groups.most_common()
+        ]
+    write_csv(out / "pyspy.csv", spy_rows)
+    text = summary(rows, spy_rows, run["serve_mode"], run["streams"], run["num_prompts"], run["output_len"])
+    (out / "summary.md").write_text(text)
+    plot(out / "cpu.png", rows)
+    sys.stdout.write(text)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

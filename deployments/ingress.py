@@ -39,7 +39,7 @@ from .errors import (
 from .gateway import Gateway
 from .keystore import KeyStore, connect
 from .metrics import UNKNOWN_MODEL, MarketplaceMetrics
-from .ray_llm import CompletionRequest, ModelCard
+from .ray_llm import ModelCard
 from .reconcile import reconcile
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import client_request_id
@@ -47,7 +47,7 @@ from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, Update
 from .shedding import SHED_CODE, DoorShedder
 from .tokens import PromptCounter
 from .usage import usage_report
-from .validation import ChatRequest
+from .validation import ChatRequest, TextCompletionRequest
 
 logger = logging.getLogger("tokenmart.ingress")
 
@@ -260,7 +260,7 @@ class MarketplaceIngress(OpenAiIngress):
     async def chat(self, body: ChatRequest, request: Request) -> Response:
         return await self.gateway.handle(body, request, method="chat")
 
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+    async def completions(self, body: TextCompletionRequest, request: Request) -> Response:
         return await self.gateway.handle(body, request, method="completions")
 
     async def models(self) -> dict[str, Any]:

@@ -8,7 +8,11 @@ SDKs retry). Engine errors that describe the request are mapped back to 4xx by
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
+import types
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +20,7 @@ from pydantic import BaseModel, model_validator
 
 from .catalog import Listing
 from .errors import BadRequest
-from .ray_llm import ChatCompletionRequest
+from .ray_llm import ChatCompletionRequest, CompletionRequest
 from .tokens import prompt_count
 
 ALLOWED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -202,19 +206,66 @@ def _json_kind(value: Any) -> str:
     return kinds.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
+@functools.cache
+def object_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """The request fields whose value must be a JSON object (a model, a dataclass or a dict)."""
+
+    def is_object(kind: Any) -> bool:
+        return (
+            kind is dict
+            or typing.get_origin(kind) is dict
+            or (isinstance(kind, type) and (issubclass(kind, BaseModel) or dataclasses.is_dataclass(kind)))
+        )
+
+    names = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        options = tuple(option for option in options if option is not type(None))
+        if options and all(is_object(option) for option in options):
+            names.append(name)
+    return tuple(names)
+
+
+def check_objects(model: type[BaseModel], data: dict) -> None:
+    """Refuse a non-object where the request takes an object, before vLLM's own model validators
+    run: some of them call `.get` on such a field and raised AttributeError, a 500."""
+    for name in object_fields(model):
+        value = data.get(name)
+        if value is not None and not isinstance(value, dict | BaseModel) and not dataclasses.is_dataclass(value):
+            raise BadRequest(
+                f"Invalid type for '{name}': expected an object, but got {_json_kind(value)} instead.",
+                param=name,
+                code="invalid_type",
+            )
+
+
 class ChatRequest(ChatCompletionRequest):
     """Ray Serve LLM's chat request with the content rules applied to the raw JSON.
 
     The base model types `content` as `Iterable[...]`, which pydantic checks lazily: malformed
     content parses, then fails when first iterated, after the route has run, as a 500. Checking
-    the raw body first answers 400 with the offending part named instead.
+    the raw body first answers 400 with the offending part named instead. Object fields are
+    checked first too (`check_objects`).
     """
 
     @model_validator(mode="before")
     @classmethod
     def _content_parts(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            check_objects(ChatCompletionRequest, data)
             check_messages(data.get("messages"))
+        return data
+
+
+class TextCompletionRequest(CompletionRequest):
+    """Ray Serve LLM's completions request, with its object fields checked on the raw JSON."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objects(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_objects(CompletionRequest, data)
         return data
 
 

@@ -8,9 +8,11 @@ is never a 5xx, and every 4xx is the OpenAI error envelope.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
@@ -39,6 +41,17 @@ def check(case, response) -> int:
     return response.status_code
 
 
+def _with_valid_example(test, operation, auth: dict[str, str]):
+    """An inference route's test, with a body it serves with 200 run besides the generated ones."""
+    if not operation.path.endswith("/completions"):
+        return test
+    content = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in operation.path else {"prompt": "hi"}
+    case = operation.Case(
+        body={"model": "alpha-chat", "max_tokens": 4, **content}, headers=auth, media_type="application/json"
+    )
+    return example(case=case)(test)
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 def test_no_request_gets_a_5xx_and_every_4xx_is_the_error_envelope(marketplace, fuzz_key, mode):
     # The schema is the one the running ingress serves, so every route and alias is covered.
@@ -54,6 +67,7 @@ def test_no_request_gets_a_5xx_and_every_4xx_is_the_error_envelope(marketplace, 
         auth = {"authorization": f"Bearer {token}"}
 
         @given(case=operation.as_strategy(generation_mode=mode, headers=auth))
+        @functools.partial(_with_valid_example, operation=operation, auth=auth)
         @settings(
             max_examples=EXAMPLES_PER_OPERATION,
             deadline=None,
@@ -77,7 +91,8 @@ def test_no_request_gets_a_5xx_and_every_4xx_is_the_error_envelope(marketplace, 
         fuzzed += 1
     # Every operation in positive mode; in negative mode, every one that takes input.
     assert fuzzed == len(operations) if mode is GenerationMode.POSITIVE else fuzzed >= 10, fuzzed
-    # The key is accepted, so generated bodies reach validation (4xx) and, when valid, the engine.
+    # The key is accepted, so generated bodies reach validation (4xx), and a valid body (each
+    # inference route's explicit example: 12 generated ones may all be invalid) the engine.
     assert 401 not in inference, inference
     if mode is GenerationMode.POSITIVE:
         assert inference.get(200, 0) > 0, inference

@@ -24,6 +24,8 @@ from tokenmart.deployments.validation import (
     RESERVED_TEMPLATE_KWARGS,
     TEXT_PARTS,
     ChatRequest,
+    TextCompletionRequest,
+    object_fields,
     validate_request,
 )
 
@@ -339,7 +341,43 @@ def client() -> TestClient:
     async def chat(body: ChatRequest) -> dict:
         return {"messages": len(body.messages)}
 
+    @app.post("/v1/completions")
+    async def completions(body: TextCompletionRequest) -> dict:
+        return {"prompt": body.prompt}
+
     return TestClient(app, raise_server_exceptions=False)
+
+
+NOT_OBJECTS = [(True, "a boolean"), ([1], "an array"), ("json", "a string"), (3, "a number")]
+
+
+@pytest.mark.parametrize("field", ["structured_outputs", "response_format", "stream_options", "logit_bias"])
+@pytest.mark.parametrize(("value", "kind"), NOT_OBJECTS)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_non_object_where_an_object_goes_is_400_naming_the_field(
+    client: TestClient, path: str, field: str, value: Any, kind: str
+):
+    """vLLM's own validators call `.get` on `structured_outputs` before pydantic checks its type:
+    a boolean or a list there was an AttributeError, a 500."""
+    content = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    response = client.post(path, json={"model": MODEL, **content, field: value})
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": {
+            "message": f"Invalid type for '{field}': expected an object, but got {kind} instead.",
+            "type": "invalid_request_error",
+            "param": field,
+            "code": "invalid_type",
+        }
+    }
+
+
+def test_every_object_field_of_both_requests_is_checked():
+    assert {"structured_outputs", "response_format", "stream_options", "logit_bias"} <= set(
+        object_fields(CompletionRequest)
+    )
+    assert {"structured_outputs", "chat_template_kwargs", "stream_options"} <= set(object_fields(ChatCompletionRequest))
+    assert "messages" not in object_fields(ChatCompletionRequest) and "prompt" not in object_fields(CompletionRequest)
 
 
 @pytest.mark.parametrize(("content", "param", "code"), BAD_CONTENT)

@@ -31,7 +31,7 @@ from .catalog import Catalog, Listing
 from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, engine_error, request_refusal
 from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
 from .ray_llm import ErrorResponse, RawRequestInfo, sanitize_chat_request
-from .shedding import EngineLoad
+from .shedding import EngineLoad, RefusalMemo
 from .tokens import PromptCounter
 from .validation import max_output_tokens, validate_request
 
@@ -141,6 +141,8 @@ class Gateway:
         # Admitted and unsettled requests per engine deployment, to refuse before Redis is asked
         # when this replica alone fills a deployment (shedding.py).
         self.load = EngineLoad.for_listings(catalog.listings)
+        # Keys refused for their requests per minute, refused at the door until they may retry.
+        self.refusals = RefusalMemo()
 
     def _ensure_replayer(self) -> None:
         """Start the spool replay loop on the serving event loop (once per replica)."""
@@ -165,6 +167,7 @@ class Gateway:
         model = body.model if isinstance(body.model, str) and self.catalog.get(body.model) else UNKNOWN_MODEL
         stream = bool(body.stream)
         key_id: str | None = None
+        key_hash = ""
         status, code = 500, "internal_error"
         try:
             key_id, key_hash = auth.parse_api_key(request.headers.get("authorization"))
@@ -173,6 +176,8 @@ class Gateway:
             return response
         except APIError as exc:
             status, code = exc.status_code, exc.code
+            if key_hash:
+                self.refusals.remember(key_hash, exc)
             raise
         except anyio.get_cancelled_exc_class():
             status, code = CLIENT_CLOSED, "client_closed"

@@ -44,7 +44,7 @@ from .reconcile import reconcile
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import client_request_id
 from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, UpdateKeyRequest, usd_to_micros
-from .shedding import SHED_CODE, DoorShedder
+from .shedding import DoorShedder
 from .tokens import PromptCounter
 from .usage import usage_report
 from .validation import ChatRequest, TextCompletionRequest
@@ -231,13 +231,15 @@ class MarketplaceIngress(OpenAiIngress):
         """
         app = self.app  # type: ignore[attr-defined]  # set by Ray Serve's ASGI replica wrapper
         attach_rate_limits(app, self._rate_limit_headers)
-        app.state.shed_hook = self._record_shed
+        app.state.refusals = self.gateway.refusals
+        app.state.door_hook = self._record_door_refusal
         return app
 
-    def _record_shed(self, seconds: float) -> None:
+    def _record_door_refusal(self, status: int, code: str, key_id: str | None, seconds: float) -> None:
+        """A request the door refused (shedding.py): its model is unknown, its body never read."""
         metrics = self.gateway.metrics
         if metrics is not None:
-            metrics.request_done(UNKNOWN_MODEL, 503, SHED_CODE, stream=False, key_id=None, seconds=seconds)
+            metrics.request_done(UNKNOWN_MODEL, status, code, stream=False, key_id=key_id, seconds=seconds)
 
     async def _rate_limit_headers(self, authorization: str | None, status: int) -> dict[str, str]:
         """The calling key's current limits for responses that admission did not decide.

@@ -42,10 +42,10 @@ class RateLimitState:
         return {
             "x-ratelimit-limit-requests": str(self.rpm),
             "x-ratelimit-remaining-requests": str(self.rpm_remaining),
-            "x-ratelimit-reset-requests": _duration(self.rpm_reset_ms),
+            "x-ratelimit-reset-requests": reset_duration(self.rpm_reset_ms),
             "x-ratelimit-limit-tokens": str(self.tpm),
             "x-ratelimit-remaining-tokens": str(self.tpm_remaining),
-            "x-ratelimit-reset-tokens": _duration(self.tpm_reset_ms),
+            "x-ratelimit-reset-tokens": reset_duration(self.tpm_reset_ms),
         }
 
 
@@ -61,7 +61,7 @@ def bucket_level(limit: int, stored: str | None, ts: str | None, now_ms: int) ->
     return min(capacity, int(float(stored)) + max(0, now_ms - int(float(ts))) * limit)
 
 
-def _duration(ms: int) -> str:
+def reset_duration(ms: int) -> str:
     """OpenAI's reset format: `6ms`, `1.5s`, `2m3s`."""
     if ms < 1000:
         return f"{ms}ms"

@@ -150,3 +150,32 @@ def test_concurrency_limit_refuses_the_extra_streams(marketplace, redis_client) 
     assert statuses["completed"] == LONG_STREAM_TOKENS
     assert redis_client.zcard(inflight) == 0
     assert [r.status_code for r in burst(marketplace, key, 2, max_tokens=2, stream=True)] == [200, 200]
+
+
+def test_a_key_over_its_requests_per_minute_is_refused_without_redis_until_it_may_retry(
+    marketplace, redis_client
+) -> None:
+    """After Redis refused the key once on a replica, that replica repeats the 429 at its door
+    with the time left, and asks Redis nothing: the scripts run once per replica at most."""
+    key = marketplace.create_key(credit_usd=1, rpm=1)["key"]
+    assert marketplace.chat(key, max_tokens=2).status_code == 200
+    scripts_before = _evalsha_calls(redis_client)
+
+    refused = [marketplace.chat(key, max_tokens=2) for _ in range(12)]
+
+    assert [r.status_code for r in refused] == [429] * 12
+    for response in refused:
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+        assert f"Retry after {response.headers['retry-after-ms']} ms." in error["message"]
+        assert set(response.headers) >= RATE_HEADERS
+        assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    waits = [int(r.headers["retry-after-ms"]) for r in refused]
+    assert all(0 < wait <= 60_000 for wait in waits)
+    # Two ingress replicas: each asks Redis once (one admission script) before it remembers.
+    assert _evalsha_calls(redis_client) - scripts_before <= 2
+    assert marketplace.key_info(key)["on_hold_usd"] == 0
+
+
+def _evalsha_calls(redis_client) -> int:
+    return int(redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))

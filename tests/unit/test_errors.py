@@ -732,12 +732,18 @@ def test_the_ingress_attaches_its_source_to_its_own_app() -> None:
 
     apps = [_build_app(), _build_app()]
     replicas = [
-        SimpleNamespace(app=app, _rate_limit_headers=_source(str(i), []), _record_shed=lambda seconds: None)
+        SimpleNamespace(
+            app=app,
+            _rate_limit_headers=_source(str(i), []),
+            _record_door_refusal=lambda *refusal: None,
+            gateway=SimpleNamespace(refusals=object()),
+        )
         for i, app in enumerate(apps)
     ]
     for replica in replicas:
         assert asyncio.run(MarketplaceIngress.__serve_build_asgi_app__(replica)) is replica.app
     for app, replica in zip(apps, replicas, strict=True):
         assert rate_limit_source({"app": app}) is replica._rate_limit_headers
-        assert app.state.shed_hook is replica._record_shed
+        assert app.state.door_hook is replica._record_door_refusal
+        assert app.state.refusals is replica.gateway.refusals
     assert rate_limit_source({}) is None

@@ -7,10 +7,11 @@ import asyncio
 import httpx
 import pytest
 
+from tokenmart.deployments.auth import generate_key, parse_api_key
 from tokenmart.deployments.catalog import Listing
-from tokenmart.deployments.errors import ServiceUnavailable
+from tokenmart.deployments.errors import RateLimited, ServiceUnavailable
 from tokenmart.deployments.ingress import PAID_PATHS, create_fastapi_app
-from tokenmart.deployments.shedding import EngineLoad, deployment_capacity
+from tokenmart.deployments.shedding import EngineLoad, RefusalMemo, deployment_capacity
 
 
 def _app(limit: int):
@@ -19,8 +20,8 @@ def _app(limit: int):
     release = asyncio.Event()
     started = asyncio.Event()
     served: list[str] = []
-    shed: list[float] = []
-    app.state.shed_hook = shed.append
+    shed: list[tuple] = []
+    app.state.door_hook = lambda *refusal: shed.append(refusal)
 
     @app.post("/v1/chat/completions")
     async def chat(body: dict) -> dict:
@@ -59,7 +60,8 @@ def test_a_request_over_the_limit_gets_a_fast_openai_503_without_its_body_being_
             assert len(refused.headers["x-request-id"]) == 32  # the id it was given, as on every response
             assert models.status_code == 200
             assert served == ["first"]  # the refused body never reached the route
-            assert len(shed) == 1 and shed[0] >= 0
+            ((status, code, key_id, seconds),) = shed
+            assert (status, code, key_id) == (503, "server_overloaded", None) and seconds >= 0
 
             release.set()
             assert (await first).json() == {"tag": "first"}
@@ -113,3 +115,94 @@ def test_engine_load_refuses_only_at_capacity_and_frees_on_settle():
     load.check("m")
     assert load.admitted_to("m") == 1
     load.check("unknown")  # a deployment it was not told of is never refused here
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _rpm_refusal(retry_ms: int, **overrides: str) -> RateLimited:
+    headers = {
+        "x-ratelimit-limit-requests": "1",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "59.9s",
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "990",
+        "x-ratelimit-reset-tokens": "600ms",
+        "retry-after": str(-(-retry_ms // 1000)),
+        "retry-after-ms": str(retry_ms),
+        **overrides,
+    }
+    return RateLimited("Rate limit reached: 1 requests per minute.", type="requests", headers=headers)
+
+
+def test_a_requests_per_minute_429_is_repeated_with_the_time_left_until_it_expires():
+    clock = Clock()
+    memo = RefusalMemo(clock)
+    memo.remember("hash-a", _rpm_refusal(59_900))
+
+    clock.now += 20.0
+    again = memo.refusal("hash-a")
+    assert again is not None and again.status_code == 429
+    assert again.body()["error"] == {
+        "message": "Rate limit reached: 1 requests per minute. Retry after 39900 ms.",
+        "type": "requests",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+    assert again.headers["retry-after-ms"] == "39900"
+    assert again.headers["retry-after"] == "40"
+    assert again.headers["x-ratelimit-reset-requests"] == "39.9s"
+    assert again.headers["x-ratelimit-remaining-requests"] == "0"
+    assert again.headers["x-ratelimit-limit-tokens"] == "1000"  # the rest as the refusal had them
+    assert memo.refusal("hash-b") is None  # another key
+
+    clock.now += 40.0
+    assert memo.refusal("hash-a") is None  # the bucket has a request again: Redis decides
+
+
+def test_only_the_requests_bucket_is_remembered():
+    memo = RefusalMemo(Clock())
+    tokens = RateLimited("tokens", type="tokens", headers={"retry-after-ms": "5000"})
+    concurrency = RateLimited("busy", type="requests", code="concurrency_limit_exceeded",
+                              headers={"retry-after-ms": "5000"})  # fmt: skip
+    for key, error in (("t", tokens), ("c", concurrency), ("z", _rpm_refusal(0))):
+        memo.remember(key, error)
+        assert memo.refusal(key) is None
+
+
+def test_the_door_answers_a_remembered_key_before_reading_its_body():
+    """Only the key that was refused, and only until it may retry; other keys, and a malformed
+    key (the route's 401), go through."""
+
+    async def scenario() -> None:
+        app, release, _, served, shed = _app(limit=10)
+        release.set()
+        memo = RefusalMemo()
+        app.state.refusals = memo
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            key = generate_key()
+            _, key_hash = parse_api_key(f"Bearer {key}")
+            memo.remember(key_hash, _rpm_refusal(30_000))
+
+            refused = await client.post("/v1/chat/completions", json={"tag": "limited"}, headers=_auth(key))
+            other = await client.post("/v1/chat/completions", json={"tag": "other"}, headers=_auth(generate_key()))
+
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+            assert 0 < int(refused.headers["retry-after-ms"]) <= 30_000
+            assert other.status_code == 200
+            assert served == ["other"]  # the limited key's body never reached the route
+            ((status, code, key_id, _),) = shed
+            assert (status, code) == (429, "rate_limit_exceeded")
+            assert key_id == parse_api_key(f"Bearer {key}")[0]
+
+    asyncio.run(scenario())
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}

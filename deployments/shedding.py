@@ -1,6 +1,6 @@
 """Refusing early what cannot be served, so refusals never wait behind admitted work.
 
-Two checks, both answered with an OpenAI-style 503 and `Retry-After`, before anything is
+Three checks, each answered with an OpenAI-style error and `Retry-After` before anything is
 parsed, counted or held:
 
 - `DoorShedder` (an ASGI middleware) counts the paid requests one ingress replica is serving.
@@ -10,8 +10,9 @@ parsed, counted or held:
 - `RefusalMemo` remembers, per key, a 429 for the key's requests-per-minute limit until the
   time it told the client to retry. Until then this replica refuses that key's requests at
   the door, before their body is read, their prompt counted or Redis asked: the token
-  bucket cannot admit a request before then. A limit an operator raises meanwhile applies
-  from that time on (at most the minute the bucket takes to refill one request).
+  bucket cannot admit a request before then. A limit an operator raises (or a revocation)
+  meanwhile applies from that time on: at most the minute the bucket takes to refill one
+  request. A 429, not a 503.
 - `EngineLoad` counts, per engine deployment, the requests this ingress replica has admitted
   and not yet settled. When that alone fills the deployment's whole capacity (every replica's
   concurrency plus its queue), the next request is refused before its prompt is counted or

@@ -208,6 +208,8 @@ def ingress_deployment_options(options: IngressOptions) -> dict[str, Any]:
             "target_ongoing_requests": options.target_ongoing_requests,
             "upscale_delay_s": options.upscale_delay_s,
             "downscale_delay_s": options.downscale_delay_s,
+            "look_back_period_s": options.look_back_period_s,
+            "metrics_interval_s": options.metrics_interval_s,
         },
         "ray_actor_options": {"num_cpus": options.num_cpus},
     }

@@ -90,6 +90,12 @@ class IngressOptions(BaseModel):
     )
     upscale_delay_s: float = Field(default=3.0, ge=0, description="Seconds of high load before adding a replica.")
     downscale_delay_s: float = Field(default=30.0, ge=0, description="Seconds of low load before removing a replica.")
+    look_back_period_s: float = Field(
+        default=5.0, gt=0, description="Seconds of load the autoscaler averages (Serve's default: 30)."
+    )
+    metrics_interval_s: float = Field(
+        default=1.0, gt=0, description="How often replicas and handles report load (Serve's default: 10 s)."
+    )
     num_cpus: float = Field(
         default=0.5,
         ge=0,

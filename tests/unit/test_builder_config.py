@@ -269,6 +269,8 @@ def test_build_app_ingress_uses_ingress_options():
     config = app._bound_deployment._deployment_config
     assert config.max_ongoing_requests == 50 + 512  # the door refuses over 50; Serve lets the excess reach it
     assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (2, 6)
+    # The ingress reports and averages its load like the listings do, not at Serve's 10 s / 30 s.
+    assert (config.autoscaling_config.metrics_interval_s, config.autoscaling_config.look_back_period_s) == (1.0, 5.0)
 
 
 def test_engine_metrics_are_exported_for_every_vllm_listing(smollm: Listing, tmp_path: Path):

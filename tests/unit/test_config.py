@@ -143,6 +143,8 @@ def test_the_defaults_without_environment(bare_env: Path):
         "max_queued_requests": 512,
         "upscale_delay_s": 3.0,
         "downscale_delay_s": 30.0,
+        "look_back_period_s": 5.0,
+        "metrics_interval_s": 1.0,
         "num_cpus": 0.5,
         "max_body_bytes": 1 << 20,
     }

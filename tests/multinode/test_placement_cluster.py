@@ -96,7 +96,7 @@ def test_overload_beyond_the_queue_is_a_fast_503_and_is_not_billed(gpu_cluster) 
     """narrow-cpu runs one request and queues one. With a stream running, of 5 more requests
     exactly one waits and 4 are refused with 503 model_overloaded while the stream still
     holds the replica: a refusal that waited for capacity would not come back before the
-    stream is released. The refusals are settled at no cost."""
+    stream is released. The refusals cost nothing and hold nothing."""
     created = gpu_cluster.create_key(name="overload", credit_usd=1)
     key = created["key"]
     running = {
@@ -140,6 +140,8 @@ def test_overload_beyond_the_queue_is_a_fast_503_and_is_not_billed(gpu_cluster) 
         lambda: (i := gpu_cluster.key_info(key))["on_hold_usd"] == 0 and i, REFUSAL_TIMEOUT_S, what="the settlements"
     )
     total = gpu_cluster.usage(key)["total"]
-    # Six requests in usage; only the stream (5 prompt tokens) and the served one (4) are billed.
-    assert (total["requests"], total["prompt_tokens"]) == (6, 5 + 4)
+    # The one ingress replica had admitted the listing's whole capacity (1 running + 1 queued),
+    # so it refused the other four before asking Redis: usage holds the two it admitted, and
+    # only the stream (5 prompt tokens) and the served one (4) are billed.
+    assert (total["requests"], total["prompt_tokens"]) == (2, 5 + 4)
     assert round(info["credit_usd"] * 1e6) == 1_000_000 - round(total["cost_usd"] * 1e6)

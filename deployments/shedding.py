@@ -51,6 +51,9 @@ class RefusalMemo:
         self._clock = clock
         self._refused: dict[str, tuple[float, APIError]] = {}
 
+    def __len__(self) -> int:
+        return len(self._refused)
+
     def remember(self, key_hash: str, error: APIError) -> None:
         """Keep a 429 of the requests bucket (not tokens, which depend on the next request's
         size, and not concurrency, which ends when a request does)."""
@@ -126,7 +129,7 @@ class DoorShedder:
 
     @staticmethod
     def _memorised_refusal(scope: Scope, memo: RefusalMemo | None) -> tuple[RateLimited | None, str | None]:
-        if memo is None:
+        if not memo:  # none, or nobody refused: no key to hash on this request's path
             return None, None
         authorization = next((value for name, value in scope.get("headers") or [] if name == b"authorization"), None)
         if authorization is None:

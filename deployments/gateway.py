@@ -196,7 +196,6 @@ class Gateway:
         listing = self.resolve(body.model)
         chat = method == "chat"
         body = _checked(body, listing, chat=chat)
-        self.load.check(self._deployment_of(listing))
         # The key's format and checksum were checked; its record is read by the admission
         # script, so a request costs two Redis round trips in all (admit, settle).
         admission = await self._admit(body, listing, key_id, key_hash, chat=chat)
@@ -225,10 +224,19 @@ class Gateway:
 
     async def _admit(self, body: Any, listing: Listing, key_id: str, key_hash: str, *, chat: bool) -> Admission:
         """Count the prompt (an adapter shares its base model's tokenizer) and hold its cost."""
-        counter = self._counters.get(self._deployment_of(listing)) or BYTE_BOUND
-        prompt_tokens = await counter.count_async(body, chat=chat)
-        admission = await self.meter.admit(key_id, key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat))
-        self.load.admitted(self._deployment_of(listing))
+        deployment = self._deployment_of(listing)
+        # The slot is taken before the first await, so requests arriving together cannot all
+        # pass on the same free one; the admission's settlement gives it back.
+        self.load.take(deployment)
+        try:
+            counter = self._counters.get(deployment) or BYTE_BOUND
+            prompt_tokens = await counter.count_async(body, chat=chat)
+            admission = await self.meter.admit(
+                key_id, key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat)
+            )
+        except BaseException:
+            self.load.settled(deployment)  # refused (or the client left) before it was admitted
+            raise
         if self.metrics is not None:
             self.metrics.in_flight(listing.id, +1)
         return admission

@@ -153,18 +153,21 @@ class EngineLoad:
     def for_listings(cls, listings: Collection[Listing]) -> EngineLoad:
         return cls({listing.id: deployment_capacity(listing) for listing in listings})
 
-    def check(self, deployment_id: str) -> None:
-        """Raise the 503 Serve would give, when this replica alone already fills the deployment."""
+    def take(self, deployment_id: str) -> None:
+        """Count one more request to the deployment, or raise the 503 Serve would give when
+        this replica alone already fills it. Check and count are one step with no await
+        between, so requests arriving together cannot all pass on the same free slot; a
+        request refused later (by Redis, or the client leaving) gives its slot back with
+        `settled`."""
         capacity = self._capacity.get(deployment_id)
-        if capacity is not None and self._admitted.get(deployment_id, 0) >= capacity:
+        admitted = self._admitted.get(deployment_id, 0)
+        if capacity is not None and admitted >= capacity:
             raise ServiceUnavailable(
                 f"The model {deployment_id!r} is at capacity right now; retry shortly.",
                 code="model_overloaded",
                 retry_after_s=1,
             )
-
-    def admitted(self, deployment_id: str) -> None:
-        self._admitted[deployment_id] = self._admitted.get(deployment_id, 0) + 1
+        self._admitted[deployment_id] = admitted + 1
 
     def settled(self, deployment_id: str) -> None:
         self._admitted[deployment_id] = max(self._admitted.get(deployment_id, 0) - 1, 0)

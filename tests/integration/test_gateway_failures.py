@@ -237,3 +237,71 @@ def test_a_full_listing_is_refused_before_redis_and_the_engine_and_takes_request
             await redis.aclose()
 
     asyncio.run(scenario())
+
+
+def test_requests_arriving_together_at_a_full_listing_take_its_free_places_and_no_more(
+    redis_server, redis_client, tmp_path: Path
+):
+    """Five requests reach beta-chat (capacity 2) in the same instant: each waits on prompt
+    counting and Redis before it is admitted, so a check that counted a request only once
+    admitted would let all five through to Serve's back-pressure (held, counted as requests,
+    then bounced). Exactly two are dispatched; three get 503 model_overloaded and never reach
+    Redis's request counter."""
+
+    async def scenario() -> None:
+        redis = aioredis.from_url(redis_server.url, decode_responses=True)
+        try:
+            keys = KeyStore(redis)
+            record, key = await keys.create(CreateKeyRequest(name="together", credit_usd=Decimal(1)))
+            handles = {listing.id: _LiveHandle() for listing in TEST_CATALOG.listings}
+            gateway = Gateway(_narrow_catalog(), handles, Meter(redis), plain_requests=True)
+
+            def body() -> ChatCompletionRequest:
+                return ChatCompletionRequest(
+                    model="beta-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True
+                )
+
+            outcomes = await asyncio.gather(
+                *(gateway.handle(body(), _request(key), method="chat") for _ in range(5)), return_exceptions=True
+            )
+            served = [o for o in outcomes if not isinstance(o, BaseException)]
+            refused = [o for o in outcomes if isinstance(o, BaseException)]
+            assert len(served) == 2
+            assert [(r.status_code, r.body()["error"]["code"]) for r in refused] == [(503, "model_overloaded")] * 3
+            assert len(handles["beta-chat"].streams) == 2
+            assert gateway.load.admitted_to("beta-chat") == 2
+            assert await redis.zcard(f"{{acct:{record.id}}}:inflight") == 2  # only the two hold anything
+            for response in served:
+                await _hang_up(response)
+            assert gateway.load.admitted_to("beta-chat") == 0
+            after = await keys.require(record.id)
+            assert (after.balance_micros, after.hold_micros, after.spent_micros) == (1_000_000, 0, 0)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_redis_refuses_gives_its_place_at_the_listing_back(redis_server, redis_client, tmp_path: Path):
+    """A key without credit is refused by the admission script (402) after its place at the
+    listing was taken; the place is given back, so refusals never fill a listing."""
+
+    async def scenario() -> None:
+        redis = aioredis.from_url(redis_server.url, decode_responses=True)
+        try:
+            keys = KeyStore(redis)
+            _, key = await keys.create(CreateKeyRequest(name="broke", credit_usd=Decimal(0)))
+            handles = {listing.id: _LiveHandle() for listing in TEST_CATALOG.listings}
+            gateway = Gateway(_narrow_catalog(), handles, Meter(redis), plain_requests=True)
+            body = ChatCompletionRequest(model="beta-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=50)
+            for _ in range(3):  # more than the listing's capacity of 2
+                with pytest.raises(Exception) as refusal:
+                    await gateway.handle(body, _request(key), method="chat")
+                assert refusal.value.status_code == 402
+                assert refusal.value.body()["error"]["code"] == "insufficient_quota"
+            assert gateway.load.admitted_to("beta-chat") == 0
+            assert handles["beta-chat"].streams == []
+        finally:
+            await redis.aclose()
+
+    asyncio.run(scenario())

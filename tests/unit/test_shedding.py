@@ -104,17 +104,19 @@ def test_a_deployments_capacity_is_every_replica_busy_plus_its_queue():
 
 def test_engine_load_refuses_only_at_capacity_and_frees_on_settle():
     load = EngineLoad({"m": 2})
-    load.check("m")
-    load.admitted("m")
-    load.admitted("m")
+    load.take("m")
+    load.take("m")
     with pytest.raises(ServiceUnavailable) as refusal:
-        load.check("m")
+        load.take("m")
     assert refusal.value.body()["error"]["code"] == "model_overloaded"
     assert refusal.value.headers["retry-after"] == "1"
+    assert load.admitted_to("m") == 2  # a refusal takes no slot
     load.settled("m")
-    load.check("m")
-    assert load.admitted_to("m") == 1
-    load.check("unknown")  # a deployment it was not told of is never refused here
+    load.take("m")
+    assert load.admitted_to("m") == 2
+    load.take("unknown")  # a deployment it was not told of is never refused here
+    load.take("unknown")
+    assert load.admitted_to("unknown") == 2
 
 
 class Clock:

@@ -31,7 +31,7 @@ from .catalog import Catalog, Listing
 from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, engine_error, request_refusal
 from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
 from .ray_llm import ErrorResponse, RawRequestInfo, sanitize_chat_request
-from .shedding import EngineLoad, RefusalMemo
+from .shedding import EngineLoad, ListingPeek, RefusalMemo
 from .tokens import PromptCounter
 from .validation import max_output_tokens, validate_request
 
@@ -141,6 +141,7 @@ class Gateway:
         # Admitted and unsettled requests per engine deployment, to refuse before Redis is asked
         # when this replica alone fills a deployment (shedding.py).
         self.load = EngineLoad.for_listings(catalog.listings)
+        self.peek = ListingPeek(self.load, self._deployment_of_model)
         # Keys refused for their requests per minute, refused at the door until they may retry.
         self.refusals = RefusalMemo()
 
@@ -156,6 +157,10 @@ class Gateway:
         if listing is None:
             raise ModelNotFound(f"The model {model_id!r} does not exist. See GET /v1/models.", param="model")
         return listing
+
+    def _deployment_of_model(self, model_id: str) -> str | None:
+        listing = self.catalog.get(model_id)
+        return None if listing is None else self._deployment_of(listing)
 
     def _deployment_of(self, listing: Listing) -> str:
         """The engine deployment that serves a listing: an adapter's is its base model's."""

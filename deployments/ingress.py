@@ -232,14 +232,18 @@ class MarketplaceIngress(OpenAiIngress):
         app = self.app  # type: ignore[attr-defined]  # set by Ray Serve's ASGI replica wrapper
         attach_rate_limits(app, self._rate_limit_headers)
         app.state.refusals = self.gateway.refusals
+        app.state.listing_peek = self.gateway.peek
         app.state.door_hook = self._record_door_refusal
         return app
 
-    def _record_door_refusal(self, status: int, code: str, key_id: str | None, seconds: float) -> None:
-        """A request the door refused (shedding.py): its model is unknown, its body never read."""
+    def _record_door_refusal(
+        self, status: int, code: str, key_id: str | None, seconds: float, model: str | None = None
+    ) -> None:
+        """A request the door refused (shedding.py): its model, when the door read its body."""
         metrics = self.gateway.metrics
         if metrics is not None:
-            metrics.request_done(UNKNOWN_MODEL, status, code, stream=False, key_id=key_id, seconds=seconds)
+            label = model if model is not None and self.catalog.get(model) else UNKNOWN_MODEL
+            metrics.request_done(label, status, code, stream=False, key_id=key_id, seconds=seconds)
 
     async def _rate_limit_headers(self, authorization: str | None, status: int) -> dict[str, str]:
         """The calling key's current limits for responses that admission did not decide.

@@ -18,30 +18,37 @@ parsed, counted or held:
   concurrency plus its queue), the next request is refused before its prompt is counted or
   Redis is asked, instead of being held, dispatched and bounced by Serve's back-pressure. It
   sees only its own replica's requests, so it refuses only when Serve certainly would; Serve's
-  `BackPressureError` remains the exact check.
+  `BackPressureError` remains the exact check. While one of its deployments is full, the door
+  also peeks at each paid request's `model` (one JSON decode of the body it reads anyway, no
+  validation, no route) and refuses one for the full deployment there: a flood at a full
+  listing then costs what a 429 from the memo costs. With no deployment full the door reads
+  nothing.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Collection
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import auth
 from .catalog import Listing
-from .errors import APIError, RateLimited, ServiceUnavailable
+from .errors import APIError, PayloadTooLarge, RateLimited, ServiceUnavailable
 from .limits import reset_duration
 
 SHED_CODE = "server_overloaded"
 RPM_CODE = "rate_limit_exceeded"
 MEMO_SIZE = 100_000  # keys remembered at once; expired ones are dropped first
 
-# Called when the door refuses a request, with its status, error code, key id (or None) and
-# the seconds it took (for the metrics). The ingress replica puts it on its app's state, as
-# `door_hook`, and its refusal memo as `refusals`, when its app is built.
-DoorHook = Callable[[int, str, str | None, float], None]
+# Called when the door refuses a request, with its status, error code, key id (or None), the
+# seconds it took and the model it asked for (None when its body was not read), for the
+# metrics. The ingress replica puts it on its app's state as `door_hook`, its refusal memo as
+# `refusals` and its `ListingPeek` as `listing_peek`, when its app is built.
+DoorHook = Callable[[int, str, str | None, float, str | None], None]
 
 
 class RefusalMemo:
@@ -115,11 +122,20 @@ class DoorShedder:
             refusal = ServiceUnavailable(
                 "The marketplace is at capacity right now; retry shortly.", code=SHED_CODE, retry_after_s=1
             )
+        model = None
+        peek: ListingPeek | None = getattr(state, "listing_peek", None)
+        if refusal is None and peek is not None and peek.load.any_full():
+            try:
+                body, receive = await _read_body(receive)
+            except StarletteHTTPException as exc:  # over the body limit, while being read
+                refusal = PayloadTooLarge(str(exc.detail))
+            else:
+                model, refusal = peek.refusal(body)
         if refusal is not None:
             await refusal.response()(scope, receive, send)
             hook: DoorHook | None = getattr(state, "door_hook", None)
             if hook is not None:
-                hook(refusal.status_code, refusal.code or "", key_id, time.perf_counter() - started)
+                hook(refusal.status_code, refusal.code or "", key_id, time.perf_counter() - started, model)
             return
         self.in_flight += 1
         try:
@@ -159,21 +175,79 @@ class EngineLoad:
         between, so requests arriving together cannot all pass on the same free slot; a
         request refused later (by Redis, or the client leaving) gives its slot back with
         `settled`."""
+        refusal = self.refusal(deployment_id)
+        if refusal is not None:
+            raise refusal
+        self._admitted[deployment_id] = self._admitted.get(deployment_id, 0) + 1
+
+    def refusal(self, deployment_id: str) -> ServiceUnavailable | None:
+        """The 503 for a request to the deployment now, or None while it has room."""
         capacity = self._capacity.get(deployment_id)
-        admitted = self._admitted.get(deployment_id, 0)
-        if capacity is not None and admitted >= capacity:
-            raise ServiceUnavailable(
-                f"The model {deployment_id!r} is at capacity right now; retry shortly.",
-                code="model_overloaded",
-                retry_after_s=1,
-            )
-        self._admitted[deployment_id] = admitted + 1
+        if capacity is None or self._admitted.get(deployment_id, 0) < capacity:
+            return None
+        return ServiceUnavailable(
+            f"The model {deployment_id!r} is at capacity right now; retry shortly.",
+            code="model_overloaded",
+            retry_after_s=1,
+        )
+
+    def any_full(self) -> bool:
+        return any(self._admitted[deployment] >= capacity for deployment, capacity in self._capacity.items())
 
     def settled(self, deployment_id: str) -> None:
         self._admitted[deployment_id] = max(self._admitted.get(deployment_id, 0) - 1, 0)
 
     def admitted_to(self, deployment_id: str) -> int:
         return self._admitted.get(deployment_id, 0)
+
+
+class ListingPeek:
+    """The door's look at a request's `model` while one of this replica's deployments is full."""
+
+    def __init__(self, load: EngineLoad, deployment_of: Callable[[str], str | None]) -> None:
+        self.load = load
+        # model id -> its engine deployment (an adapter's is its base's), None when unknown
+        self._deployment_of = deployment_of
+
+    def refusal(self, body: bytes) -> tuple[str | None, ServiceUnavailable | None]:
+        """The model asked for, and the 503 when its deployment is full. A body that is not a
+        JSON object with a known model passes: the route gives it its own answer."""
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):  # not JSON (UnicodeDecodeError is a ValueError), not an object
+            return None, None
+        if not isinstance(model, str):
+            return None, None
+        deployment = self._deployment_of(model)
+        if deployment is None:
+            return None, None
+        return model, self.load.refusal(deployment)
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, Receive]:
+    """Read the whole request body, and a `receive` that gives it to the app as one message
+    and then goes on with the connection's (its disconnect)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: let the app see it
+            return b"", _replaying([message], receive)
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    return body, _replaying([{"type": "http.request", "body": body, "more_body": False}], receive)
+
+
+def _replaying(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
 
 
 def deployment_capacity(listing: Listing) -> int:

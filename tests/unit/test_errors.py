@@ -736,7 +736,7 @@ def test_the_ingress_attaches_its_source_to_its_own_app() -> None:
             app=app,
             _rate_limit_headers=_source(str(i), []),
             _record_door_refusal=lambda *refusal: None,
-            gateway=SimpleNamespace(refusals=object()),
+            gateway=SimpleNamespace(refusals=object(), peek=object()),
         )
         for i, app in enumerate(apps)
     ]
@@ -746,4 +746,5 @@ def test_the_ingress_attaches_its_source_to_its_own_app() -> None:
         assert rate_limit_source({"app": app}) is replica._rate_limit_headers
         assert app.state.door_hook is replica._record_door_refusal
         assert app.state.refusals is replica.gateway.refusals
+        assert app.state.listing_peek is replica.gateway.peek
     assert rate_limit_source({}) is None

@@ -11,7 +11,7 @@ from tokenmart.deployments.auth import generate_key, parse_api_key
 from tokenmart.deployments.catalog import Listing
 from tokenmart.deployments.errors import RateLimited, ServiceUnavailable
 from tokenmart.deployments.ingress import PAID_PATHS, create_fastapi_app
-from tokenmart.deployments.shedding import EngineLoad, RefusalMemo, deployment_capacity
+from tokenmart.deployments.shedding import EngineLoad, ListingPeek, RefusalMemo, deployment_capacity
 
 
 def _app(limit: int):
@@ -60,8 +60,8 @@ def test_a_request_over_the_limit_gets_a_fast_openai_503_without_its_body_being_
             assert len(refused.headers["x-request-id"]) == 32  # the id it was given, as on every response
             assert models.status_code == 200
             assert served == ["first"]  # the refused body never reached the route
-            ((status, code, key_id, seconds),) = shed
-            assert (status, code, key_id) == (503, "server_overloaded", None) and seconds >= 0
+            ((status, code, key_id, seconds, model),) = shed
+            assert (status, code, key_id, model) == (503, "server_overloaded", None, None) and seconds >= 0
 
             release.set()
             assert (await first).json() == {"tag": "first"}
@@ -102,6 +102,82 @@ def test_a_deployments_capacity_is_every_replica_busy_plus_its_queue():
     assert deployment_capacity(_listing(max_replicas=1, target_ongoing_requests=2, max_queued_requests=64)) == 80
 
 
+def _peek(load: EngineLoad, read: list[str]) -> ListingPeek:
+    """A peek over deployment "m" (listings "m" and its adapter "m-lora") that notes each body it sees."""
+
+    class Noting(ListingPeek):
+        def refusal(self, body: bytes):
+            read.append(body.decode(errors="replace"))
+            return super().refusal(body)
+
+    return Noting(load, {"m": "m", "m-lora": "m", "x": "x"}.get)
+
+
+def test_the_door_refuses_a_request_for_a_full_deployment_by_its_model_alone():
+    """While "m" is full the door reads each paid body once, decodes only its `model`, and
+    refuses those for "m" (an adapter's too) with the route's own 503; others, and bodies it
+    cannot read a known model from, reach the route unchanged."""
+
+    async def scenario() -> None:
+        app, release, _, served, shed = _app(limit=10)
+        release.set()
+        load, read = EngineLoad({"m": 1, "x": 1}), []
+        app.state.listing_peek = _peek(load, read)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            # Nothing full: the door does not read the body.
+            assert (await client.post("/v1/chat/completions", json={"tag": "free", "model": "m"})).status_code == 200
+            assert read == []
+
+            load.take("m")
+            refused = await client.post("/v1/chat/completions", json={"tag": "full", "model": "m-lora"})
+            passed = await client.post("/v1/chat/completions", json={"tag": "other", "model": "x"})
+            odd = [
+                await client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+                for content in (b'["m"]', b'{"model": 7, "tag": "seven"}', b'{"model": "nope", "tag": "unknown"}')
+            ]
+
+            assert refused.status_code == 503
+            assert refused.json()["error"] == {
+                "message": "The model 'm' is at capacity right now; retry shortly.",
+                "type": "service_unavailable",
+                "param": None,
+                "code": "model_overloaded",
+            }
+            assert refused.headers["retry-after"] == "1"
+            assert passed.status_code == 200 and passed.json() == {"tag": "other"}
+            assert [response.status_code for response in odd] == [400, 200, 200]  # the route's own answers
+            assert served == ["free", "other", "seven", "unknown"]
+            ((status, code, key_id, _, model),) = shed
+            assert (status, code, key_id, model) == (503, "model_overloaded", None, "m-lora")
+            assert len(read) == 5  # every paid body while "m" was full, once each
+
+            load.settled("m")
+            assert (await client.post("/v1/chat/completions", json={"tag": "again", "model": "m"})).status_code == 200
+            assert len(read) == 5
+
+    asyncio.run(scenario())
+
+
+def test_a_body_over_the_limit_read_by_the_door_gets_the_413_envelope():
+    async def scenario() -> None:
+        app = create_fastapi_app(max_body_bytes=1024)
+        load = EngineLoad({"m": 1})
+        load.take("m")
+        app.state.listing_peek = _peek(load, [])
+
+        async def chunks():
+            for _ in range(4):
+                yield b'{"pad": "' + b"x" * 500 + b'"}'
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            response = await client.post("/v1/chat/completions", content=chunks())  # no content-length
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+        assert response.json()["error"]["message"] == "The request body is larger than 1024 bytes."
+
+    asyncio.run(scenario())
+
+
 def test_engine_load_refuses_only_at_capacity_and_frees_on_settle():
     load = EngineLoad({"m": 2})
     load.take("m")
@@ -112,8 +188,10 @@ def test_engine_load_refuses_only_at_capacity_and_frees_on_settle():
     assert refusal.value.headers["retry-after"] == "1"
     assert load.admitted_to("m") == 2  # a refusal takes no slot
     load.settled("m")
+    assert not load.any_full()
     load.take("m")
     assert load.admitted_to("m") == 2
+    assert load.any_full()
     load.take("unknown")  # a deployment it was not told of is never refused here
     load.take("unknown")
     assert load.admitted_to("unknown") == 2
@@ -199,8 +277,8 @@ def test_the_door_answers_a_remembered_key_before_reading_its_body():
             assert 0 < int(refused.headers["retry-after-ms"]) <= 30_000
             assert other.status_code == 200
             assert served == ["other"]  # the limited key's body never reached the route
-            ((status, code, key_id, _),) = shed
-            assert (status, code) == (429, "rate_limit_exceeded")
+            ((status, code, key_id, _, model),) = shed
+            assert (status, code, model) == (429, "rate_limit_exceeded", None)
             assert key_id == parse_api_key(f"Bearer {key}")[0]
 
     asyncio.run(scenario())

@@ -142,6 +142,7 @@ def test_overload_beyond_the_queue_is_a_fast_503_and_is_not_billed(gpu_cluster) 
     total = gpu_cluster.usage(key)["total"]
     # The one ingress replica had admitted the listing's whole capacity (1 running + 1 queued),
     # so it refused the other four before asking Redis (at its door, by their model, once the
-    # listing was full): usage holds the two it admitted, and only the stream (5 prompt tokens) and the served one (4) are billed.
+    # listing was full): usage holds the two it admitted, and only the stream (5 prompt tokens)
+    # and the served one (4) are billed.
     assert (total["requests"], total["prompt_tokens"]) == (2, 5 + 4)
     assert round(info["credit_usd"] * 1e6) == 1_000_000 - round(total["cost_usd"] * 1e6)

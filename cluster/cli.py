@@ -18,6 +18,7 @@ from rich.table import Table
 
 from tokenmart.deployments.catalog import CatalogError
 from tokenmart.deployments.config import admin_token_from_env
+from tokenmart.deployments.redis_connection import redacted
 
 from . import launcher
 from .serve_mode import DEFAULT_SERVE_MODE, SERVE_MODES
@@ -153,7 +154,7 @@ def status(state_dir: Path | None = StateDir) -> None:
     table.add_row("API", f"{state.api_base}/v1")
     table.add_row("healthz", "ok" if launcher._http_ok(f"{state.api_base}/healthz") else "[red]failing[/]")
     table.add_row(
-        "redis", ("ok " if launcher.redis_ping(state.redis_url) else "[red]unreachable[/] ") + state.redis_url
+        "redis", ("ok " if launcher.redis_ping(state.redis_url) else "[red]unreachable[/] ") + redacted(state.redis_url)
     )
     table.add_row("ray dashboard", state.dashboard_url)
     if state.metrics_url:

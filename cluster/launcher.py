@@ -34,6 +34,7 @@ from tokenmart.deployments.config import (
     admin_token_from_env,
     redis_url_from_env,
 )
+from tokenmart.deployments.redis_connection import redacted
 
 from .serve_mode import DEFAULT_SERVE_MODE, ServeMode, ray_env
 from .state import ClusterState
@@ -80,10 +81,14 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval
 
 # -- Redis ---------------------------------------------------------------------------------
 def redis_ping(url: str) -> bool:
+    """Whether Redis answers at `url` (a redis:// URL, or redis+sentinel:// through its Sentinels)."""
     import redis
 
+    from tokenmart.deployments.redis_connection import connect_sync
+
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+        with connect_sync(url, timeout_s=1) as client:
+            return bool(client.ping())
     except redis.RedisError:
         return False
 
@@ -382,13 +387,15 @@ def up(
     redis_pidfile = None
     if redis_url:
         if not redis_ping(redis_url):
-            raise LaunchError(f"Redis is unreachable at {redis_url}; check REDIS_URL or unset it to start a local one")
+            raise LaunchError(
+                f"Redis is unreachable at {redacted(redis_url)}; check REDIS_URL or unset it to start a local one"
+            )
         managed = False
     else:
         with console.status("starting redis-server"):
             redis_url, redis_pidfile = start_redis(state_dir)
         managed = True
-    console.print(f"[green]redis[/] {redis_url}")
+    console.print(f"[green]redis[/] {redacted(redis_url)}")
 
     from_env = admin_token_from_env()
     admin_token = from_env.get_secret_value() if from_env else f"tm-admin-{secrets.token_urlsafe(24)}"

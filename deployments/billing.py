@@ -38,6 +38,7 @@ from .catalog import Listing
 from .config import DEFAULT_LIMITS, DEFAULT_SPOOL_DIR
 from .errors import BillingUnavailable
 from .limits import RateLimitState, current_state, default_state, effective_limits, refusal
+from .redis_connection import describe_failure
 from .schemas import Limits, micros_to_usd
 from .scripts import Verdict, account_key, lua_source
 from .spool import SettlementSpool
@@ -141,7 +142,7 @@ class Meter:
         try:
             verdict, retry_ms, *state = await self._admit(keys=keys, args=args)
         except RedisError as exc:
-            logger.warning("admission of %s refused: Redis failed (%r)", key_id, exc)
+            logger.warning("admission of %s refused: %s", key_id, describe_failure(exc))
             raise BillingUnavailable(
                 "The billing store is unavailable; the request was not served. Retry shortly.", retry_after_s=2
             ) from exc
@@ -185,7 +186,7 @@ class Meter:
             settled, balance, charged = await self._settle(keys=keys, args=args)
         except RedisError as exc:
             self.spool.append(keys, args)
-            logger.warning("Redis unavailable at settlement of %s (%s); spooled for replay", admission.billing_id, exc)
+            logger.warning("settlement of %s spooled for replay: %s", admission.billing_id, describe_failure(exc))
             return Settlement(prompt_tokens, completion_tokens, cost, balance_micros=None, spooled=True)
         if not settled:
             return Settlement(prompt_tokens, completion_tokens, cost, int(balance), duplicate=True)

@@ -41,6 +41,7 @@ from .keystore import KeyStore, connect
 from .metrics import UNKNOWN_MODEL, MarketplaceMetrics
 from .ray_llm import ModelCard
 from .reconcile import reconcile
+from .redis_connection import check_eviction_policy, replica_ack
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import client_request_id
 from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, UpdateKeyRequest, usd_to_micros
@@ -198,7 +199,7 @@ class MarketplaceIngress(OpenAiIngress):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self.catalog = Catalog.model_validate(catalog)
         self.redis = connect(redis_url, timeout_s=redis_timeout_s)
-        self.keys = KeyStore(self.redis)
+        self.keys = KeyStore(self.redis, replica_ack=replica_ack(redis_url, timeout_s=redis_timeout_s))
         self.meter = Meter(
             self.redis, Limits.model_validate(default_limits) if default_limits else None, spool_dir=spool_dir
         )
@@ -230,6 +231,7 @@ class MarketplaceIngress(OpenAiIngress):
         `self.app` is it); it gets this ingress's rate-limit source.
         """
         app = self.app  # type: ignore[attr-defined]  # set by Ray Serve's ASGI replica wrapper
+        await check_eviction_policy(self.redis)  # a loud log unless Redis refuses writes instead of evicting
         attach_rate_limits(app, self._rate_limit_headers)
         app.state.refusals = self.gateway.refusals
         app.state.listing_peek = self.gateway.peek

@@ -5,44 +5,35 @@ Layout (hash tags keep one account's keys in one Redis Cluster slot):
   tm:keys              set of key ids, for listings
 Nothing here caches a record: every request reads it, so a revocation takes effect on
 every ingress replica at once.
+
+Behind Sentinel (`redis_connection.py`), key and credit writes wait until a replica has them
+(WAIT) before they are answered, so a failover right after an acknowledged top-up or key
+creation does not take it back; see docs/redis.md for what that does and does not cover.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import auth
 from .errors import BillingUnavailable, Conflict, NotFound
+from .redis_connection import ReplicaAck, describe_failure
+from .redis_connection import connect as connect  # the ingress's and tests' entry point
 from .schemas import CreateKeyRequest, KeyRecord, Limits, UpdateKeyRequest, usd_to_micros
 from .scripts import Verdict, account_key, lua_source
 
+logger = logging.getLogger("tokenmart.keystore")
+
 KEY_INDEX = "tm:keys"
+T = TypeVar("T")
 LIMIT_FIELDS = tuple(Limits.model_fields)
-
-
-def connect(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis:
-    """A pooled client whose calls fail fast, so a dead Redis turns into a 503, not a hang.
-
-    A connection error is retried once on a fresh connection: after Redis restarts, every
-    pooled connection is dead, and without the retry each would fail one request first.
-    Timeouts are not retried (a slow Redis must answer 503 quickly).
-    """
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=15,
-        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
-    )
 
 
 def _to_hash(record: KeyRecord) -> dict[str, str]:
@@ -76,8 +67,11 @@ def _key_not_found(key_id: str) -> NotFound:
 
 
 class KeyStore:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    """Key records and credit. `replica_ack`: the WAIT that writes take (redis_connection.replica_ack)."""
+
+    def __init__(self, redis: aioredis.Redis, *, replica_ack: ReplicaAck | None = None) -> None:
         self.redis = redis
+        self.replica_ack = replica_ack
         self._authenticate = redis.register_script(lua_source("authenticate"))
         self._update = redis.register_script(lua_source("update_key"))
         self._add_credit = redis.register_script(lua_source("add_credit"))
@@ -86,10 +80,36 @@ class KeyStore:
         try:
             return await coro
         except RedisError as exc:
+            logger.warning("key store call failed: %s", describe_failure(exc))
             raise BillingUnavailable(
                 "The billing store is unavailable; the request was not served. Retry shortly.",
                 retry_after_s=2,
             ) from exc
+
+    async def _write(self, write: Callable[[aioredis.Redis], Awaitable[T]], what: str) -> T:
+        """Run `write` and, behind Sentinel, wait until a replica confirms it (WAIT on the same
+        connection: WAIT only counts that connection's writes).
+
+        A replica that does not confirm in time does not fail the call: the write is on the
+        primary as it would be without WAIT (failing it would invite a retry that credits
+        twice); the shortfall is logged, because a failover now could lose it.
+        """
+        if self.replica_ack is None:
+            return await self._call(write(self.redis))
+        ack = self.replica_ack
+        async with self.redis.client() as connection:
+            result = await self._call(write(connection))
+            confirmed = await self._call(connection.wait(ack.replicas, ack.timeout_ms))
+        if confirmed < ack.replicas:
+            logger.warning(
+                "%s is on the Redis primary but only %d of %d replica(s) confirmed it within %d ms; "
+                "a failover before they catch up would lose it",
+                what,
+                confirmed,
+                ack.replicas,
+                ack.timeout_ms,
+            )
+        return result
 
     async def get(self, key_id: str) -> KeyRecord | None:
         raw = await self._call(self.redis.hgetall(account_key(key_id, "key")))
@@ -129,10 +149,16 @@ class KeyStore:
             balance_micros=usd_to_micros(request.credit_usd),
             credited_micros=usd_to_micros(request.credit_usd),
         )
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(account_key(record.id, "key"), mapping=_to_hash(record))
-        pipe.sadd(KEY_INDEX, record.id)
-        await self._call(pipe.execute())
+
+        async def write(connection: aioredis.Redis) -> None:
+            # The index first: if Redis refuses the record (out of memory), the id left in the
+            # index has no record, which listings and reconciliation skip. Two calls on this one
+            # connection, not a pipeline (a pipeline takes a connection of its own, and WAIT
+            # counts only the writes of the connection it runs on).
+            await connection.sadd(KEY_INDEX, record.id)
+            await connection.hset(account_key(record.id, "key"), mapping=_to_hash(record))
+
+        await self._write(write, f"key {record.id}")
         return record, key
 
     async def ids(self) -> set[str]:
@@ -173,7 +199,8 @@ class KeyStore:
         return await self.require(key_id)
 
     async def _change(self, key_id: str, limits: dict[str, Any], fields: list[str]) -> None:
-        verdict = await self._call(self._update(keys=[account_key(key_id, "key")], args=[json.dumps(limits), *fields]))
+        keys, args = [account_key(key_id, "key")], [json.dumps(limits), *fields]
+        verdict = await self._write(lambda c: self._update(keys=keys, args=args, client=c), f"a change of {key_id}")
         if verdict == "missing":
             raise _key_not_found(key_id)
         if verdict == "revoked":
@@ -184,7 +211,10 @@ class KeyStore:
             )
 
     async def add_credit(self, key_id: str, micros: int) -> KeyRecord:
-        verdict = await self._call(self._add_credit(keys=[account_key(key_id, "key")], args=[micros]))
+        keys = [account_key(key_id, "key")]
+        verdict = await self._write(
+            lambda c: self._add_credit(keys=keys, args=[micros], client=c), f"{micros} micro-USD credit to {key_id}"
+        )
         if verdict == "missing":
             raise _key_not_found(key_id)
         if verdict == "revoked":

@@ -54,6 +54,49 @@ def _boolean() -> dict[str, Any]:
     return {"type": "boolean"}
 
 
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _array(items: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": "array", "items": items} if items else {"type": "array"}
+
+
+QUANTITY = r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+# A name that is a DNS-1035 label (the RayService's name, and the Services KubeRay derives from it).
+DNS_1035 = r"^([a-z]([-a-z0-9]*[a-z0-9])?)?$"
+_ENV_VAR = _object({"name": _string(minLength=1)}, ["name"], closed=False)
+_VOLUME = _object({"name": _string(pattern=K8S_NAME)}, ["name"], closed=False)
+_VOLUME_MOUNT = _object(
+    {"name": _string(minLength=1), "mountPath": _string(pattern="^/")}, ["name", "mountPath"], closed=False
+)
+
+
+def _pod_fields() -> dict[str, Any]:
+    """Pod and container fields of a Ray pod (the head or a worker group), passed through as-is:
+    the Kubernetes schema checks their insides when the pod is created."""
+    return {
+        "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
+        "tolerations": _array(_free_object()),
+        "affinity": _free_object(),
+        "topologySpreadConstraints": _array(_free_object()),
+        "podSecurityContext": _nullable(_free_object()),
+        "securityContext": _nullable(_free_object()),
+        "serviceAccountName": _string(),
+        "runtimeClassName": _string(),
+        "priorityClassName": _string(),
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+        "env": _array(_ENV_VAR),
+        "envFrom": _array(_free_object()),
+        "volumes": _array(_VOLUME),
+        "volumeMounts": _array(_VOLUME_MOUNT),
+        "sharedMemory": _object(
+            {"enabled": {"type": ["boolean", "null"]}, "sizeLimit": _nullable(_string(pattern=QUANTITY))}
+        ),
+    }
+
+
 def _existing_secret(key_name: str, key_default: str) -> dict[str, Any]:
     return _object({"existingSecret": _string(), key_name: _string(minLength=1, default=key_default)})
 
@@ -100,12 +143,17 @@ def values_schema() -> dict[str, Any]:
             "minReplicas": _integer(0),
             "maxReplicas": _integer(1),
             "resources": _resources(),
-            "nodeSelector": _free_object(),
-            "tolerations": {"type": "array"},
+            **_pod_fields(),
+            "modelCache": {"type": ["boolean", "null"]},
+            "adapters": {"type": ["boolean", "null"]},
         },
         ["name", "gpusPerWorker", "minReplicas", "maxReplicas"],
     )
     properties = {
+        # Helm hands a subchart its parent's `global` values.
+        "global": _free_object(),
+        "nameOverride": _string(pattern=DNS_1035, maxLength=40),
+        "fullnameOverride": _string(pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$", maxLength=40),
         "image": _object(
             {
                 "repository": _string(minLength=1),
@@ -146,14 +194,53 @@ def values_schema() -> dict[str, Any]:
                     {
                         "numCpus": {"type": ["integer", "null"], "minimum": 0},
                         "resources": _resources(),
-                        "nodeSelector": _free_object(),
-                        "tolerations": {"type": "array"},
+                        **_pod_fields(),
                     }
                 ),
                 "podAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
-                "rolloutOnServeConfigChange": _boolean(),
-                "spool": _object({"hostPath": _string()}),
-                "extraEnv": {"type": "array"},
+                "podSecurityContext": _free_object(),
+                "securityContext": _free_object(),
+                "spool": _object({"hostPath": _string(pattern="^(/.*)?$")}),
+                "extraEnv": _array(_ENV_VAR),
+                "sharedMemory": _object({"sizeLimit": _string(pattern=QUANTITY)}),
+                "modelCache": _object(
+                    {
+                        "type": {"enum": ["none", "pvc", "hostPath"]},
+                        "mountPath": _string(pattern="^/"),
+                        "pvc": _object(
+                            {
+                                "existingClaim": _string(),
+                                "storageClass": _string(),
+                                "size": _string(pattern=QUANTITY),
+                                "accessModes": _array(
+                                    {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]}
+                                ),
+                            }
+                        ),
+                        "hostPath": _object({"path": _string(pattern="^(/.*)?$")}),
+                    }
+                ),
+                "adapters": _object(
+                    {
+                        "type": {"enum": ["none", "pvc", "hostPath"]},
+                        "mountPath": _string(pattern="^/"),
+                        "existingClaim": _string(),
+                        "hostPath": _string(pattern="^(/.*)?$"),
+                    }
+                ),
+                "gcsFaultTolerance": _object(
+                    {
+                        "enabled": _boolean(),
+                        "externalAddress": _string(),
+                        "externalStorageNamespace": _string(),
+                        "existingSecret": _string(),
+                        "passwordKey": _string(minLength=1),
+                        "resources": _resources(),
+                        "persistence": _object(
+                            {"size": _string(pattern=r"^\d+(Ki|Mi|Gi|Ti)$"), "storageClass": _string()}
+                        ),
+                    }
+                ),
                 "workerGroups": {"type": "array", "items": worker_group},
                 "enableInTreeAutoscaling": _boolean(),
                 "autoscalerOptions": _object(
@@ -166,9 +253,20 @@ def values_schema() -> dict[str, Any]:
             },
             ["workerGroups"],
         ),
-        "upgradeStrategy": {"enum": ["NewCluster", "None"]},
-        "serviceUnhealthySecondThreshold": _integer(1),
-        "deploymentUnhealthySecondThreshold": _integer(1),
+        "upgradeStrategy": _object(
+            {
+                "type": {"enum": ["NewCluster", "None", "NewClusterWithIncrementalUpgrade"]},
+                "clusterUpgradeOptions": _object(
+                    {
+                        "gatewayClassName": _string(),
+                        "stepSizePercent": {"type": "integer", "minimum": 1, "maximum": 100},
+                        "intervalSeconds": _integer(1),
+                        "maxSurgePercent": {"type": "integer", "minimum": 0, "maximum": 100},
+                    }
+                ),
+            }
+        ),
+        "secrets": _object({"generate": _boolean()}),
         "redis": _object(
             {
                 "enabled": _boolean(),

@@ -3,21 +3,23 @@
 No cluster is needed: `helm lint` and `helm template` run offline. What is checked here is
 what can be checked without one: the values schema and cross-field rules, the serveConfigV2
 against the app's own argument model, the worker groups' GPUs, core objects against the
-Kubernetes schemas, and the RayService against KubeRay's v1 fields.
+Kubernetes schemas (`kubernetes-validate --strict`), and the RayService, PodMonitor and
+ServiceMonitor against the real CRD schemas in ../shared/kuberay/, with unknown fields refused.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmart.cluster import helm_schema
 from tokenmart.deployments.app import IMPORT_PATH, AppArgs, build_app
@@ -26,8 +28,17 @@ from tokenmart.deployments.catalog import load_catalog
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "helm" / "tokenmart"
 EXAMPLES = sorted((CHART / "examples").glob("values-*.yaml"))
-KUBERNETES_VERSION = "1.30.0"
-CORE_KINDS = {"Secret", "Service", "StatefulSet", "ConfigMap", "Ingress"}
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion), one in between, and a current one.
+KUBERNETES_VERSIONS = ("1.27.0", "1.30.0", "1.35.0")
+CORE_KINDS = {"Secret", "Service", "StatefulSet", "ConfigMap", "Ingress", "PersistentVolumeClaim"}
+CRD_DIR = REPO_ROOT.parent / "shared" / "kuberay"
+# KubeRay's RayService CRD at the oldest release the chart supports and at its main branch.
+RAYSERVICE_CRDS = ("ray.io_rayservices.v1.3.0.yaml", "ray.io_rayservices.head-feeaf72.yaml")
+CRD_FILES = {
+    "PodMonitor": ("monitoring.coreos.com_podmonitors.yaml",),
+    "ServiceMonitor": ("monitoring.coreos.com_servicemonitors.yaml",),
+    "RayService": RAYSERVICE_CRDS,
+}
 
 
 def _helm() -> str:
@@ -264,7 +275,8 @@ def test_the_committed_values_schema_is_generated_from_the_models():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"upgradeStrategy": "Recreate"}, "at '/upgradeStrategy': value must be one of 'NewCluster', 'None'"),
+        ({"upgradeStrategy": {"type": "Recreate"}},
+         "at '/upgradeStrategy/type': value must be one of 'NewCluster', 'None', 'NewClusterWithIncrementalUpgrade'"),
         ({"service": {"type": "Internal"}}, "at '/service/type'"),
         ({"rayCluster": {"workerGroups": [{"name": "G", "gpusPerWorker": 1, "minReplicas": 0, "maxReplicas": 1}]}},
          "at '/rayCluster/workerGroups/0/name'"),
@@ -328,84 +340,78 @@ def test_a_cpu_group_cannot_host_a_gpu_listing(tmp_path: Path):
 # -- Kubernetes and KubeRay schemas ----------------------------------------------------------------------
 
 
+def _strict(schema: Any) -> Any:
+    """The schema with unknown fields refused wherever it lists the known ones, as an API server
+    with field validation would: a misspelt field fails instead of being dropped."""
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: _strict(value) for key, value in schema.items()}
+    listed = "properties" in strict and "additionalProperties" not in strict
+    if listed and not strict.get("x-kubernetes-preserve-unknown-fields"):
+        strict["additionalProperties"] = False
+    return strict
+
+
+@functools.cache
+def crd_spec_validator(crd_file: str) -> jsonschema.protocols.Validator:
+    crd = yaml.safe_load((CRD_DIR / crd_file).read_text())
+    (version,) = [version for version in crd["spec"]["versions"] if version["name"] == "v1"]
+    schema = _strict(version["schema"]["openAPIV3Schema"]["properties"]["spec"])
+    return jsonschema.Draft7Validator(schema)
+
+
+def crd_errors(doc: dict[str, Any], crd_file: str) -> list[str]:
+    errors = crd_spec_validator(crd_file).iter_errors(doc["spec"])
+    return [f"{crd_file}: spec.{'.'.join(map(str, error.absolute_path))}: {error.message}" for error in errors]
+
+
+def pod_templates(rayservice: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
+
+
+def validate_rendered(docs: list[dict[str, Any]]) -> None:
+    """Every rendered object against the schema a cluster would check it with: core objects (and the
+    pod templates and API Service inside the RayService) with kubernetes-validate in strict mode
+    for each supported Kubernetes version, custom resources against their CRDs in strict mode."""
+    for doc in docs:
+        if doc["kind"] in CORE_KINDS:
+            for version in KUBERNETES_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)
+        elif doc["kind"] in CRD_FILES:
+            errors = [error for crd in CRD_FILES[doc["kind"]] for error in crd_errors(doc, crd)]
+            assert not errors, "\n".join(errors)
+        else:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: no schema to validate it against")
+    for rayservice in (doc for doc in docs if doc["kind"] == "RayService"):
+        for template in pod_templates(rayservice):
+            pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+            for version in KUBERNETES_VERSIONS:
+                kubernetes_validate.validate(pod_template, version, strict=True)
+        service = {"apiVersion": "v1", "kind": "Service", **rayservice["spec"]["serveService"]}
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(service, version, strict=True)
+
+
 @pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda v: v.name if v else "defaults")
-def test_core_objects_validate_against_the_kubernetes_schema(values: Path | None):
+def test_every_object_validates_against_kubernetes_and_the_crds(values: Path | None):
     docs = render(*([values] if values else []))
-    core = [doc for doc in docs if doc["kind"] in CORE_KINDS]
-    assert {doc["kind"] for doc in core} >= {"Secret", "Service", "StatefulSet", "ConfigMap"}
-    for doc in core:
-        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-    # The pod templates and the API Service inside the RayService are core objects too.
-    spec = one(docs, "RayService")["spec"]
-    cluster = spec["rayClusterConfig"]
-    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
-        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
-        kubernetes_validate.validate(pod_template, KUBERNETES_VERSION, strict=True)
-    kubernetes_validate.validate(
-        {"apiVersion": "v1", "kind": "Service", **spec["serveService"]}, KUBERNETES_VERSION, strict=True
-    )
+    assert {doc["kind"] for doc in docs} >= {"Secret", "Service", "StatefulSet", "ConfigMap", "RayService"}
+    validate_rendered(docs)
+    for group in one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
 
-class _KubeRay(BaseModel):
-    """KubeRay's ray.io/v1 RayService fields the chart uses, as its API reference documents
-    them (v1.3+); any other field is an error, so a misspelt field fails here."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class _AutoscalerOptions(_KubeRay):
-    upscalingMode: Literal["Default", "Aggressive", "Conservative"] | None = None
-    idleTimeoutSeconds: int | None = None
-    resources: dict[str, Any] | None = None
-
-
-class _HeadGroupSpec(_KubeRay):
-    rayStartParams: dict[str, str]
-    template: dict[str, Any]
-
-
-class _WorkerGroupSpec(_KubeRay):
-    groupName: str
-    replicas: int = Field(ge=0)
-    minReplicas: int = Field(ge=0)
-    maxReplicas: int = Field(ge=1)
-    rayStartParams: dict[str, str]
-    template: dict[str, Any]
-
-
-class _RayClusterSpec(_KubeRay):
-    rayVersion: str
-    enableInTreeAutoscaling: bool
-    autoscalerOptions: _AutoscalerOptions | None = None
-    headGroupSpec: _HeadGroupSpec
-    workerGroupSpecs: list[_WorkerGroupSpec]
-
-
-class _UpgradeStrategy(_KubeRay):
-    type: Literal["NewCluster", "None", "NewClusterWithIncrementalUpgrade"]
-
-
-class _RayServiceSpec(_KubeRay):
-    upgradeStrategy: _UpgradeStrategy
-    serviceUnhealthySecondThreshold: int
-    deploymentUnhealthySecondThreshold: int
-    serveConfigV2: str
-    serveService: dict[str, Any]
-    rayClusterConfig: _RayClusterSpec
-
-
-class _RayService(_KubeRay):
-    apiVersion: Literal["ray.io/v1"]
-    kind: Literal["RayService"]
-    metadata: dict[str, Any]
-    spec: _RayServiceSpec
-
-
-@pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda v: v.name if v else "defaults")
-def test_the_rayservice_uses_only_kuberay_v1_fields(values: Path | None):
-    rayservice = _RayService.model_validate(one(render(*([values] if values else [])), "RayService"))
-    for group in rayservice.spec.rayClusterConfig.workerGroupSpecs:
-        assert group.minReplicas <= group.replicas <= group.maxReplicas
+def test_the_strict_crd_check_refuses_a_misspelt_field():
+    rayservice = one(render(CPU_VALUES), "RayService")
+    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParam"] = {}
+    rayservice["spec"]["serviceUnhealthySecondTreshold"] = 900
+    for crd in RAYSERVICE_CRDS:
+        errors = crd_errors(rayservice, crd)
+        assert any("'rayStartParam' was unexpected" in error for error in errors), errors
+        assert any("'serviceUnhealthySecondTreshold' was unexpected" in error for error in errors), errors
 
 
 def test_the_plain_manifests_are_what_the_chart_renders(tmp_path: Path):
@@ -425,32 +431,7 @@ def test_the_plain_manifests_are_what_the_chart_renders(tmp_path: Path):
     assert committed.read_text() == fresh.read_text(), "k8s/manifests is stale: run scripts/render-k8s.sh"
     docs = [doc for doc in yaml.safe_load_all(committed.read_text()) if doc]
     assert not [doc for doc in docs if doc["kind"] == "Secret"]  # created by the operator with kubectl
-    for doc in docs:
-        if doc["kind"] in CORE_KINDS:
-            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-
-
-def _pod_annotations(*values_files: Path) -> list[dict[str, str]]:
-    cluster = one(render(*values_files), "RayService")["spec"]["rayClusterConfig"]
-    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    return [template["metadata"].get("annotations", {}) for template in templates]
-
-
-def test_a_catalog_change_rolls_a_new_cluster_through_the_serve_config_checksum(tmp_path: Path):
-    before = _pod_annotations(CPU_VALUES)
-    digest = before[0]["tokenmart.io/serve-config-sha256"]
-    assert len(digest) == 64 and all(a["tokenmart.io/serve-config-sha256"] == digest for a in before)
-    assert _pod_annotations(CPU_VALUES) == before  # same values, same pods: no upgrade
-
-    models = yaml.safe_load(CPU_VALUES.read_text())["catalog"]["models"]
-    models[0]["pricing"]["completion_usd_per_1m"] = 0.05
-    repriced = tmp_path / "repriced.yaml"
-    repriced.write_text(yaml.safe_dump({"catalog": {"models": models}}))
-    assert _pod_annotations(CPU_VALUES, repriced)[0]["tokenmart.io/serve-config-sha256"] != digest
-
-    in_place = tmp_path / "in-place.yaml"
-    in_place.write_text(yaml.safe_dump({"rayCluster": {"rolloutOnServeConfigChange": False}}))
-    assert all("tokenmart.io/serve-config-sha256" not in a for a in _pod_annotations(CPU_VALUES, in_place))
+    validate_rendered(docs)
 
 
 def test_every_ray_pod_keeps_its_settlement_spool_on_a_volume(tmp_path: Path):

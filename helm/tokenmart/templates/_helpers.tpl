@@ -1,14 +1,31 @@
 {{/* Names and labels. */}}
-{{- define "tokenmart.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
-{{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- define "tokenmart.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+
+{{/*
+The prefix of every object name. At most 40 characters, so that the longest suffix
+(`-gcs-redis-headless`) stays within a 63-character DNS label, and starting with a letter: the
+RayService's name is a DNS-1035 label (KubeRay names Services after it), so a release named
+`1market` becomes `tm-1market-tokenmart`.
+*/}}
+{{- define "tokenmart.fullname" -}}
+{{- $name := "" -}}
+{{- if .Values.fullnameOverride -}}
+{{- $name = .Values.fullnameOverride -}}
+{{- else -}}
+{{- $chart := include "tokenmart.name" . -}}
+{{- $name = ternary .Release.Name (printf "%s-%s" .Release.Name $chart) (contains $chart .Release.Name) -}}
+{{- end -}}
+{{- $name = $name | lower | replace "." "-" -}}
+{{- if not (regexMatch "^[a-z]" $name) -}}
+{{- $name = printf "tm-%s" $name -}}
+{{- end -}}
+{{- $name | trunc 40 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "tokenmart.selectorLabels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "tokenmart.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
@@ -100,15 +117,6 @@ applications:
 {{ include "tokenmart.appArgs" . | indent 6 }}
 {{- end -}}
 
-{{/* Annotations of every Ray pod: the operator's, and the Serve config's checksum when asked for. */}}
-{{- define "tokenmart.rayPodAnnotations" -}}
-{{- $annotations := deepCopy (.Values.rayCluster.podAnnotations | default dict) -}}
-{{- if .Values.rayCluster.rolloutOnServeConfigChange -}}
-{{- $_ := set $annotations "tokenmart.io/serve-config-sha256" (include "tokenmart.serveConfig" . | sha256sum) -}}
-{{- end -}}
-{{- with $annotations }}{{ toYaml . }}{{ end -}}
-{{- end -}}
-
 {{- define "tokenmart.spoolVolume" -}}
 - name: spool
 {{- if .Values.rayCluster.spool.hostPath }}
@@ -118,4 +126,17 @@ applications:
 {{- else }}
   emptyDir: {}
 {{- end }}
+{{- end -}}
+
+{{/* The GCS fault-tolerance Redis: the chart's own small instance, or an external one. */}}
+{{- define "tokenmart.gcsRedisAddress" -}}
+{{- .Values.rayCluster.gcsFaultTolerance.externalAddress | default (printf "%s-gcs-redis:6379" (include "tokenmart.fullname" .)) -}}
+{{- end -}}
+
+{{- define "tokenmart.gcsRedisSecretName" -}}
+{{- .Values.rayCluster.gcsFaultTolerance.existingSecret | default (printf "%s-gcs-redis" (include "tokenmart.fullname" .)) -}}
+{{- end -}}
+
+{{- define "tokenmart.gcsRedisInChart" -}}
+{{- if and .Values.rayCluster.gcsFaultTolerance.enabled (not .Values.rayCluster.gcsFaultTolerance.externalAddress) -}}true{{- end -}}
 {{- end -}}

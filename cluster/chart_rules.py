@@ -1,14 +1,15 @@
-"""The Helm chart's placement checks, generated from the rule table in deployments/placement.py.
+"""The Helm chart's catalog checks, generated from the rule table in deployments/catalog_rules.py.
 
-`python -m tokenmart.cluster.chart_rules` rewrites helm/tokenmart/templates/_placement_rules.tpl,
+`python -m tokenmart.cluster.chart_rules` rewrites helm/tokenmart/templates/_catalog_rules.tpl,
 which `_validate.tpl` includes; a unit test fails while the committed file differs from what
-this module renders, and `tests/unit/test_placement_parity.py` runs the same bad values through
-Helm and through the app. Rules are edited in `placement.RULES` (each holds its Python and its
-Go condition side by side), never in the template.
+this module renders, and `tests/unit/test_catalog_parity.py` runs a corpus of bad and good
+catalogs through Helm and through the app. Rules are edited in `catalog_rules.RULES` (each
+holds its Python and its Go condition side by side), never in the template.
 
 What lives here is the chart's side of the table: how its values become the facts the rules
-read (the Go variables below, named like `placement.Facts`, and `values_problem`, the same
-reading in Python), and how the chart words a message (`CHART_WORDING`).
+read (the Go variables below, named like `catalog_rules.Facts` and `GroupFacts`, and
+`values_problem`, the same reading in Python), and how the chart words a message
+(`CHART_WORDING`). Where a value is left out, both readings take the catalog model's default.
 """
 
 from __future__ import annotations
@@ -20,21 +21,28 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tokenmart.deployments.placement import (
+from tokenmart.deployments.catalog import Autoscaling, Listing
+from tokenmart.deployments.catalog_rules import (
     FACTS,
+    GROUP_FACTS,
     KNOWN_NONE,
     LISTED_NONE,
+    LORA_ENGINE_ARGS,
     RULES,
+    TOOL_ENGINE_ARGS,
+    TYPED_ENGINE_ARGS,
     Facts,
+    GroupFacts,
     GroupSpec,
     ListingSpec,
     Rule,
     Wording,
     broken_rules,
+    group_facts,
     listing_facts,
 )
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "helm" / "tokenmart" / "templates" / "_placement_rules.tpl"
+TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "helm" / "tokenmart" / "templates" / "_catalog_rules.tpl"
 COMMAND = "python -m tokenmart.cluster.chart_rules"
 
 
@@ -47,6 +55,7 @@ CHART_WORDING = Wording(
     names={
         "worker_groups": "rayCluster.workerGroups",
         "gpus_per_worker": "gpusPerWorker",
+        "min_replicas": "minReplicas",
         "max_replicas": "maxReplicas",
         "accelerator_type": "acceleratorType",
     },
@@ -57,6 +66,56 @@ CHART_WORDING = Wording(
 def _where(index: int, listing_id: Any) -> str:
     return f"catalog.models[{index}] ({listing_id})"
 
+
+def _group_where(index: int) -> str:
+    return f"rayCluster.workerGroups[{index}]"
+
+
+def _default(model: type, field: str) -> Any:
+    return model.model_fields[field].default
+
+
+# Values a listing may leave out: (Go variable, the dict it is read from, key, the model whose default
+# applies, Go conversion).
+_OPTIONAL = (
+    ("scale_min", "$scaling", "min_replicas", Autoscaling, "int"),
+    ("scale_max", "$scaling", "max_replicas", Autoscaling, "int"),
+    ("look_back", "$scaling", "look_back_period_s", Autoscaling, "float64"),
+    ("metrics_interval", "$scaling", "metrics_interval_s", Autoscaling, "float64"),
+    ("default_max_tokens", "$model", "default_max_tokens", Listing, "int"),
+)
+_EXTRA = (("extra_typed", TYPED_ENGINE_ARGS), ("extra_lora", LORA_ENGINE_ARGS), ("extra_tools", TOOL_ENGINE_ARGS))
+
+
+def _go_optional() -> str:
+    lines = []
+    for name, source, key, model, convert in _OPTIONAL:
+        default = _default(model, key)
+        lines.append(
+            f"{{{{- ${name} := {convert} {default!r} -}}}}\n"
+            f'{{{{- if hasKey {source} "{key}" -}}}}{{{{- ${name} = {convert} {source}.{key} -}}}}{{{{- end -}}}}\n'
+        )
+    for name, keys in _EXTRA:
+        listed = " ".join(_go_string(key) for key in keys)
+        lines.append(
+            f"{{{{- ${name}_keys := list -}}}}\n"
+            f"{{{{- range $key := list {listed} -}}}}\n"
+            f"{{{{- if hasKey $extra $key -}}}}{{{{- ${name}_keys = append ${name}_keys $key -}}}}{{{{- end -}}}}\n"
+            "{{- end -}}\n"
+            f'{{{{- ${name} := join ", " ${name}_keys -}}}}\n'
+        )
+    return "".join(lines)
+
+
+# The facts of one worker group (rayCluster.workerGroups[$index]).
+_GROUP_FACTS = """\
+{{- $where := printf "rayCluster.workerGroups[%d]" $index -}}
+{{- $name := $spec.name -}}
+{{- $repeated := hasKey $seen_groups $name -}}
+{{- $_ := set $seen_groups $name true -}}
+{{- $group_min := int $spec.minReplicas -}}
+{{- $group_max := int $spec.maxReplicas -}}
+"""
 
 # The facts of the whole cluster, once: its worker groups split by whether they have GPUs.
 _CLUSTER_FACTS = """\
@@ -80,7 +139,24 @@ _CLUSTER_FACTS = """\
 _LISTING_FACTS = """\
 {{- $accelerator := $model.accelerator | default dict -}}
 {{- $engine := $model.engine | default dict -}}
+{{- $scaling := $model.autoscaling | default dict -}}
+{{- $extra := $engine.extra | default dict -}}
 {{- $where := printf "catalog.models[%d] (%v)" $index $model.id -}}
+{{- $offer_ids := list (toString $model.id) -}}
+{{- with $model.lora -}}
+{{- range .adapters -}}
+{{- $offer_ids = append $offer_ids (toString .id) -}}
+{{- end -}}
+{{- end -}}
+{{- $repeated_id := "" -}}
+{{- range $offer := $offer_ids -}}
+{{- if and (not $repeated_id) (hasKey $seen_ids $offer) -}}
+{{- $repeated_id = $offer -}}
+{{- end -}}
+{{- $_ := set $seen_ids $offer true -}}
+{{- end -}}
+{{- $context_length := int $model.context_length -}}
+OPTIONAL
 {{- $gpu := eq ($accelerator.kind | default "gpu") "gpu" -}}
 {{- $listing_type := $accelerator.type | default "" -}}
 {{- $group_named := kindIs "string" $accelerator.group -}}
@@ -100,11 +176,17 @@ _LISTING_FACTS = """\
 {{- $per_node := 0 -}}
 {{- $max_replicas := 0 -}}
 {{- $group_type := "" -}}
+{{- $capacity := 0 -}}
 {{- if $group_found -}}
 {{- $spec := get $gpu_by_name $group -}}
 {{- $per_node = int $spec.gpusPerWorker -}}
 {{- $max_replicas = int $spec.maxReplicas -}}
 {{- $group_type = $spec.acceleratorType | default "" -}}
+{{- if le $gpus $per_node -}}
+{{- $capacity = mul (div $per_node $gpus) $max_replicas -}}
+{{- else -}}
+{{- $capacity = div (mul $per_node $max_replicas) $gpus -}}
+{{- end -}}
 {{- end -}}
 """
 
@@ -124,7 +206,7 @@ def go_message(rule: Rule) -> str:
 
     def verb(match: re.Match[str]) -> str:
         name, spec = match.group(1), match.group(2)
-        if name not in FACTS or spec not in (None, "q"):
+        if name not in _scope_facts(rule) or spec not in (None, "q"):
             raise ValueError(f"rule {rule.name}: {match.group(0)} is not a fact (or :q of one)")
         args.append(f"${name}")
         return "%q" if spec == "q" else "%v"
@@ -133,26 +215,19 @@ def go_message(rule: Rule) -> str:
     return " ".join(["printf", _go_string(layout), *args])
 
 
+def _scope_facts(rule: Rule) -> tuple[str, ...]:
+    return GROUP_FACTS if rule.scope == "group" else FACTS
+
+
 def _check_rule(rule: Rule) -> None:
-    unknown = sorted(set(_USED.findall(rule.go)) - set(FACTS))
+    unknown = sorted(set(_USED.findall(rule.go)) - set(_scope_facts(rule)))
     if unknown:
         raise ValueError(f"rule {rule.name}: its Go condition reads {unknown}, which are not facts")
 
 
-def render() -> str:
-    """The generated template's text."""
-    facts = (
-        _CLUSTER_FACTS.replace("LISTED_NONE", _go_string(CHART_WORDING.words(LISTED_NONE))).replace(
-            "KNOWN_NONE", _go_string(CHART_WORDING.words(KNOWN_NONE))
-        )
-        + "{{- range $index, $model := $.Values.catalog.models -}}\n"
-        + _LISTING_FACTS
-    )
-    missing = sorted(set(FACTS) - set(_DECLARED.findall(facts)))
-    if missing:
-        raise ValueError(f"the chart computes no {missing}: add them to chart_rules")
+def _checks(rules: list[Rule]) -> str:
     checks = []
-    for rule in RULES:
+    for rule in rules:
         _check_rule(rule)
         scope = "" if rule.app else " (the chart only)"
         checks.append(
@@ -161,14 +236,47 @@ def render() -> str:
             f"{{{{- fail ({go_message(rule)}) -}}}}\n"
             "{{- end -}}\n"
         )
+    return "".join(checks)
+
+
+def _require(facts: str, names: tuple[str, ...]) -> None:
+    missing = sorted(set(names) - set(_DECLARED.findall(facts)))
+    if missing:
+        raise ValueError(f"the chart computes no {missing}: add them to chart_rules")
+
+
+def render() -> str:
+    """The generated template's text."""
+    group_facts_go = _GROUP_FACTS
+    listing_facts_go = (
+        _CLUSTER_FACTS.replace("LISTED_NONE", _go_string(CHART_WORDING.words(LISTED_NONE))).replace(
+            "KNOWN_NONE", _go_string(CHART_WORDING.words(KNOWN_NONE))
+        )
+        + "{{- $seen_ids := dict -}}\n"
+        + "{{- range $index, $model := $.Values.catalog.models -}}\n"
+        + _LISTING_FACTS.replace("OPTIONAL\n", _go_optional())
+    )
+    _require(group_facts_go, GROUP_FACTS)
+    _require(listing_facts_go, FACTS)
+    group_rules = [rule for rule in RULES if rule.scope == "group"]
+    listing_rules = [rule for rule in RULES if rule.scope == "listing"]
     return (
         "{{/*\n"
-        f"Generated from deployments/placement.py (RULES) by `{COMMAND}`; do not edit.\n"
-        "The placement checks of the catalog against rayCluster.workerGroups: the same rules, in the same\n"
-        "order and with the same messages as the app's, plus those only the chart can check. The render\n"
-        "fails on the first broken rule.\n"
+        f"Generated from deployments/catalog_rules.py (RULES) by `{COMMAND}`; do not edit.\n"
+        "The catalog's rules across values: the same rules, in the same order and with the same messages\n"
+        "as the app's, plus those only the chart can check; first each worker group, then each listing.\n"
+        "The render fails on the first broken rule.\n"
         "*/}}\n"
-        '{{- define "tokenmart.placementRules" -}}\n' + facts + "".join(checks) + "{{- end -}}\n" + "{{- end -}}\n"
+        '{{- define "tokenmart.catalogRules" -}}\n'
+        "{{- $seen_groups := dict -}}\n"
+        "{{- range $index, $spec := $.Values.rayCluster.workerGroups -}}\n"
+        + group_facts_go
+        + _checks(group_rules)
+        + "{{- end -}}\n"
+        + listing_facts_go
+        + _checks(listing_rules)
+        + "{{- end -}}\n"
+        + "{{- end -}}\n"
     )
 
 
@@ -177,6 +285,20 @@ def render() -> str:
 
 def _int(value: Any, default: int) -> int:
     return int(value) if value else default
+
+
+def values_group_facts(values: Mapping[str, Any]) -> Iterator[GroupFacts]:
+    """The facts of each worker group in these chart values, read as the generated template reads them."""
+    names: list[str] = []
+    for index, group in enumerate(values["rayCluster"]["workerGroups"]):
+        spec = GroupSpec(
+            name=group["name"],
+            gpus_per_worker=int(group["gpusPerWorker"]),
+            max_replicas=int(group["maxReplicas"]),
+            min_replicas=int(group["minReplicas"]),
+        )
+        yield group_facts(spec, _group_where(index), names)
+        names.append(spec.name)
 
 
 def values_facts(values: Mapping[str, Any]) -> Iterator[Facts]:
@@ -193,10 +315,16 @@ def values_facts(values: Mapping[str, Any]) -> Iterator[Facts]:
         if int(group["gpusPerWorker"]) > 0
     }
     cpu_groups = [group["name"] for group in groups if int(group["gpusPerWorker"]) <= 0]
+    taken: list[str] = []
     for index, model in enumerate(values["catalog"]["models"]):
         accelerator = model.get("accelerator") or {}
         engine = model.get("engine") or {}
+        scaling = model.get("autoscaling") or {}
         group = accelerator.get("group")
+        optional = {
+            key: (scaling if source == "$scaling" else model).get(key, _default(owner, key))
+            for _, source, key, owner, _ in _OPTIONAL
+        }
         listing = ListingSpec(
             id=model["id"],
             tensor_parallel_size=_int(engine.get("tensor_parallel_size"), 1),
@@ -205,6 +333,14 @@ def values_facts(values: Mapping[str, Any]) -> Iterator[Facts]:
             accelerator_type=accelerator.get("type") or None,
             accelerator_group=group if isinstance(group, str) else None,
             attention_heads=_int(model.get("attention_heads"), 0) or None,
+            min_replicas=int(optional["min_replicas"]),
+            max_replicas=int(optional["max_replicas"]),
+            look_back_period_s=float(optional["look_back_period_s"]),
+            metrics_interval_s=float(optional["metrics_interval_s"]),
+            default_max_tokens=int(optional["default_max_tokens"]),
+            context_length=int(model["context_length"]),
+            extra_keys=tuple(engine.get("extra") or {}),
+            adapter_ids=tuple(str(adapter["id"]) for adapter in (model.get("lora") or {}).get("adapters") or []),
         )
         yield listing_facts(
             listing,
@@ -213,12 +349,15 @@ def values_facts(values: Mapping[str, Any]) -> Iterator[Facts]:
             where=_where(index, model["id"]),
             cpu_groups=cpu_groups,
             pools_known=True,
+            taken_ids=taken,
         )
+        taken += [str(listing.id), *listing.adapter_ids]
 
 
 def values_problem(values: Mapping[str, Any]) -> tuple[Rule, str] | None:
     """The rule the chart's render fails on for these values, with its message; None if it passes."""
-    for facts in values_facts(values):
+    scoped: list[Facts | GroupFacts] = [*values_group_facts(values), *values_facts(values)]
+    for facts in scoped:
         broken = broken_rules(facts, RULES, CHART_WORDING)
         if broken:
             return broken[0]

@@ -1,21 +1,36 @@
 """The marketplace catalog: one YAML file of listings, parsed into pydantic models.
 
-The same models are used by the local launcher, the Ray Serve app builder and (later) the
-Helm chart, so a listing means the same thing wherever it is read. A catalog is validated
-completely before anything starts; errors name the listing and the field.
+The same models are used by the local launcher, the Ray Serve app builder and the Helm chart,
+so a listing means the same thing wherever it is read. A catalog is validated completely
+before anything starts; errors name the listing and the field. Each field's own constraints
+are its pydantic `Field` here (the chart's values.schema.json is generated from them); the
+rules across fields, listings and worker groups are the table in catalog_rules.py, which the
+chart's checks are generated from, so `helm template` refuses what the app refuses.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-from .placement import GroupSpec, ListingSpec, Placement, place, placement_problems
+from .catalog_rules import GroupSpec, ListingSpec, catalog_problems
+from .placement import Placement, place
 
 MICROS_PER_USD = 1_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are quoted per 1M tokens
@@ -35,21 +50,65 @@ class CatalogError(ValueError):
     """The catalog cannot be used; the message names the listing and the field."""
 
 
+class CatalogRulesBroken(ValueError):
+    """Rules of catalog_rules.RULES that a catalog breaks, one message each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PRICE_MAX_USD = 10_000
+PRICE_DECIMALS = 6  # 1 micro-USD, MICROS_PER_USD
+# A price in quotes ("0.15", exact where a YAML number is a float) is plain decimal notation within
+# the bounds above (below the power of ten PRICE_MAX_USD, or it exactly), so the chart's schema can
+# refuse exactly the strings the app refuses.
+_BELOW_MAX = len(str(PRICE_MAX_USD)) - 1
+PRICE_STRING_PATTERN = (
+    rf"^0*([0-9]{{1,{_BELOW_MAX}}}(\.[0-9]{{1,{PRICE_DECIMALS}}})?|{PRICE_MAX_USD}(\.0{{1,{PRICE_DECIMALS}}})?)$"
+)
+
+
+def _plain_decimal_text(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(PRICE_STRING_PATTERN, value):
+        raise ValueError(
+            f"a price written as text must be a plain decimal from 0 to {PRICE_MAX_USD} with at most "
+            f'{PRICE_DECIMALS} decimal places, like "0.15" (YAML reads 1e-6 as text: write 0.000001)'
+        )
+    return value
+
+
+Price = Annotated[
+    Decimal,
+    BeforeValidator(_plain_decimal_text),
+    Field(ge=0, le=PRICE_MAX_USD),
+    # The same bounds for the chart's values.schema.json: a JSON schema compares numbers exactly.
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": PRICE_MAX_USD, "multipleOf": 10**-PRICE_DECIMALS},
+                {"type": "string", "pattern": PRICE_STRING_PATTERN},
+            ]
+        }
+    ),
+]
 
 
 class Pricing(_Strict):
     """USD per 1M tokens. Kept as Decimal so prices like 0.015 are exact."""
 
-    prompt_usd_per_1m: Decimal = Field(ge=0, le=10_000)
-    completion_usd_per_1m: Decimal = Field(ge=0, le=10_000)
+    prompt_usd_per_1m: Price
+    completion_usd_per_1m: Price
 
     @field_validator("prompt_usd_per_1m", "completion_usd_per_1m")
     @classmethod
     def _at_most_six_decimals(cls, value: Decimal) -> Decimal:
         if (value * MICROS_PER_USD) != (value * MICROS_PER_USD).to_integral_value():
-            raise ValueError("prices may have at most 6 decimal places (1 micro-USD)")
+            raise ValueError(f"prices may have at most {PRICE_DECIMALS} decimal places (1 micro-USD)")
         return value
 
     @property
@@ -67,12 +126,6 @@ class Accelerator(_Strict):
     type: str | None = None
     # Name of the worker group this listing runs on (used by the Helm chart).
     group: str | None = None
-
-    @model_validator(mode="after")
-    def _type_needs_gpu(self) -> Accelerator:
-        if self.kind == "cpu" and self.type is not None:
-            raise ValueError("accelerator.type applies only to kind: gpu")
-        return self
 
 
 # Ray Serve LLM's default (50 ms) holds back a 1-stream reply's tokens for up to 50 ms each.
@@ -106,22 +159,8 @@ class EngineArgs(_Strict):
             "as it comes. The default is measured in loadtest/results/vllm-bench."
         ),
     )
+    # Other vLLM engine arguments; none that the listing sets elsewhere (catalog_rules: extra-sets-no-*).
     extra: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("extra")
-    @classmethod
-    def _no_shadowing(cls, value: dict[str, Any]) -> dict[str, Any]:
-        typed = {"tensor_parallel_size", "pipeline_parallel_size", "dtype", "max_num_seqs", "max_model_len"}
-        clash = sorted(typed & set(value))
-        if clash:
-            raise ValueError(f"set {', '.join(clash)} as its own field (or context_length), not in extra")
-        lora = sorted({"enable_lora", "max_lora_rank", "max_loras", "max_cpu_loras"} & set(value))
-        if lora:
-            raise ValueError(f"set LoRA serving in the listing's lora block, not {', '.join(lora)} in extra")
-        tools = sorted({"enable_auto_tool_choice", "tool_call_parser"} & set(value))
-        if tools:
-            raise ValueError(f"set tool calling with engine.tool_parser, not {', '.join(tools)} in extra")
-        return value
 
 
 class Autoscaling(_Strict):
@@ -144,17 +183,6 @@ class Autoscaling(_Strict):
     @property
     def replica_concurrency(self) -> int:
         return self.max_ongoing_requests or max(int(self.target_ongoing_requests * 4), 16)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Autoscaling:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) is larger than max_replicas ({self.max_replicas})")
-        if self.look_back_period_s <= self.metrics_interval_s:
-            raise ValueError(
-                f"look_back_period_s ({self.look_back_period_s}) must be longer than metrics_interval_s "
-                f"({self.metrics_interval_s})"
-            )
-        return self
 
 
 class LoraAdapter(_Strict):
@@ -180,7 +208,7 @@ class Lora(_Strict):
     """LoRA serving on a listing's replicas, and the adapters it publishes."""
 
     # The largest adapter rank the engine accepts (vLLM's max_lora_rank).
-    max_rank: int = 16
+    max_rank: int = Field(default=16, json_schema_extra={"enum": list(LORA_RANKS)})
     # Adapters loaded on one replica at once; the least recently used one is unloaded past this.
     max_adapters_per_replica: int = Field(default=4, ge=1, le=64)
     adapters: list[LoraAdapter] = Field(min_length=1)
@@ -217,21 +245,12 @@ class Listing(_Strict):
     # upper bound. Listings without it refuse image parts with a 400.
     max_tokens_per_image: int | None = Field(default=None, ge=1)
 
-    @model_validator(mode="after")
-    def _fits_context(self) -> Listing:
-        if self.default_max_tokens >= self.context_length:
-            raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) must be smaller than "
-                f"context_length ({self.context_length})"
-            )
-        return self
-
     def resolved_source(self, model_dir: Path | None = None) -> str:
         """The path or hub id that the engine loads."""
         return _resolve_builtin(self.source, model_dir)
 
-    def placement_spec(self) -> ListingSpec:
-        """What deployments/placement.py needs to know of this listing."""
+    def rule_spec(self) -> ListingSpec:
+        """What the catalog's rules (catalog_rules.py) and placement need to know of this listing."""
         return ListingSpec(
             id=self.id,
             tensor_parallel_size=self.engine.tensor_parallel_size,
@@ -240,6 +259,14 @@ class Listing(_Strict):
             accelerator_type=self.accelerator.type,
             accelerator_group=self.accelerator.group,
             attention_heads=self.attention_heads,
+            min_replicas=self.autoscaling.min_replicas,
+            max_replicas=self.autoscaling.max_replicas,
+            look_back_period_s=self.autoscaling.look_back_period_s,
+            metrics_interval_s=self.autoscaling.metrics_interval_s,
+            default_max_tokens=self.default_max_tokens,
+            context_length=self.context_length,
+            extra_keys=tuple(self.engine.extra),
+            adapter_ids=tuple(adapter.id for adapter in self.adapters),
         )
 
     @property
@@ -278,18 +305,15 @@ class WorkerGroup(_Strict):
     # Kubernetes pod resources (requests/limits) for the Helm chart; not used by Ray itself.
     resources: dict[str, Any] = Field(default_factory=dict)
 
-    def placement_spec(self) -> GroupSpec:
-        """What deployments/placement.py needs to know of this worker group."""
+    def rule_spec(self) -> GroupSpec:
+        """What the catalog's rules (catalog_rules.py) and placement need to know of this worker group."""
         return GroupSpec(
             name=self.name,
             gpus_per_worker=self.gpus_per_worker,
             max_replicas=self.max_replicas,
             accelerator_type=self.accelerator_type,
+            min_replicas=self.min_replicas,
         )
-
-
-def _group_specs(groups: dict[str, WorkerGroup] | None) -> dict[str, GroupSpec]:
-    return {name: group.placement_spec() for name, group in (groups or {}).items()}
 
 
 def placement_for(listing: Listing, groups: dict[str, WorkerGroup] | None = None) -> Placement | None:
@@ -297,7 +321,7 @@ def placement_for(listing: Listing, groups: dict[str, WorkerGroup] | None = None
 
     Raises placement.PlacementError naming the listing and the fix when it cannot be placed.
     """
-    return place(listing.placement_spec(), _group_specs(groups))
+    return place(listing.rule_spec(), {name: group.rule_spec() for name, group in (groups or {}).items()})
 
 
 class Catalog(_Strict):
@@ -315,29 +339,18 @@ class Catalog(_Strict):
     _bases: dict[str, Listing] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> Catalog:
-        offers: dict[str, Listing] = {}
-        bases: dict[str, Listing] = {}
-        for listing in self.listings:
-            for offer, base in [(listing, None)] + [(listing.adapter_listing(a), listing) for a in listing.adapters]:
-                if offer.id in offers:
-                    raise ValueError(
-                        f"model id {offer.id!r} appears more than once (listings and LoRA adapters share one namespace)"
-                    )
-                offers[offer.id] = offer
-                if base is not None:
-                    bases[offer.id] = base
-        self._offers, self._bases = offers, bases
-        return self
-
-    @model_validator(mode="after")
-    def _placeable(self) -> Catalog:
-        groups = _group_specs(self.groups)
-        problems = [
-            problem for listing in self.listings for problem in placement_problems(listing.placement_spec(), groups)
-        ]
+    def _rules(self) -> Catalog:
+        """The rules across fields, listings and groups (catalog_rules.RULES), then the offers by id."""
+        problems = catalog_problems(
+            [group.rule_spec() for group in self.worker_groups], [listing.rule_spec() for listing in self.listings]
+        )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise CatalogRulesBroken(problems)
+        for listing in self.listings:
+            self._offers[listing.id] = listing
+            for adapter in listing.adapters:
+                self._offers[adapter.id] = listing.adapter_listing(adapter)
+                self._bases[adapter.id] = listing
         return self
 
     @property
@@ -391,12 +404,20 @@ def _describe_location(raw: Any, loc: tuple[int | str, ...]) -> str:
     return f"field {field}"
 
 
+def _problems(raw: Any, error: Any) -> list[str]:
+    """One line per problem: a field's error after its location; each broken rule, which names its own."""
+    broken = (error.get("ctx") or {}).get("error")
+    if isinstance(broken, CatalogRulesBroken):
+        return broken.problems
+    return [f"{_describe_location(raw, error['loc'])}: {error['msg']}"]
+
+
 def parse_catalog(raw: Any, origin: str = "catalog") -> Catalog:
     """Validate a parsed YAML/JSON document; raise CatalogError naming each bad field."""
     try:
         return Catalog.model_validate(raw)
     except ValidationError as exc:
-        problems = [f"  - {_describe_location(raw, err['loc'])}: {err['msg']}" for err in exc.errors()]
+        problems = [f"  - {problem}" for err in exc.errors() for problem in _problems(raw, err)]
         raise CatalogError(f"{origin} is invalid:\n" + "\n".join(problems)) from None
 
 

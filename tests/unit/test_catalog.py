@@ -148,10 +148,9 @@ def test_empty_catalog_is_rejected():
 
 def test_min_replicas_above_max_replicas_is_rejected():
     message = _error_for(_catalog(_listing(autoscaling={"min_replicas": 3, "max_replicas": 2})))
-    assert "listing 'x' (listings[0])" in message
-    assert "autoscaling" in message
-    assert "min_replicas (3)" in message
-    assert "max_replicas (2)" in message
+    assert (
+        "  - listing 'x' (listings[0]): autoscaling.min_replicas 3 is larger than autoscaling.max_replicas 2" in message
+    )
 
 
 def test_price_with_seven_decimals_is_rejected():
@@ -174,9 +173,10 @@ def test_negative_price_is_rejected():
 @pytest.mark.parametrize("default_max_tokens", [4096, 5000])
 def test_default_max_tokens_must_be_below_context_length(default_max_tokens: int):
     message = _error_for(_catalog(_listing(context_length=4096, default_max_tokens=default_max_tokens)))
-    assert "listing 'x' (listings[0])" in message
-    assert f"default_max_tokens ({default_max_tokens})" in message
-    assert "context_length (4096)" in message
+    assert (
+        f"  - listing 'x' (listings[0]): default_max_tokens {default_max_tokens} must be smaller than "
+        "context_length 4096"
+    ) in message
 
 
 def test_default_max_tokens_just_below_context_length_is_accepted():
@@ -341,3 +341,54 @@ def test_hub_id_or_path_source_passes_through(source: str, tmp_path: Path):
     listing = Listing.model_validate(_listing(source=source))
     assert listing.resolved_source(tmp_path) == source
     assert listing.resolved_source() == source
+
+
+# -- rules across fields (deployments/catalog_rules.py) and prices in quotes ------------------------
+
+
+@pytest.mark.parametrize("price", ["$0.50", "0.5 USD", "1e-3", "+0.5", " 0.5", "0.0000001", "20000", "-1"])
+def test_a_price_in_quotes_must_be_a_plain_decimal_within_the_bounds(price: str):
+    message = _error_for(_catalog(_listing(pricing={"prompt_usd_per_1m": price, "completion_usd_per_1m": "1"})))
+    assert (
+        "listing 'x' (listings[0]): field pricing.prompt_usd_per_1m: Value error, a price written as text must be a "
+        'plain decimal from 0 to 10000 with at most 6 decimal places, like "0.15"'
+    ) in message
+
+
+@pytest.mark.parametrize(("price", "micros"), [("0.5", 500_000), ("10000", 10_000_000_000), ("007.000001", 7_000_001)])
+def test_a_price_in_quotes_is_exact(price: str, micros: int):
+    assert _priced(price, "0").pricing.prompt_micros_per_1m == micros
+
+
+def _grouped(*groups: dict[str, Any]) -> dict[str, Any]:
+    listing = _listing(accelerator={"kind": "gpu", "group": "a100x4"})
+    return {"listings": [listing], "worker_groups": list(groups)}
+
+
+def test_a_worker_group_whose_min_replicas_exceed_its_max_is_refused():
+    message = _error_for(_grouped({"name": "a100x4", "gpus_per_worker": 4, "min_replicas": 3, "max_replicas": 2}))
+    assert message.splitlines()[1:] == [
+        "  - worker_groups[0]: min_replicas 3 of worker group 'a100x4' is larger than its max_replicas 2"
+    ]
+
+
+def test_two_worker_groups_may_not_share_a_name():
+    group = {"name": "a100x4", "gpus_per_worker": 4}
+    message = _error_for(_grouped(group, {**group, "gpus_per_worker": 8}))
+    assert message.splitlines()[1:] == ["  - worker_groups[1]: the name 'a100x4' is used twice"]
+
+
+def test_every_broken_rule_is_its_own_line_naming_its_listing():
+    message = _error_for(
+        _catalog(
+            _listing(id="a", autoscaling={"min_replicas": 2}),
+            _listing(id="b", default_max_tokens=4096, engine={"extra": {"max_model_len": 8}}),
+        )
+    )
+    assert message.splitlines() == [
+        "catalog is invalid:",
+        "  - listing 'a' (listings[0]): autoscaling.min_replicas 2 is larger than autoscaling.max_replicas 1",
+        "  - listing 'b' (listings[1]): default_max_tokens 4096 must be smaller than context_length 4096",
+        "  - listing 'b' (listings[1]): field engine.extra: set max_model_len as its own field (or context_length), "
+        "not in extra",
+    ]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import tokenmart.deployments.catalog_rules as catalog_rules_module
 import tokenmart.deployments.placement as placement_module
 from tokenmart.deployments.app import AppArgs, build_app, fake_engine_placement, llm_config_for
 from tokenmart.deployments.catalog import (
@@ -19,7 +20,8 @@ from tokenmart.deployments.catalog import (
     parse_catalog,
     placement_for,
 )
-from tokenmart.deployments.placement import RULES, GroupSpec, ListingSpec, PlacementError, place
+from tokenmart.deployments.catalog_rules import RULES
+from tokenmart.deployments.placement import GroupSpec, ListingSpec, PlacementError, place, placement_problems
 
 AUTOSCALING_FIELDS = {
     "min_replicas",
@@ -39,6 +41,7 @@ GROUPS = {
     "t4x2": WorkerGroup(name="t4x2", accelerator_type="T4", gpus_per_worker=2, max_replicas=4),
     "h100x6": WorkerGroup(name="h100x6", accelerator_type="H100", gpus_per_worker=6, max_replicas=2),
 }
+SPECS = {name: group.rule_spec() for name, group in GROUPS.items()}
 
 
 def listing(tp: int = 1, pp: int = 1, group: str | None = None, heads: int | None = 32, **extra: Any) -> Listing:
@@ -115,9 +118,10 @@ def test_the_app_leaves_to_the_chart_only_what_it_cannot_see() -> None:
     assert placement_for(listing(1, 1, "anything"), {}) is not None  # no groups given: the local launcher
 
 
-def test_placement_imports_nothing_from_the_catalog() -> None:
-    """The catalog calls placement; placement reads only plain data, so there is no import circle."""
-    tree = ast.parse(Path(placement_module.__file__).read_text())
+@pytest.mark.parametrize("module", [placement_module, catalog_rules_module], ids=lambda m: m.__name__)
+def test_placement_and_the_rules_import_nothing_from_the_catalog(module) -> None:
+    """The catalog calls placement and the rules; they read only plain data, so there is no import circle."""
+    tree = ast.parse(Path(module.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -126,7 +130,7 @@ def test_placement_imports_nothing_from_the_catalog() -> None:
             imported.add("." * node.level + (node.module or ""))
             if node.level and not node.module:
                 imported.update("." + alias.name for alias in node.names)
-    assert not {name for name in imported if name.startswith(".") or "tokenmart" in name}, imported
+    assert not {name for name in imported if name.startswith(".") or "tokenmart" in name} - {".catalog_rules"}
     assert not {name for name in imported if name.split(".")[-1] == "catalog"}, imported
 
 
@@ -143,7 +147,7 @@ def test_placement_works_on_plain_data() -> None:
 
 def test_the_catalog_hands_placement_what_it_needs_of_listings_and_groups() -> None:
     tagged = listing(4, 2, "a100x4", heads=64, accelerator={"type": "A100"})
-    assert tagged.placement_spec() == ListingSpec(
+    assert tagged.rule_spec() == ListingSpec(
         id="m",
         tensor_parallel_size=4,
         pipeline_parallel_size=2,
@@ -151,8 +155,9 @@ def test_the_catalog_hands_placement_what_it_needs_of_listings_and_groups() -> N
         accelerator_type="A100",
         accelerator_group="a100x4",
         attention_heads=64,
+        context_length=4096,
     )
-    assert GROUPS["a100x4"].placement_spec() == GroupSpec(
+    assert GROUPS["a100x4"].rule_spec() == GroupSpec(
         name="a100x4", gpus_per_worker=4, max_replicas=2, accelerator_type="A100"
     )
 
@@ -181,7 +186,9 @@ def test_the_catalog_is_refused_before_anything_starts_naming_the_listing() -> N
     }
     with pytest.raises(CatalogError) as refused:
         parse_catalog(raw)
-    assert "listing 'big-model': tensor_parallel_size 8 is larger than gpus_per_worker 4" in str(refused.value)
+    assert "  - listing 'big-model' (listings[0]): tensor_parallel_size 8 is larger than gpus_per_worker 4" in str(
+        refused.value
+    )
 
 
 def test_ray_serve_llm_gets_the_bundles_and_strategy() -> None:
@@ -232,3 +239,30 @@ def test_the_serve_deployment_of_a_listing_gets_the_catalogs_autoscaling_and_que
     }
     # Per replica: 4 x the target, at least 16; then the queue bound past which callers get a 503.
     assert (deployment.max_ongoing_requests, deployment.max_queued_requests) == (16, 64)
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "group", "most"),
+    [
+        (1, 1, "l4x1", 8),  # one replica a node
+        (2, 1, "a100x4", 4),  # two a node
+        (3, 1, "a100x4", 2),  # a node holds one 3-GPU replica (STRICT_PACK): one GPU of each stays free
+        (2, 3, "h100x6", 2),  # stages in one node
+        (4, 2, "a100x8", 2),
+        (2, 2, "t4x2", 2),  # spread over two nodes (PACK): 8 GPUs, 4 a replica
+        (4, 3, "a100x4", 0),  # TP x PP larger than the group: replica-fits-group says so instead
+    ],
+)
+def test_a_listing_may_scale_to_as_many_replicas_as_its_group_can_hold(tp: int, pp: int, group: str, most: int):
+    def refusals(max_replicas: int) -> list[str]:
+        spec = ListingSpec(id="m", tensor_parallel_size=tp, pipeline_parallel_size=pp, accelerator_group=group,
+                           max_replicas=max_replicas)  # fmt: skip
+        return [p for p in placement_problems(spec, SPECS) if "can ever hold" in p]
+
+    expected = [
+        f"listing 'm': autoscaling.max_replicas {most + 1} replicas of {tp * pp} GPUs each are more than worker "
+        f"group '{group}' can ever hold ({most}, with gpus_per_worker {SPECS[group].gpus_per_worker} x max_replicas "
+        f"{SPECS[group].max_replicas}); lower autoscaling.max_replicas or raise the group's max_replicas"
+    ]
+    assert refusals(most) == []
+    assert refusals(most + 1) == (expected if most else [])

@@ -483,12 +483,13 @@ def test_a_catalog_only_change_leaves_the_cluster_spec_byte_identical(tmp_path: 
     assert cluster_after == cluster
 
 
-def test_a_cluster_shape_change_changes_the_cluster_spec(tmp_path: Path):
-    cluster, _ = _cluster_and_serve(GPU_VALUES)
-    bigger = yaml.safe_load(GPU_VALUES.read_text())["rayCluster"]["workerGroups"]
-    bigger[1]["maxReplicas"] = 3
-    cluster_after, _ = _cluster_and_serve(GPU_VALUES, values_file(tmp_path, {"rayCluster": {"workerGroups": bigger}}))
+def test_a_cluster_change_changes_the_cluster_spec(tmp_path: Path):
+    """The other side of the test above: an image change is a cluster change (a new cluster)."""
+    cluster, serve = _cluster_and_serve(GPU_VALUES)
+    newer = values_file(tmp_path, {"image": {"tag": "0.1.1-gpu"}})
+    cluster_after, serve_after = _cluster_and_serve(GPU_VALUES, newer)
     assert cluster_after != cluster
+    assert serve_after == serve
 
 
 def test_the_upgrade_strategy_is_kuberays_field(tmp_path: Path):
@@ -545,3 +546,39 @@ def test_gcs_fault_tolerance_can_use_an_external_redis(tmp_path: Path):
     assert [doc["metadata"]["name"] for doc in docs if doc["kind"] == "StatefulSet"] == ["tokenmart-redis"]
     error = render_error(tmp_path, {"rayCluster": {"gcsFaultTolerance": {**external, "existingSecret": ""}}})
     assert "rayCluster.gcsFaultTolerance.existingSecret: with an externalAddress, name the Secret" in error
+
+
+# -- the values table -----------------------------------------------------------------------------------------------
+
+
+def test_every_value_is_documented_and_the_readme_table_is_current():
+    from tokenmart.cluster import values_doc
+
+    text = values_doc.VALUES_PATH.read_text()
+    assert values_doc.undocumented(text) == []
+    assert values_doc.main(["--check"]) == 0, "helm/README.md is stale: run python -m tokenmart.cluster.values_doc"
+    readme = values_doc.README_PATH.read_text()
+    assert "| `rayCluster.workerGroups[0].gpusPerWorker` | int | `0` | GPUs of each worker pod" in readme
+    assert "| `secrets.generate` | bool | `true` |" in readme
+
+
+def test_the_values_doc_finds_an_undocumented_value_and_reads_multiline_comments():
+    from tokenmart.cluster import values_doc
+
+    text = (
+        "group:\n"
+        "  # -- First line,\n"
+        "  # second line.\n"
+        "  documented: 1\n"
+        "  forgotten: true\n"
+        "  # -- A list whose entries are documented with it.\n"
+        "  items:\n"
+        "    - name: a\n"
+        "      size: 2\n"
+    )
+    assert values_doc.undocumented(text) == ["group.forgotten"]
+    rows = values_doc.table(text).splitlines()[2:]
+    assert rows == [
+        "| `group.documented` | int | `1` | First line, second line. |",
+        '| `group.items` | list | `[{"name":"a","size":2}]` | A list whose entries are documented with it. |',
+    ]

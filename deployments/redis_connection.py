@@ -233,7 +233,7 @@ def describe_failure(exc: RedisError) -> str:
     """How a failed call is logged: an out-of-memory refusal says what to do about it."""
     if isinstance(exc, OutOfMemoryError):
         return f"Redis is out of memory and refuses writes (maxmemory reached, noeviction): {exc}"
-    return repr(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def check_eviction_policy(client: aioredis.Redis) -> str | None:

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,15 @@ class SentinelSet:
             START_TIMEOUT_S,
             "the replica's link to the primary",
         )
+
+        # After a full sync the primary streams writes to the replica only from its first ACK
+        # (sent each second): until a write is confirmed, WAIT would wait for it.
+        def streaming() -> bool:
+            client = self.primary.client()
+            client.incr("tests:replica-check")  # a write the replica must confirm
+            return client.wait(1, 100) == 1
+
+        _wait(streaming, START_TIMEOUT_S, "the primary to stream writes to the replica")
         # Each Sentinel is told its peers and the replica up front (ids made here), instead of
         # learning them from the primary's hello channel every 2 s: the set is ready at once.
         ports = [free_port() for _ in range(3)]
@@ -179,8 +189,9 @@ class SentinelSet:
                 member.stop()
 
 
-@pytest.fixture
-def sentinel_set() -> Iterator[SentinelSet]:
+@contextmanager
+def running_sentinel_set() -> Iterator[SentinelSet]:
+    """A started set in its own temporary folder, stopped and removed on exit."""
     root = Path(tempfile.mkdtemp(prefix="tokenmart-sentinel-"))
     members = SentinelSet(root)
     try:

@@ -152,7 +152,10 @@ class AppArgs(BaseModel):
     )
     redis_url: str = Field(
         default_factory=_default_redis_url,
-        description=f"Redis for keys, rate limits and billing. Default: ${REDIS_URL_ENV}, else {DEFAULT_REDIS_URL}.",
+        description="Redis for keys, rate limits and billing: redis://[:password@]host:port/db, or through "
+        "Sentinel redis+sentinel://[:password@]host1:26379,host2:26379/<service>[/<db>][?sentinel_password=...] "
+        "(the password is the data nodes'; options in docs/redis.md). Redis must run with maxmemory-policy "
+        f"noeviction. Default: ${REDIS_URL_ENV}, else {DEFAULT_REDIS_URL}.",
     )
     redis_timeout_s: float = Field(
         default=1.0, gt=0, description="Seconds a Redis call may take before the request gets a 503."

@@ -29,6 +29,7 @@ MAX_DEFAULT = 80
 
 _DOC = re.compile(r"^\s*# -- ?(.*)$")
 _MORE = re.compile(r"^\s*#(?: (.*))?$")
+_DECLARED_TYPE = re.compile(r"^\(([a-z ]+)\) (.*)$")
 _KEY = re.compile(r"^(?P<indent>\s*)(?P<item>- )?(?P<key>[A-Za-z0-9_.\-/]+):(?:\s|$)")
 
 
@@ -139,8 +140,11 @@ def table(text: str) -> str:
         if not value.description:
             continue
         node = _lookup(tree, value.parts)
-        description = value.description.replace("|", "\\|")
-        rows.append(f"| `{value.path}` | {_type(node)} | {_default(node)} | {description} |")
+        # `# -- (int) ...` names the type where the default (null) cannot, as helm-docs reads it.
+        declared = _DECLARED_TYPE.match(value.description)
+        kind, description = (declared.group(1), declared.group(2)) if declared else (_type(node), value.description)
+        description = description.replace("|", "\\|")
+        rows.append(f"| `{value.path}` | {kind} | {_default(node)} | {description} |")
     return "\n".join(rows) + "\n"
 
 

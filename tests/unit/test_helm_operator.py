@@ -560,6 +560,7 @@ def test_every_value_is_documented_and_the_readme_table_is_current():
     readme = values_doc.README_PATH.read_text()
     assert "| `rayCluster.workerGroups[0].gpusPerWorker` | int | `0` | GPUs of each worker pod" in readme
     assert "| `secrets.generate` | bool | `true` |" in readme
+    assert "| `rayCluster.head.numCpus` | int or null | `null` | Logical CPUs" in readme  # a declared (type)
 
 
 def test_the_values_doc_finds_an_undocumented_value_and_reads_multiline_comments():

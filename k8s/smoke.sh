@@ -162,11 +162,12 @@ ADMIN_TOKEN="$(kubectl -n "$NAMESPACE" get secret "$ADMIN_SECRET" -o "jsonpath={
   fail "cannot read the admin token from Secret ${ADMIN_SECRET} (key ${ADMIN_KEY}); see --admin-secret"
 [[ -n "$ADMIN_TOKEN" ]] || fail "Secret ${ADMIN_SECRET} has no key ${ADMIN_KEY}; see --admin-key"
 
-# request METHOD PATH OUTFILE [curl args...]: prints the HTTP status.
+# request METHOD PATH OUTFILE [curl args...]: prints the HTTP status (000: no answer).
 request() {
   local method="$1" path="$2" out="$3"
   shift 3
-  curl -sS -X "$method" -o "$out" -w '%{http_code}' "$BASE$path" "$@"
+  # A request that gets no answer prints 000, so the caller's message says which one failed.
+  curl -sS -X "$method" -o "$out" -w '%{http_code}' "$BASE$path" "$@" || true
 }
 
 # -- 5. a key, then one chat request -----------------------------------------------------------

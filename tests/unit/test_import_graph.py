@@ -24,7 +24,9 @@ LAZY_CROSSINGS = {
     ("tokenmart.deployments.app", "tokenmart.doubles.fake_engine"),
 }
 # Modules that import nothing of the project: the rules everything else reads.
-LEAVES = {"scripts", "errors", "placement", "ray_llm", "caller_watch", "request_id", "spool", "metrics"}
+LEAVES = {"scripts", "errors", "catalog_rules", "ray_llm", "caller_watch", "request_id", "spool", "metrics"}
+# Modules that import only the leaves: placement reads the catalog's rule table.
+NEAR_LEAVES = {"placement"}
 # The engine side runs in the model replicas and never imports the paid-request side.
 ENGINE_SIDE = {
     "tokenmart.deployments.engine_server",
@@ -102,6 +104,12 @@ def test_each_module_imports_only_the_folders_below_it(module: str) -> None:
 def test_the_rule_modules_import_nothing_of_the_project(name: str) -> None:
     top, lazy = GRAPH[f"tokenmart.deployments.{name}"]
     assert top | lazy == set()
+
+
+@pytest.mark.parametrize("name", sorted(NEAR_LEAVES))
+def test_the_modules_next_to_the_rules_import_only_the_rules(name: str) -> None:
+    top, lazy = GRAPH[f"tokenmart.deployments.{name}"]
+    assert top | lazy <= {f"tokenmart.deployments.{leaf}" for leaf in LEAVES}
 
 
 @pytest.mark.parametrize("module", sorted(ENGINE_SIDE))

@@ -63,6 +63,8 @@ def _array(items: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 QUANTITY = r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+# A memory size as redis.conf writes it (`maxmemory 768mb`): bytes, or k/kb/m/mb/g/gb in any case.
+REDIS_MEMORY = r"^[1-9][0-9]*([kKmMgG][bB]?)?$"
 # A name that is a DNS-1035 label (the RayService's name, and the Services KubeRay derives from it).
 DNS_1035 = r"^([a-z]([-a-z0-9]*[a-z0-9])?)?$"
 _ENV_VAR = _object({"name": _string(minLength=1)}, ["name"], closed=False)
@@ -270,10 +272,30 @@ def values_schema() -> dict[str, Any]:
         "redis": _object(
             {
                 "enabled": _boolean(),
+                "mode": {"enum": ["standalone", "sentinel"]},
+                "replicas": _integer(0),
                 "image": _object({"repository": _string(minLength=1), "tag": _string(minLength=1)}),
                 "auth": _existing_secret("passwordKey", "redis-password"),
-                "persistence": _object({"size": _string(pattern=r"^\d+(Ki|Mi|Gi|Ti)$"), "storageClass": _string()}),
+                "maxmemory": _string(pattern=REDIS_MEMORY),
+                "persistence": _object(
+                    {
+                        "size": _string(pattern=r"^\d+(Ki|Mi|Gi|Ti)$"),
+                        "storageClass": _string(),
+                        "appendfsync": {"enum": ["always", "everysec", "no"]},
+                        "rdbSnapshots": _boolean(),
+                    }
+                ),
                 "resources": _resources(),
+                "sentinel": _object(
+                    {
+                        "replicas": _integer(1),
+                        "quorum": _integer(1),
+                        "masterName": _string(pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$"),
+                        "downAfterMilliseconds": _integer(100),
+                        "failoverTimeout": _integer(1000),
+                        "resources": _resources(),
+                    }
+                ),
                 "external": _existing_secret("urlKey", "redis-url"),
             }
         ),

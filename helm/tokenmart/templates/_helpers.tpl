@@ -67,7 +67,7 @@ app.kubernetes.io/component: ray
       name: {{ include "tokenmart.redisSecretName" . }}
       key: {{ .Values.redis.auth.passwordKey }}
 - name: REDIS_URL
-  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s-redis:6379/0" (include "tokenmart.fullname" .) | quote }}
+  value: {{ include "tokenmart.redisURL" . | quote }}
 {{- else }}
 - name: REDIS_URL
   valueFrom:

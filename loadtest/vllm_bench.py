@@ -220,9 +220,16 @@ def start(
 
 # -- the runs --------------------------------------------------------------------------------
 def run_benchmark(
-    endpoint: Endpoint, scenario: Scenario, seed: int, tokenizer: str, result: Path, log: Path
+    endpoint: Endpoint,
+    scenario: Scenario,
+    seed: int,
+    tokenizer: str,
+    result: Path,
+    log: Path,
+    extra_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One `vllm bench serve` run in a child process; returns vLLM's result JSON."""
+    """One `vllm bench serve` run in a child process; returns vLLM's result JSON. `extra_body`
+    goes over the top level of every request's body (e.g. its `stream_options`)."""
     argv = [
         "--backend", "openai-chat", "--base-url", endpoint.base_url, "--endpoint", "/v1/chat/completions",
         "--model", MODEL, "--tokenizer", tokenizer, "--dataset-name", "random", "--ignore-eos",
@@ -235,6 +242,8 @@ def run_benchmark(
         "--ready-check-timeout-sec", "0", "--disable-tqdm",
         "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
     ]  # fmt: skip
+    if extra_body:
+        argv += ["--extra-body", json.dumps(extra_body)]
     env = {**os.environ, "OPENAI_API_KEY": endpoint.key}
     with log.open("w") as out:
         code = subprocess.run(

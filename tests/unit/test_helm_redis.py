@@ -7,6 +7,7 @@ what they do is Redis's behaviour, which needs real processes.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,23 @@ def test_an_external_sentinel_set_is_reached_through_the_url_secret(tmp_path: Pa
         "data-pw",
         "s-pw",
     )
+
+
+def test_liveness_waits_until_the_start_scripts_have_found_the_primary(tmp_path: Path):
+    """A pod killed by its liveness probe while its script still asks the set would never start."""
+    files = CHART / "files" / "redis"
+    resolve_wait_s = int(re.search(r"RESOLVE_WAIT_S:-(\d+)", (files / "start-sentinel.sh").read_text())[1])
+    attempts = int(re.search(r"FIND_ATTEMPTS:-(\d+)", (files / "start-redis.sh").read_text())[1])
+    call_timeout_s = int(re.search(r"timeout (\d+) redis-cli", (files / "lib.sh").read_text())[1])
+    docs = render_with(tmp_path, SENTINEL, CPU_VALUES)
+    statefulsets = _by_name(docs, "StatefulSet")
+    members = (
+        statefulsets["tokenmart-redis"]["spec"]["replicas"] + statefulsets["tokenmart-sentinel"]["spec"]["replicas"]
+    )
+    # Worst case: every member's host vanished without refusing, so each call runs out its timeout.
+    for name, needed_s in (
+        ("tokenmart-sentinel", resolve_wait_s + members * call_timeout_s),
+        ("tokenmart-redis", attempts * (members * call_timeout_s + 2)),
+    ):
+        probe = _container(statefulsets[name])["startupProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] > needed_s, name

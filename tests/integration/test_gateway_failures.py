@@ -173,6 +173,20 @@ def _narrow_catalog() -> Catalog:
     return Catalog.model_validate({"listings": listings})
 
 
+async def _narrow_gateway(redis, name: str, credit_usd: int = 1):
+    """A key with `credit_usd` and a gateway over `_narrow_catalog` whose engines stream until cancelled."""
+    keys = KeyStore(redis)
+    record, key = await keys.create(CreateKeyRequest(name=name, credit_usd=Decimal(credit_usd)))
+    handles = {listing.id: _LiveHandle() for listing in TEST_CATALOG.listings}
+    return keys, record, key, handles, Gateway(_narrow_catalog(), handles, Meter(redis), plain_requests=True)
+
+
+def _beta_stream() -> ChatCompletionRequest:
+    return ChatCompletionRequest(
+        model="beta-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True
+    )
+
+
 async def _hang_up(response) -> None:
     """A client that is gone before the stream's first byte: the gateway settles the admission."""
 
@@ -198,15 +212,8 @@ def test_a_full_listing_is_refused_before_redis_and_the_engine_and_takes_request
     async def scenario() -> None:
         redis = aioredis.from_url(redis_server.url, decode_responses=True)
         try:
-            keys = KeyStore(redis)
-            record, key = await keys.create(CreateKeyRequest(name="full-listing", credit_usd=Decimal(1)))
-            handles = {listing.id: _LiveHandle() for listing in TEST_CATALOG.listings}
-            gateway = Gateway(_narrow_catalog(), handles, Meter(redis), plain_requests=True)
-
-            def body() -> ChatCompletionRequest:
-                return ChatCompletionRequest(
-                    model="beta-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True
-                )
+            keys, record, key, handles, gateway = await _narrow_gateway(redis, "full-listing")
+            body = _beta_stream
 
             running = [await gateway.handle(body(), _request(key), method="chat") for _ in range(2)]
             held = (await keys.require(record.id)).hold_micros
@@ -251,15 +258,8 @@ def test_requests_arriving_together_at_a_full_listing_take_its_free_places_and_n
     async def scenario() -> None:
         redis = aioredis.from_url(redis_server.url, decode_responses=True)
         try:
-            keys = KeyStore(redis)
-            record, key = await keys.create(CreateKeyRequest(name="together", credit_usd=Decimal(1)))
-            handles = {listing.id: _LiveHandle() for listing in TEST_CATALOG.listings}
-            gateway = Gateway(_narrow_catalog(), handles, Meter(redis), plain_requests=True)
-
-            def body() -> ChatCompletionRequest:
-                return ChatCompletionRequest(
-                    model="beta-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True
-                )
+            keys, record, key, handles, gateway = await _narrow_gateway(redis, "together")
+            body = _beta_stream
 
             outcomes = await asyncio.gather(
                 *(gateway.handle(body(), _request(key), method="chat") for _ in range(5)), return_exceptions=True
@@ -289,10 +289,7 @@ def test_a_request_redis_refuses_gives_its_place_at_the_listing_back(redis_serve
     async def scenario() -> None:
         redis = aioredis.from_url(redis_server.url, decode_responses=True)
         try:
-            keys = KeyStore(redis)
-            _, key = await keys.create(CreateKeyRequest(name="broke", credit_usd=Decimal(0)))
-            handles = {listing.id: _LiveHandle() for listing in TEST_CATALOG.listings}
-            gateway = Gateway(_narrow_catalog(), handles, Meter(redis), plain_requests=True)
+            _, _, key, handles, gateway = await _narrow_gateway(redis, "broke", credit_usd=0)
             body = ChatCompletionRequest(model="beta-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=50)
             for _ in range(3):  # more than the listing's capacity of 2
                 with pytest.raises(Exception) as refusal:

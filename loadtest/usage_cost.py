@@ -67,7 +67,7 @@ def run(repeats: int, num_prompts: int, streams: int, seed: int, out: Path) -> l
         tokenizer = listing.resolved_source(None)
         scenario = Scenario("stream16", streams, 128, 64, num_prompts)
         logs = workdir / "logs"
-        logs.mkdir()
+        logs.mkdir(exist_ok=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("warming up", total=1 + repeats * len(VARIANTS))

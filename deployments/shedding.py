@@ -124,7 +124,9 @@ class DoorShedder:
             )
         model = None
         peek: ListingPeek | None = getattr(state, "listing_peek", None)
-        if refusal is None and peek is not None and peek.load.any_full():
+        # A request without a well-formed key gets the route's 401, full listing or not.
+        if refusal is None and peek is not None and peek.load.any_full() and (parsed := _api_key(scope)):
+            key_id = parsed[0]
             try:
                 body, receive = await _read_body(receive)
             except StarletteHTTPException as exc:  # over the body limit, while being read
@@ -147,14 +149,22 @@ class DoorShedder:
     def _memorised_refusal(scope: Scope, memo: RefusalMemo | None) -> tuple[RateLimited | None, str | None]:
         if not memo:  # none, or nobody refused: no key to hash on this request's path
             return None, None
-        authorization = next((value for name, value in scope.get("headers") or [] if name == b"authorization"), None)
-        if authorization is None:
-            return None, None
-        try:
-            key_id, key_hash = auth.parse_api_key(authorization.decode("latin-1"))
-        except APIError:
+        parsed = _api_key(scope)
+        if parsed is None:
             return None, None  # the route answers it, with its 401
+        key_id, key_hash = parsed
         return memo.refusal(key_hash), key_id
+
+
+def _api_key(scope: Scope) -> tuple[str, str] | None:
+    """The request's key id and hash, or None without a well-formed key (the route's 401)."""
+    authorization = next((value for name, value in scope.get("headers") or [] if name == b"authorization"), None)
+    if authorization is None:
+        return None
+    try:
+        return auth.parse_api_key(authorization.decode("latin-1"))
+    except APIError:
+        return None
 
 
 class EngineLoad:

@@ -724,6 +724,13 @@ def test_rate_limit_headers_already_on_a_response_are_not_replaced() -> None:
     assert calls == []
 
 
+class _NoEvictionRedis:
+    """What the replica's start reads of Redis: its memory policy."""
+
+    async def config_get(self, pattern: str) -> dict[str, str]:
+        return {"maxmemory-policy": "noeviction", "maxmemory": "1gb"}
+
+
 def test_the_ingress_attaches_its_source_to_its_own_app() -> None:
     """Ray Serve calls `__serve_build_asgi_app__` in the replica after the constructor."""
     from types import SimpleNamespace
@@ -737,6 +744,7 @@ def test_the_ingress_attaches_its_source_to_its_own_app() -> None:
             _rate_limit_headers=_source(str(i), []),
             _record_door_refusal=lambda *refusal: None,
             gateway=SimpleNamespace(refusals=object(), peek=object()),
+            redis=_NoEvictionRedis(),
         )
         for i, app in enumerate(apps)
     ]

@@ -115,15 +115,18 @@ def _peek(load: EngineLoad, read: list[str]) -> ListingPeek:
 
 def test_the_door_refuses_a_request_for_a_full_deployment_by_its_model_alone():
     """While "m" is full the door reads each paid body once, decodes only its `model`, and
-    refuses those for "m" (an adapter's too) with the route's own 503; others, and bodies it
-    cannot read a known model from, reach the route unchanged."""
+    refuses those for "m" (an adapter's too) with the route's own 503; others, bodies it
+    cannot read a known model from, and requests without a well-formed key (the route's 401)
+    reach the route unchanged."""
 
     async def scenario() -> None:
         app, release, _, served, shed = _app(limit=10)
         release.set()
         load, read = EngineLoad({"m": 1, "x": 1}), []
         app.state.listing_peek = _peek(load, read)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        key = generate_key()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=_auth(key)) as client:
             # Nothing full: the door does not read the body.
             assert (await client.post("/v1/chat/completions", json={"tag": "free", "model": "m"})).status_code == 200
             assert read == []
@@ -134,6 +137,10 @@ def test_the_door_refuses_a_request_for_a_full_deployment_by_its_model_alone():
             odd = [
                 await client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
                 for content in (b'["m"]', b'{"model": 7, "tag": "seven"}', b'{"model": "nope", "tag": "unknown"}')
+            ]
+            keyless = [
+                await client.post("/v1/chat/completions", json={"tag": tag, "model": "m"}, headers=headers)
+                for tag, headers in (("no key", {"authorization": ""}), ("bad key", _auth("sk-tm-not-a-key")))
             ]
 
             assert refused.status_code == 503
@@ -146,10 +153,16 @@ def test_the_door_refuses_a_request_for_a_full_deployment_by_its_model_alone():
             assert refused.headers["retry-after"] == "1"
             assert passed.status_code == 200 and passed.json() == {"tag": "other"}
             assert [response.status_code for response in odd] == [400, 200, 200]  # the route's own answers
-            assert served == ["free", "other", "seven", "unknown"]
+            assert [response.status_code for response in keyless] == [200, 200]  # the test route has no 401
+            assert served == ["free", "other", "seven", "unknown", "no key", "bad key"]
             ((status, code, key_id, _, model),) = shed
-            assert (status, code, key_id, model) == (503, "model_overloaded", None, "m-lora")
-            assert len(read) == 5  # every paid body while "m" was full, once each
+            assert (status, code, key_id, model) == (
+                503,
+                "model_overloaded",
+                parse_api_key(f"Bearer {key}")[0],
+                "m-lora",
+            )
+            assert len(read) == 5  # every paid body with a key while "m" was full, once each
 
             load.settled("m")
             assert (await client.post("/v1/chat/completions", json={"tag": "again", "model": "m"})).status_code == 200
@@ -170,7 +183,9 @@ def test_a_body_over_the_limit_read_by_the_door_gets_the_413_envelope():
                 yield b'{"pad": "' + b"x" * 500 + b'"}'
 
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            response = await client.post("/v1/chat/completions", content=chunks())  # no content-length
+            response = await client.post(
+                "/v1/chat/completions", content=chunks(), headers=_auth(generate_key())
+            )  # no content-length
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "request_too_large"
         assert response.json()["error"]["message"] == "The request body is larger than 1024 bytes."

@@ -31,7 +31,8 @@ EXAMPLES = sorted((CHART / "examples").glob("values-*.yaml"))
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion), one in between, and a current one.
 KUBERNETES_VERSIONS = ("1.27.0", "1.30.0", "1.35.0")
 CORE_KINDS = {"Secret", "Service", "StatefulSet", "ConfigMap", "Ingress", "PersistentVolumeClaim"}
-CRD_DIR = REPO_ROOT.parent / "shared" / "kuberay"
+# The CRDs beside the checkout (the workplace's ../shared/kuberay/), or TOKENMART_CRD_DIR.
+CRD_DIR = Path(os.environ.get("TOKENMART_CRD_DIR") or REPO_ROOT.parent / "shared" / "kuberay")
 # KubeRay's RayService CRD at the oldest release the chart supports and at its main branch.
 RAYSERVICE_CRDS = ("ray.io_rayservices.v1.3.0.yaml", "ray.io_rayservices.head-feeaf72.yaml")
 CRD_FILES = {
@@ -356,7 +357,13 @@ def _strict(schema: Any) -> Any:
 
 @functools.cache
 def crd_spec_validator(crd_file: str) -> jsonschema.protocols.Validator:
-    crd = yaml.safe_load((CRD_DIR / crd_file).read_text())
+    path = CRD_DIR / crd_file
+    if not path.is_file():
+        pytest.fail(
+            f"no CRD schema at {path}: put KubeRay's and prometheus-operator's CRDs in ../shared/kuberay/"
+            " beside the checkout, or set TOKENMART_CRD_DIR"
+        )
+    crd = yaml.safe_load(path.read_text())
     (version,) = [version for version in crd["spec"]["versions"] if version["name"] == "v1"]
     schema = _strict(version["schema"]["openAPIV3Schema"]["properties"]["spec"])
     return jsonschema.Draft7Validator(schema)

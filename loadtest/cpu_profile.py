@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -76,11 +77,11 @@ def role_of(process: psutil.Process) -> str | None:
     return next((role for role, marks in ROLES if any(mark in text for mark in marks)), None)
 
 
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """Every process with a role, and the CPU seconds (user + system) it has used so far."""
+def cpu_seconds(role_for: Callable[[psutil.Process], str | None] = role_of) -> dict[int, tuple[str, float]]:
+    """Every process with a role (`role_for`), and the CPU seconds (user + system) it has used so far."""
     seen: dict[int, tuple[str, float]] = {}
     for process in psutil.process_iter():
-        role = role_of(process)
+        role = role_for(process)
         if role is None:
             continue
         try:

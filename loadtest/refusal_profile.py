@@ -29,7 +29,7 @@ import psutil
 import typer
 from bench_load import MODEL, TIGHT_MODEL, Scenario, closed_loop, open_loop, summarize, warm_up
 from bench_stack import Stack
-from cpu_profile import replica_pids, role_of, samples_by_group, spent, start_py_spy
+from cpu_profile import cpu_seconds, replica_pids, role_of, samples_by_group, spent, start_py_spy
 from rich.console import Console
 
 console = Console()
@@ -38,29 +38,22 @@ LOAD_GENERATOR = "load generator (this script)"
 EXTRA_ROLES = [("fake engine replica", ("ServeReplica:tokenmart:fake",))]
 
 
+def role_here(process: psutil.Process) -> str | None:
+    """`cpu_profile`'s roles, plus the fake engine replica and this load generator."""
+    if process.pid == psutil.Process().pid:
+        return LOAD_GENERATOR
+    role = role_of(process)
+    if role is not None:
+        return role
+    try:
+        text = " ".join([process.name(), *process.cmdline()])
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+    return next((r for r, marks in EXTRA_ROLES if any(m in text for m in marks)), None)
+
+
 def roles_cpu() -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of every process with a role, the fake engine and this script included."""
-    seen: dict[int, tuple[str, float]] = {}
-    me = psutil.Process()
-    for process in psutil.process_iter():
-        if process.pid == me.pid:
-            role: str | None = LOAD_GENERATOR
-        else:
-            role = role_of(process)
-            if role is None:
-                try:
-                    text = " ".join([process.name(), *process.cmdline()])
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-                role = next((r for r, marks in EXTRA_ROLES if any(m in text for m in marks)), None)
-        if role is None:
-            continue
-        try:
-            times = process.cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        seen[process.pid] = (role, times.user + times.system)
-    return seen
+    return cpu_seconds(role_here)
 
 
 def main(

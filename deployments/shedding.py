@@ -224,7 +224,7 @@ class ListingPeek:
         JSON object with a known model passes: the route gives it its own answer."""
         try:
             model = json.loads(body).get("model")
-        except (ValueError, AttributeError):  # not JSON (UnicodeDecodeError is a ValueError), not an object
+        except (ValueError, AttributeError, RecursionError):  # not JSON (or nested too deep), not an object
             return None, None
         if not isinstance(model, str):
             return None, None

@@ -136,7 +136,12 @@ def test_the_door_refuses_a_request_for_a_full_deployment_by_its_model_alone():
             passed = await client.post("/v1/chat/completions", json={"tag": "other", "model": "x"})
             odd = [
                 await client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
-                for content in (b'["m"]', b'{"model": 7, "tag": "seven"}', b'{"model": "nope", "tag": "unknown"}')
+                for content in (
+                    b'["m"]',
+                    b"[" * 100_000,  # nested past the JSON decoder's recursion limit
+                    b'{"model": 7, "tag": "seven"}',
+                    b'{"model": "nope", "tag": "unknown"}',
+                )
             ]
             keyless = [
                 await client.post("/v1/chat/completions", json={"tag": tag, "model": "m"}, headers=headers)
@@ -152,7 +157,7 @@ def test_the_door_refuses_a_request_for_a_full_deployment_by_its_model_alone():
             }
             assert refused.headers["retry-after"] == "1"
             assert passed.status_code == 200 and passed.json() == {"tag": "other"}
-            assert [response.status_code for response in odd] == [400, 200, 200]  # the route's own answers
+            assert [response.status_code for response in odd] == [400, 400, 200, 200]  # the route's own answers
             assert [response.status_code for response in keyless] == [200, 200]  # the test route has no 401
             assert served == ["free", "other", "seven", "unknown", "no key", "bad key"]
             ((status, code, key_id, _, model),) = shed
@@ -162,11 +167,11 @@ def test_the_door_refuses_a_request_for_a_full_deployment_by_its_model_alone():
                 parse_api_key(f"Bearer {key}")[0],
                 "m-lora",
             )
-            assert len(read) == 5  # every paid body with a key while "m" was full, once each
+            assert len(read) == 6  # every paid body with a key while "m" was full, once each
 
             load.settled("m")
             assert (await client.post("/v1/chat/completions", json={"tag": "again", "model": "m"})).status_code == 200
-            assert len(read) == 5
+            assert len(read) == 6
 
     asyncio.run(scenario())
 

@@ -2,7 +2,7 @@
 
 Keys look like `sk-tm-<32 base62 chars><6 base62 checksum chars>`. The checksum lets the
 ingress refuse typos and garbage without touching Redis. Redis only ever sees the key's
-sha256; the key id is derived from that hash, so authenticating is one HGETALL.
+sha256; the secrets index maps it to the key's organization and id (keystore.py).
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def key_id_for_hash(key_hash: str) -> str:
-    """A public, stable id derived from the hash: lets one Redis read find the record."""
+def legacy_key_id(key_hash: str) -> str:
+    """The id keys had before organizations (derived from the secret's hash); `tokenmart
+    migrate` keeps it. New keys get random ids, which survive a rotation of their secret."""
     return "key_" + key_hash[:20]
 
 
@@ -78,13 +79,12 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
-def parse_api_key(authorization: str | None) -> tuple[str, str]:
-    """Return (key_id, key_hash) for a well-formed key, or raise 401 without any lookup."""
+def parse_api_key(authorization: str | None) -> str:
+    """Return the key's sha256 for a well-formed key, or raise 401 without any lookup."""
     key = bearer_token(authorization)
     if not is_well_formed(key):
         raise AuthenticationFailed("Incorrect API key provided. Keys look like sk-tm-... (check for typos).")
-    key_hash = hash_key(key)
-    return key_id_for_hash(key_hash), key_hash
+    return hash_key(key)
 
 
 def hashes_match(stored_hash: str, presented_hash: str) -> bool:
@@ -105,6 +105,7 @@ _KEY_REFUSALS = {
     Verdict.UNKNOWN_KEY: ("Incorrect API key provided.", "invalid_api_key"),
     Verdict.REVOKED_KEY: ("This API key has been revoked.", "revoked_api_key"),
     Verdict.EXPIRED_KEY: ("This API key has expired.", "expired_api_key"),
+    Verdict.ROTATED_KEY: ("This API key's secret was rotated; use its new secret.", "rotated_api_key"),
 }
 
 

@@ -8,14 +8,17 @@ tokens (at most the hold), refunds the rest, returns the unused tokens to the TP
 releases the concurrency slot and appends the ledger event. When Redis cannot take a
 settlement it goes to the local spool (`spool.py`) and is replayed.
 
-Redis layout (per account, hash-tagged):
-  {acct:<id>}:key                 the key record, with balance/hold/spent/credited micro-USD
-  {acct:<id>}:buckets             rate-limit token buckets (levels scaled by scripts.SCALE)
-  {acct:<id>}:inflight            zset: admitted, unsettled billing ids -> lease expiry (ms)
-  {acct:<id>}:holds               hash: billing id -> the credit it holds
-  {acct:<id>}:usage               hash "<UTC day>|<model>|<metric>" -> int (usage.py)
-  {acct:<id>}:ledger              stream of usage events (reconcile.py)
-  {acct:<id>}:settled:<billing>   idempotency marker (7 days)
+Redis layout (per organization, hash-tagged; docs/accounts.md has all of it):
+  {acct:<org>}:org                the organization, with balance/hold/spent/credited micro-USD
+  {acct:<org>}:key:<key>          the key record, with its own holds, spend and spend cap
+  {acct:<org>}:buckets:<key>      rate-limit token buckets (levels scaled by scripts.SCALE)
+  {acct:<org>}:inflight:<key>     zset: admitted, unsettled billing ids -> lease expiry (ms)
+  {acct:<org>}:holds              hash: billing id -> the credit it holds
+  {acct:<org>}:usage              hash "<UTC day>|<key>|<model>|<metric>" -> int (usage.py)
+  {acct:<org>}:ledger             stream of usage events (reconcile.py, ledger.py)
+  {acct:<org>}:settled:<billing>  idempotency marker (7 days)
+  {acct:<org>}:gen:<response id>  the generation record (GET /v1/generation)
+  {acct:<org>}:outbox             spend alerts raised by settlement (alerts.py)
 
 An admission whose ingress dies before settling keeps its slot and hold until its lease
 (LEASE_MS) runs out; the next admission of that key frees both.
@@ -24,12 +27,13 @@ An admission whose ingress dies before settling keeps its slot and hold until it
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -37,15 +41,17 @@ from redis.exceptions import RedisError
 from .catalog import Listing
 from .config import DEFAULT_LIMITS, DEFAULT_SPOOL_DIR
 from .errors import BillingUnavailable
+from .keystore import Locator
 from .limits import RateLimitState, current_state, default_state, effective_limits, refusal
 from .redis_connection import describe_failure
 from .schemas import Limits, micros_to_usd
-from .scripts import Verdict, account_key, lua_source
+from .scripts import Verdict, account_key, key_keys, lua_source
 from .spool import SettlementSpool
 
 logger = logging.getLogger("tokenmart.billing")
 
 SETTLED_MARKER_TTL_S = 7 * 24 * 3600
+GENERATION_TTL_S = 30 * 24 * 3600  # the default of AppArgs.generation_retention_days
 # rejected: the engine refused the request as invalid before doing any work; it is released
 # like any other admission but is not a request in the usage counters or the ledger.
 Outcome = Literal["completed", "aborted", "error", "rejected"]
@@ -63,12 +69,14 @@ class Admission:
     """What admission granted; settlement needs it back."""
 
     billing_id: str
+    org_id: str
     key_id: str
     listing: Listing
     hold_micros: int = 0
     reserved_tokens: int = 0
     limits: RateLimitState | None = None
     started_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    details: Any = None  # what the gateway keeps for the generation record (gateway._Details)
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,32 @@ class Settlement:
     @property
     def cost_usd(self) -> float:
         return micros_to_usd(self.cost_micros)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the generation record (GET /v1/generation) holds beyond the tokens and the cost."""
+
+    response_id: str
+    served_by: str
+    stream: bool = False
+    user: str = ""
+    ttft_ms: int | None = None
+    latency_ms: int | None = None
+    cached_tokens: int = 0
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {
+                "response_id": self.response_id,
+                "served_by": self.served_by,
+                "cached_tokens": self.cached_tokens,
+                "ttft_ms": "" if self.ttft_ms is None else self.ttft_ms,
+                "latency_ms": "" if self.latency_ms is None else self.latency_ms,
+                "stream": int(self.stream),
+                "user": self.user,
+            }
+        )
 
 
 def new_billing_id() -> str:
@@ -106,8 +140,12 @@ class Meter:
         spool: SettlementSpool | None = None,
         *,
         spool_dir: str | Path | None = None,
+        generation_ttl_s: int = GENERATION_TTL_S,
+        locator: Locator | None = None,
     ) -> None:
         self.redis = redis
+        self.locator = locator or Locator(redis)
+        self.generation_ttl_s = generation_ttl_s
         self.defaults = defaults or DEFAULT_LIMITS
         self.spool = spool or SettlementSpool.of_this_process(spool_dir or DEFAULT_SPOOL_DIR)
         self._admit = redis.register_script(lua_source("admit"))
@@ -119,7 +157,6 @@ class Meter:
 
     async def admit(
         self,
-        key_id: str,
         key_hash: str,
         listing: Listing,
         prompt_tokens: int,
@@ -127,15 +164,19 @@ class Meter:
         *,
         now_ms: int | None = None,
     ) -> Admission:
-        """Authenticate the key and reserve limits and credit for the worst case, in one Redis call.
+        """Authenticate the key and reserve limits and credit for the worst case, in one Redis call
+        (two the first time this replica sees the key: its secrets index entry is read once).
 
-        Raises 401 (unknown, revoked or expired key), 403 (model not allowed), 429 or 402
-        (with the rate-limit headers), or 503 when Redis does not answer.
+        Raises 401 (unknown, revoked, expired or rotated key), 403 (model not allowed), 429 or
+        402 (out of credit, or over the key's spend cap; with the rate-limit headers), or 503
+        when Redis does not answer.
         """
         tokens = prompt_tokens + max_output_tokens
         hold = listing.cost_micros(prompt_tokens, max_output_tokens)
         billing_id = new_billing_id()
-        keys = [account_key(key_id, name) for name in ("key", "buckets", "inflight", "holds")]
+        org_id, key_id = await self.locator.locate(key_hash)
+        named = key_keys(org_id, key_id)
+        keys = [named[name] for name in ("org", "key", "buckets", "inflight", "holds")]
         rpm, tpm, max_concurrency, max_per_request = effective_limits(Limits(), self.defaults)
         args = [billing_id, key_hash, listing.id, rpm, tpm, max_concurrency, tokens, hold, LEASE_MS]
         args += ["" if now_ms is None else now_ms, max_per_request, max_output_tokens]
@@ -149,25 +190,41 @@ class Meter:
         limits = RateLimitState(*(int(v) for v in state))
         if verdict != Verdict.ADMITTED:
             raise refusal(Verdict(int(verdict)), int(retry_ms), limits, tokens, hold, listing.id, max_output_tokens)
-        return Admission(billing_id, key_id, listing, hold, tokens, limits)
+        return Admission(billing_id, org_id, key_id, listing, hold, tokens, limits)
 
-    async def current_state(self, key_id: str) -> RateLimitState:
-        """The key's limits and bucket levels now, without consuming anything (one round trip)."""
-        return await current_state(self.redis, key_id, self.defaults)
+    async def current_state(self, key_hash: str) -> RateLimitState:
+        """The key's limits and bucket levels now, without consuming anything (one round trip
+        once the key is located)."""
+        return await current_state(self.redis, await self.locator.locate(key_hash), self.defaults)
 
     async def settle(
-        self, admission: Admission, prompt_tokens: int, completion_tokens: int, outcome: Outcome
+        self,
+        admission: Admission,
+        prompt_tokens: int,
+        completion_tokens: int,
+        outcome: Outcome,
+        generation: Generation | None = None,
+        *,
+        now_ms: int | None = None,
     ) -> Settlement:
         """Charge the real tokens. Engine errors charge no completion tokens (the caller passes 0)."""
         cost = admission.listing.cost_micros(prompt_tokens, completion_tokens)
-        key_id = admission.key_id
+        org_id, key_id = admission.org_id, admission.key_id
+        generation = generation or Generation(response_id=admission.billing_id, served_by=admission.listing.id)
+        named = key_keys(org_id, key_id)
         keys = [
-            account_key(key_id, "key"),
-            account_key(key_id, "usage"),
-            account_key(key_id, "ledger"),
-            account_key(key_id, f"settled:{admission.billing_id}"),
+            named["org"],
+            named["key"],
+            account_key(org_id, "usage"),
+            account_key(org_id, "ledger"),
+            account_key(org_id, f"settled:{admission.billing_id}"),
+            named["buckets"],
+            named["inflight"],
+            named["holds"],
+            account_key(org_id, f"gen:{generation.response_id}"),
+            account_key(org_id, "alerts"),
+            account_key(org_id, "outbox"),
         ]
-        keys += [account_key(key_id, "buckets"), account_key(key_id, "inflight"), account_key(key_id, "holds")]
         args = [
             admission.billing_id,
             key_id,
@@ -181,6 +238,10 @@ class Meter:
             SETTLED_MARKER_TTL_S,
             max(admission.reserved_tokens - prompt_tokens - completion_tokens, 0),
             admission.reserved_tokens,
+            org_id,
+            generation.as_json(),
+            self.generation_ttl_s,
+            "" if now_ms is None else now_ms,
         ]
         try:
             settled, balance, charged = await self._settle(keys=keys, args=args)

@@ -25,7 +25,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import auth
-from .billing import Admission, Meter, Outcome, Settlement
+from .billing import Admission, Generation, Meter, Outcome, Settlement
 from .caller_watch import CALLER_HEADER
 from .catalog import Catalog, Listing
 from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, engine_error, request_refusal
@@ -78,6 +78,8 @@ class StreamTally:
         self._completion: dict[int, int] = {}
         self._prompt: dict[int, int] = {}
         self._final: Usage | None = None
+        self.response_id: str | None = None
+        self.cached_tokens = 0
 
     def add(self, chunk: dict, usage: Any) -> None:
         counted = Usage.from_openai(usage)
@@ -95,8 +97,11 @@ class StreamTally:
         unless the client asked for usage on every chunk), or None for a chunk without
         choices: the final usage chunk, or an empty one."""
         usage = chunk.get("usage")
+        if self.response_id is None and isinstance(chunk.get("id"), str):
+            self.response_id = chunk["id"]
         if usage:
             self.add(chunk, usage)
+            self.cached_tokens = max(self.cached_tokens, cached_tokens(usage))
         if not chunk.get("choices"):
             return None
         if usage and not keep_usage:
@@ -171,18 +176,17 @@ class Gateway:
         started = time.perf_counter()
         model = body.model if isinstance(body.model, str) and self.catalog.get(body.model) else UNKNOWN_MODEL
         stream = bool(body.stream)
-        key_id: str | None = None
         key_hash = ""
         status, code = 500, "internal_error"
         try:
-            key_id, key_hash = auth.parse_api_key(request.headers.get("authorization"))
-            response = await self._handle(body, request, method, key_id, key_hash, started)
+            key_hash = auth.parse_api_key(request.headers.get("authorization"))
+            response = await self._handle(body, request, method, key_hash, started)
             status, code = 200, None
             return response
         except APIError as exc:
             status, code = exc.status_code, exc.code
             if key_hash:
-                self.refusals.remember(key_hash, exc)
+                self.refusals.remember(key_hash, exc, self._key_label(key_hash))
             raise
         except anyio.get_cancelled_exc_class():
             status, code = CLIENT_CLOSED, "client_closed"
@@ -190,20 +194,31 @@ class Gateway:
         finally:
             # A stream that started is recorded by `_stream`, when it ends.
             if self.metrics is not None and not (stream and status == 200):
+                key_id = self._key_label(key_hash) if key_hash else None
                 self.metrics.request_done(
                     model, status, code, stream=stream, key_id=key_id, seconds=time.perf_counter() - started
                 )
 
-    async def _handle(
-        self, body: Any, request: Request, method: str, key_id: str, key_hash: str, started: float
-    ) -> Response:
+    def _key_label(self, key_hash: str) -> str | None:
+        """The key id of a secret this replica has located (the metrics' key label), else None."""
+        location = self.meter.locator.cached(key_hash)
+        return None if location is None else location.key_id
+
+    async def _handle(self, body: Any, request: Request, method: str, key_hash: str, started: float) -> Response:
         self._ensure_replayer()
         listing = self.resolve(body.model)
         chat = method == "chat"
         body = _checked(body, listing, chat=chat)
         # The key's format and checksum were checked; its record is read by the admission
-        # script, so a request costs two Redis round trips in all (admit, settle).
-        admission = await self._admit(body, listing, key_id, key_hash, chat=chat)
+        # script, so a request costs two Redis round trips in all (admit, settle), and one more
+        # the first time this replica sees the key (its secrets index entry).
+        admission = await self._admit(body, listing, key_hash, chat=chat)
+        admission.details = _Details(
+            started=started,
+            fallback_id=f"{'chatcmpl' if chat else 'cmpl'}-{admission.billing_id}",
+            stream=bool(body.stream),
+            user=body.user if isinstance(getattr(body, "user", None), str) else "",
+        )
         headers = admission.limits.headers() if admission.limits else {}
         # The billing id is the engine's request id, so the response id and the ledger match.
         body.request_id = admission.billing_id
@@ -216,8 +231,9 @@ class Gateway:
         if not body.stream:
             return await self._reply(admission, first, headers)
 
+        admission.details.first_token_at = time.perf_counter()
         if self.metrics is not None:
-            self.metrics.first_token(listing.id, time.perf_counter() - started)
+            self.metrics.first_token(listing.id, admission.details.first_token_at - started)
         begun = _Begun()
         return _SettledStreamingResponse(
             self._stream(admission, first, responses, wants, started, begun, StreamTally(body.n or 1)),
@@ -227,7 +243,7 @@ class Gateway:
             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
         )
 
-    async def _admit(self, body: Any, listing: Listing, key_id: str, key_hash: str, *, chat: bool) -> Admission:
+    async def _admit(self, body: Any, listing: Listing, key_hash: str, *, chat: bool) -> Admission:
         """Count the prompt (an adapter shares its base model's tokenizer) and hold its cost."""
         deployment = self._deployment_of(listing)
         # The slot is taken before the first await, so requests arriving together cannot all
@@ -236,9 +252,7 @@ class Gateway:
         try:
             counter = self._counters.get(deployment) or BYTE_BOUND
             prompt_tokens = await counter.count_async(body, chat=chat)
-            admission = await self.meter.admit(
-                key_id, key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat)
-            )
+            admission = await self.meter.admit(key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat))
         except BaseException:
             self.load.settled(deployment)  # refused (or the client left) before it was admitted
             raise
@@ -284,7 +298,10 @@ class Gateway:
         """A whole (non-streamed) answer: bill the engine's usage and show its cost."""
         payload = first if isinstance(first, dict) else first.model_dump()
         usage = Usage.from_openai(payload.get("usage"))
-        settlement = await self._settle(admission, usage, "completed")
+        response_id = payload.get("id") if isinstance(payload.get("id"), str) else None
+        settlement = await self._settle(
+            admission, usage, "completed", response_id=response_id, cached=cached_tokens(payload.get("usage"))
+        )
         if payload.get("usage") is not None:
             payload["usage"]["cost"] = settlement.cost_usd
         return JSONResponse(payload, headers=headers)
@@ -341,7 +358,9 @@ class Gateway:
                 )
                 outcome, ended = "aborted", (failure.status_code, failure.code)
                 yield _sse(failure.body())
-            settlement = await self._settle(admission, tally.usage, outcome)
+            settlement = await self._settle(
+                admission, tally.usage, outcome, response_id=tally.response_id, cached=tally.cached_tokens
+            )
             settled = True
             if usage_chunk is not None and wants.final:
                 usage_chunk["usage"]["cost"] = settlement.cost_usd
@@ -351,7 +370,9 @@ class Gateway:
             if not settled:
                 # Client went away (or we failed): stop the engine and bill what was produced.
                 responses.cancel()
-                await self._settle(admission, tally.usage, outcome)
+                await self._settle(
+                    admission, tally.usage, outcome, response_id=tally.response_id, cached=tally.cached_tokens
+                )
             if self.metrics is not None:
                 self.metrics.request_done(
                     admission.listing.id,
@@ -361,16 +382,27 @@ class Gateway:
                     seconds=time.perf_counter() - started,
                 )
 
-    async def _settle(self, admission: Admission, usage: Usage, outcome: Outcome) -> Settlement:
+    async def _settle(
+        self,
+        admission: Admission,
+        usage: Usage,
+        outcome: Outcome,
+        *,
+        response_id: str | None = None,
+        cached: int = 0,
+    ) -> Settlement:
         """Settle, even when the surrounding task is being cancelled. Engine errors bill no output.
 
         It does not fail when Redis does: the meter spools the settlement for replay.
         """
         if outcome == "error":
             usage = Usage(usage.prompt_tokens, 0)
+        generation = _generation(admission, response_id, cached)
         with anyio.CancelScope(shield=True):
             try:
-                settlement = await self.meter.settle(admission, usage.prompt_tokens, usage.completion_tokens, outcome)
+                settlement = await self.meter.settle(
+                    admission, usage.prompt_tokens, usage.completion_tokens, outcome, generation
+                )
             finally:
                 self.load.settled(self._deployment_of(admission.listing))
         if self.metrics is not None:
@@ -391,6 +423,44 @@ class Gateway:
 @dataclass
 class _Begun:
     started: bool = False
+
+
+@dataclass
+class _Details:
+    """What the generation record needs of a request beyond its tokens (Admission.details)."""
+
+    started: float  # perf_counter at arrival
+    fallback_id: str  # the response id, when the engine sent none (it failed first)
+    stream: bool
+    user: str
+    first_token_at: float | None = None
+
+
+def _generation(admission: Admission, response_id: str | None, cached: int) -> Generation:
+    details: _Details | None = getattr(admission, "details", None)
+    if details is None:
+        return Generation(response_id=response_id or admission.billing_id, served_by=admission.listing.id)
+    now = time.perf_counter()
+    first = details.first_token_at
+    return Generation(
+        response_id=response_id or details.fallback_id,
+        served_by=admission.listing.id,
+        stream=details.stream,
+        user=details.user,
+        ttft_ms=None if first is None else round((first - details.started) * 1000),
+        latency_ms=round((now - details.started) * 1000),
+        cached_tokens=cached,
+    )
+
+
+def cached_tokens(usage: Any) -> int:
+    """Prompt tokens served from the engine's prefix cache, as its usage reports them."""
+    if usage is None:
+        return 0
+    if not isinstance(usage, dict):
+        usage = usage.model_dump()
+    details = usage.get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
 
 
 class _SettledStreamingResponse(StreamingResponse):

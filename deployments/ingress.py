@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Any
 
 import ray
 from fastapi import FastAPI, Query, Request
@@ -37,14 +37,28 @@ from .errors import (
     internal_error_response,
 )
 from .gateway import Gateway
-from .keystore import KeyStore, connect
+from .generations import find_generation
+from .keystore import KeyStore, Locator, connect
 from .metrics import UNKNOWN_MODEL, MarketplaceMetrics
 from .ray_llm import ModelCard
 from .reconcile import reconcile
 from .redis_connection import check_eviction_policy, replica_ack
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import client_request_id
-from .schemas import CreatedKey, CreateKeyRequest, CreditRequest, Limits, UpdateKeyRequest, usd_to_micros
+from .schemas import (
+    CreatedKey,
+    CreateKeyRequest,
+    CreateOrgRequest,
+    CreditRequest,
+    KeyRecord,
+    Limits,
+    OrgRecord,
+    RotateKeyRequest,
+    UpdateKeyRequest,
+    UpdateOrgRequest,
+    UsageGroup,
+    usd_to_micros,
+)
 from .shedding import DoorShedder
 from .tokens import PromptCounter
 from .usage import usage_report
@@ -195,13 +209,19 @@ class MarketplaceIngress(OpenAiIngress):
         per_key_metrics: bool = False,
         spool_dir: str | None = None,
         admin_token: SecretStr | None = None,
+        generation_retention_days: int = 30,
     ) -> None:
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self.catalog = Catalog.model_validate(catalog)
         self.redis = connect(redis_url, timeout_s=redis_timeout_s)
-        self.keys = KeyStore(self.redis, replica_ack=replica_ack(redis_url, timeout_s=redis_timeout_s))
+        locator = Locator(self.redis)  # one cache of the secrets index, for keys and admission
+        self.keys = KeyStore(self.redis, replica_ack=replica_ack(redis_url, timeout_s=redis_timeout_s), locator=locator)
         self.meter = Meter(
-            self.redis, Limits.model_validate(default_limits) if default_limits else None, spool_dir=spool_dir
+            self.redis,
+            Limits.model_validate(default_limits) if default_limits else None,
+            spool_dir=spool_dir,
+            generation_ttl_s=generation_retention_days * 24 * 3600,
+            locator=locator,
         )
         # Exact prompt counts where the listing's tokenizer is on this node; byte bounds elsewhere.
         # Multimodal listings bound each image by its most tokens; the byte bound covers the rest.
@@ -256,8 +276,7 @@ class MarketplaceIngress(OpenAiIngress):
         state = self.meter.default_state()
         if status != 401 and status < 500 and authorization:
             try:
-                key_id, _ = auth.parse_api_key(authorization)
-                state = await self.meter.current_state(key_id)
+                state = await self.meter.current_state(auth.parse_api_key(authorization))
             except APIError:
                 pass  # not a well-formed key: the defaults
             except Exception:  # headers must never break the response they ride on
@@ -282,19 +301,25 @@ class MarketplaceIngress(OpenAiIngress):
 
     # -- the calling key's own account -------------------------------------------------
     async def key_info(self, request: Request) -> dict[str, Any]:
-        record = await self.keys.authenticate(request.headers.get("authorization"))
-        return record.view().model_dump()
+        record, org = await self.keys.authenticate(request.headers.get("authorization"))
+        return record.view(org).model_dump()
 
     async def usage(
         self,
         request: Request,
         start: date | None = Query(default=None, description="first UTC day, YYYY-MM-DD"),
         end: date | None = Query(default=None, description="last UTC day, YYYY-MM-DD"),
-        group_by: Literal["model", "day"] = Query(default="model"),
+        group_by: UsageGroup = Query(default="model"),
     ) -> dict[str, Any]:
-        record = await self.keys.authenticate(request.headers.get("authorization"))
+        """The calling key's own usage."""
+        record, org = await self.keys.authenticate(request.headers.get("authorization"))
         first, last = _usage_window(start, end)
-        return (await usage_report(self.redis, [record.id], first, last, group_by)).model_dump()
+        return (await usage_report(self.redis, [org.id], first, last, group_by, key_id=record.id)).model_dump()
+
+    async def generation(self, request: Request, id: str = Query(min_length=1, max_length=200)) -> dict[str, Any]:
+        """One response of the caller's organization: its tokens, cost, status and timings."""
+        _, org = await self.keys.authenticate(request.headers.get("authorization"))
+        return (await find_generation(self.redis, org.id, id)).model_dump()
 
     async def healthz(self) -> Response:
         try:
@@ -313,52 +338,119 @@ class MarketplaceIngress(OpenAiIngress):
         if unknown:
             raise BadRequest(f"Unknown model(s) {', '.join(map(repr, unknown))}; see GET /v1/models.", param="models")
 
+    async def _key_view(self, record: KeyRecord) -> dict[str, Any]:
+        record, org = await self.keys.with_org(record)
+        return record.view(org).model_dump()
+
     async def admin_create_key(self, body: CreateKeyRequest, request: Request) -> JSONResponse:
         self._admin(request)
         self._check_models(body.models)
         record, key = await self.keys.create(body)
-        created = CreatedKey(**record.view().model_dump(), key=key)
+        created = CreatedKey(**(await self._key_view(record)), key=key)
         return JSONResponse(created.model_dump(), status_code=201)
 
-    async def admin_list_keys(self, request: Request) -> dict[str, Any]:
+    async def admin_list_keys(self, request: Request, org_id: str | None = Query(default=None)) -> dict[str, Any]:
         self._admin(request)
-        return {"object": "list", "data": [r.view().model_dump() for r in await self.keys.list()]}
+        if org_id is not None:
+            await self.keys.require_org(org_id)
+        data = [record.view(org).model_dump() for record, org in await self.keys.list(org_id)]
+        return {"object": "list", "data": data}
 
     async def admin_get_key(self, key_id: str, request: Request) -> dict[str, Any]:
         self._admin(request)
-        return (await self.keys.require(key_id)).view().model_dump()
+        return await self._key_view(await self.keys.require(key_id))
 
     async def admin_update_key(self, key_id: str, body: UpdateKeyRequest, request: Request) -> dict[str, Any]:
         self._admin(request)
         self._check_models(body.models)
-        return (await self.keys.update(key_id, body)).view().model_dump()
+        return await self._key_view(await self.keys.update(key_id, body))
 
     async def admin_revoke_key(self, key_id: str, request: Request) -> dict[str, Any]:
         self._admin(request)
-        return (await self.keys.revoke(key_id)).view().model_dump()
+        return await self._key_view(await self.keys.revoke(key_id))
 
     async def admin_add_credit(self, key_id: str, body: CreditRequest, request: Request) -> dict[str, Any]:
+        """Credit the key's organization (kept from before organizations)."""
         self._admin(request)
-        return (await self.keys.add_credit(key_id, usd_to_micros(body.amount_usd))).view().model_dump()
+        return await self._key_view(await self.keys.add_credit(key_id, usd_to_micros(body.amount_usd)))
+
+    async def admin_rotate_key(self, key_id: str, body: RotateKeyRequest, request: Request) -> dict[str, Any]:
+        """A new secret for the key (shown once, here); the old one works for `grace_s` more seconds."""
+        self._admin(request)
+        record, key = await self.keys.rotate(key_id, body.grace_s)
+        return CreatedKey(**(await self._key_view(record)), key=key).model_dump()
+
+    # organizations
+    async def _org_view(self, org: OrgRecord) -> dict[str, Any]:
+        return {**org.view().model_dump(), "keys": len(await self.keys.list(org.id))}
+
+    async def admin_create_org(self, body: CreateOrgRequest, request: Request) -> JSONResponse:
+        self._admin(request)
+        return JSONResponse(await self._org_view(await self.keys.create_org(body)), status_code=201)
+
+    async def admin_list_orgs(self, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        counts: dict[str, int] = {}
+        for owner in (await self.keys.ids()).values():
+            counts[owner] = counts.get(owner, 0) + 1
+        data = [{**org.view().model_dump(), "keys": counts.get(org.id, 0)} for org in await self.keys.list_orgs()]
+        return {"object": "list", "data": data}
+
+    async def admin_get_org(self, org_id: str, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        return await self._org_view(await self.keys.require_org(org_id))
+
+    async def admin_update_org(self, org_id: str, body: UpdateOrgRequest, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        return await self._org_view(await self.keys.rename_org(org_id, body.name))
+
+    async def admin_add_org_credit(self, org_id: str, body: CreditRequest, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        return await self._org_view(await self.keys.add_org_credit(org_id, usd_to_micros(body.amount_usd)))
+
+    async def _scope(self, org_id: str | None, key_id: str | None) -> dict[str, list[str]]:
+        """Organization id -> its key ids, for an admin report over one key, one organization or all."""
+        located = await self.keys.ids()
+        if key_id is not None:
+            if key_id not in located:
+                await self.keys.require(key_id)  # its 404
+            if org_id is not None and located[key_id] != org_id:
+                raise BadRequest(f"The key {key_id!r} is not in the organization {org_id!r}.", param="key_id")
+            return {located[key_id]: [key_id]}
+        if org_id is not None:
+            await self.keys.require_org(org_id)
+            return {org_id: [k for k, o in located.items() if o == org_id]}
+        scope: dict[str, list[str]] = {org: [] for org in await self.keys.org_ids()}
+        for key, owner in located.items():
+            scope.setdefault(owner, []).append(key)
+        return scope
 
     async def admin_usage(
         self,
         request: Request,
         key_id: str | None = Query(default=None),
+        org_id: str | None = Query(default=None),
         start: date | None = Query(default=None),
         end: date | None = Query(default=None),
-        group_by: Literal["model", "day"] = Query(default="model"),
+        group_by: UsageGroup = Query(default="model"),
     ) -> dict[str, Any]:
         self._admin(request)
         first, last = _usage_window(start, end)
-        key_ids = [(await self.keys.require(key_id)).id] if key_id else [r.id for r in await self.keys.list()]
-        return (await usage_report(self.redis, key_ids, first, last, group_by)).model_dump()
+        scope = await self._scope(org_id, key_id)
+        report = await usage_report(self.redis, sorted(scope), first, last, group_by, key_id=key_id)
+        return report.model_dump()
 
-    async def admin_reconcile(self, request: Request, key_id: str | None = Query(default=None)) -> dict[str, Any]:
+    async def admin_reconcile(
+        self, request: Request, key_id: str | None = Query(default=None), org_id: str | None = Query(default=None)
+    ) -> dict[str, Any]:
+        """Every level of the organizations (of the one holding `key_id`, or `org_id`)."""
         self._admin(request)
-        key_ids = [(await self.keys.require(key_id)).id] if key_id else sorted(await self.keys.ids())
+        scope = await self._scope(org_id, None)
+        if key_id is not None:
+            owner = await self.keys.org_of(key_id)
+            scope = {owner: (await self._scope(owner, None))[owner]}
         try:
-            return (await reconcile(self.redis, key_ids)).model_dump()
+            return (await reconcile(self.redis, scope)).model_dump()
         except RedisError as exc:
             raise BillingUnavailable("The billing store is unavailable. Retry shortly.", retry_after_s=2) from exc
 
@@ -388,6 +480,7 @@ ENDPOINTS = {
     "model_data": _route("get", "/v1/models/{model:path}", "/api/v1/models/{model:path}"),
     "key_info": _route("get", "/v1/key", "/api/v1/key"),
     "usage": _route("get", "/v1/usage", "/api/v1/usage"),
+    "generation": _route("get", "/v1/generation", "/api/v1/generation"),
     "healthz": _route("get", "/healthz"),
     "admin_create_key": _route("post", "/admin/v1/keys", status_code=201),
     "admin_list_keys": _route("get", "/admin/v1/keys"),
@@ -395,6 +488,12 @@ ENDPOINTS = {
     "admin_update_key": _route("patch", "/admin/v1/keys/{key_id}"),
     "admin_revoke_key": _route("delete", "/admin/v1/keys/{key_id}"),
     "admin_add_credit": _route("post", "/admin/v1/keys/{key_id}/credit"),
+    "admin_rotate_key": _route("post", "/admin/v1/keys/{key_id}/rotate"),
+    "admin_create_org": _route("post", "/admin/v1/orgs", status_code=201),
+    "admin_list_orgs": _route("get", "/admin/v1/orgs"),
+    "admin_get_org": _route("get", "/admin/v1/orgs/{org_id}"),
+    "admin_update_org": _route("patch", "/admin/v1/orgs/{org_id}"),
+    "admin_add_org_credit": _route("post", "/admin/v1/orgs/{org_id}/credit"),
     "admin_usage": _route("get", "/admin/v1/usage"),
     "admin_reconcile": _route("get", "/admin/v1/reconcile"),
 }

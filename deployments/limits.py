@@ -19,7 +19,7 @@ from .auth import auth_refusal
 from .config import DEFAULT_LIMITS
 from .errors import APIError, BadRequest, InsufficientCredit, PermissionDenied, RateLimited
 from .schemas import Limits, micros_to_usd
-from .scripts import SCALE, Verdict, account_key
+from .scripts import SCALE, Verdict, key_keys
 
 # DEFAULT_LIMITS, the default of AppArgs.default_limits (config.py), is also the built-in
 # fallback of each limit an operator leaves unset; importable from here as before.
@@ -90,11 +90,12 @@ def default_state(defaults: Limits) -> RateLimitState:
     return RateLimitState(rpm, rpm, 0, tpm, tpm, 0, max_concurrency, max_per_request)
 
 
-async def current_state(redis: aioredis.Redis, key_id: str, defaults: Limits) -> RateLimitState:
+async def current_state(redis: aioredis.Redis, location: tuple[str, str], defaults: Limits) -> RateLimitState:
     """The key's limits and bucket levels now, without consuming anything (one round trip)."""
     pipe = redis.pipeline(transaction=False)
-    pipe.hget(account_key(key_id, "key"), "limits")
-    pipe.hmget(account_key(key_id, "buckets"), ["req_level", "req_ts", "tok_level", "tok_ts"])
+    named = key_keys(*location)
+    pipe.hget(named["key"], "limits")
+    pipe.hmget(named["buckets"], ["req_level", "req_ts", "tok_level", "tok_ts"])
     pipe.time()
     raw_limits, (req_level, req_ts, tok_level, tok_ts), (seconds, micros) = await pipe.execute()
     rpm, tpm, max_concurrency, max_per_request = effective_limits(Limits.from_stored(raw_limits), defaults)
@@ -128,6 +129,13 @@ def refusal(
         return InsufficientCredit(
             f"Your credit balance is too low for this request (it may cost up to ${micros_to_usd(hold):.6f} with "
             "its max_tokens). Add credit, or lower max_tokens.",
+            headers=headers,
+        )
+    if verdict is Verdict.SPEND_CAP:
+        return InsufficientCredit(
+            f"This API key has reached its spend cap (this request may cost up to ${micros_to_usd(hold):.6f}). "
+            "Wait for the cap's period to reset (GET /v1/key shows when), or ask for a higher cap.",
+            code="spend_cap_reached",
             headers=headers,
         )
     if verdict is Verdict.LARGER_THAN_TPM:

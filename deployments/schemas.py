@@ -15,10 +15,20 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .catalog import MICROS_PER_USD
+from .periods import cap_period_id, period_resets_at
 
 KeyStatus = Literal["active", "revoked"]
 
@@ -155,36 +165,89 @@ class Limits(BaseModel):
         return cls(**clamped)
 
 
-class KeyRecord(BaseModel):
-    """A key as stored in Redis (`{acct:<id>}:key`, a hash)."""
+CapPeriod = Literal["daily", "weekly", "monthly"]
+
+
+class OrgRecord(BaseModel):
+    """An organization as stored in Redis (`{acct:<id>}:org`, a hash): it holds the credit."""
 
     id: str
     name: str
-    prefix: str
-    key_hash: str
-    status: KeyStatus = "active"
-    models: list[str] | None = None  # None: every listing
-    limits: Limits = Limits()
     created_at: int
-    expires_at: int | None = None
     balance_micros: int = 0
     hold_micros: int = 0
     spent_micros: int = 0
     # Every credit ever granted; balance + hold + spent always equals it (see reconcile.py).
     credited_micros: int = 0
 
+    def view(self) -> OrgView:
+        return OrgView(
+            id=self.id,
+            name=self.name,
+            credit_usd=micros_to_usd(self.balance_micros),
+            on_hold_usd=micros_to_usd(self.hold_micros),
+            spent_usd=micros_to_usd(self.spent_micros),
+            credited_usd=micros_to_usd(self.credited_micros),
+            created_at=self.created_at,
+        )
+
+
+class OrgView(BaseModel):
+    object: Literal["organization"] = "organization"
+    id: str
+    name: str
+    credit_usd: float
+    on_hold_usd: float
+    spent_usd: float
+    credited_usd: float
+    created_at: int
+
+
+class KeyRecord(BaseModel):
+    """A key as stored in Redis (`{acct:<org id>}:key:<id>`, a hash); its credit is its organization's."""
+
+    id: str
+    org_id: str
+    name: str
+    prefix: str
+    key_hash: str
+    # The secret a rotation replaced, valid until prev_valid_until_ms (its grace).
+    prev_key_hash: str = ""
+    prev_valid_until_ms: int = 0
+    status: KeyStatus = "active"
+    models: list[str] | None = None  # None: every listing
+    limits: Limits = Limits()
+    created_at: int
+    expires_at: int | None = None
+    hold_micros: int = 0  # what this key's requests in flight hold of the organization's credit
+    spent_micros: int = 0  # this key's spend, ever
+    cap_micros: int | None = None
+    cap_period: CapPeriod | None = None  # None with a cap: the cap never resets
+    period_id: str = ""
+    period_spent_micros: int = 0
+
     def is_expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
-    def view(self) -> KeyView:
+    def view(self, org: OrgRecord, now_s: float | None = None) -> KeyView:
+        now_s = time.time() if now_s is None else now_s
+        current = cap_period_id(self.cap_period, now_s)
+        spent_this_period = self.period_spent_micros if self.period_id == current else 0
         return KeyView(
             id=self.id,
             name=self.name,
             prefix=self.prefix,
             status=self.status,
-            credit_usd=micros_to_usd(self.balance_micros),
+            org_id=self.org_id,
+            org_name=org.name,
+            credit_usd=micros_to_usd(org.balance_micros),
+            org_credit_usd=micros_to_usd(org.balance_micros),
             on_hold_usd=micros_to_usd(self.hold_micros),
             spent_usd=micros_to_usd(self.spent_micros),
+            spend_cap_usd=None if self.cap_micros is None else micros_to_usd(self.cap_micros),
+            spend_cap_period=self.cap_period,
+            spent_this_period_usd=micros_to_usd(spent_this_period),
+            period_resets_at=None if self.cap_micros is None else period_resets_at(self.cap_period, now_s),
             models=self.models,
             limits=self.limits,
             created_at=self.created_at,
@@ -200,9 +263,16 @@ class KeyView(BaseModel):
     name: str
     prefix: str
     status: KeyStatus
-    credit_usd: float
-    on_hold_usd: float
-    spent_usd: float
+    org_id: str
+    org_name: str
+    credit_usd: float  # the organization's balance: what this key can draw on (as org_credit_usd)
+    org_credit_usd: float
+    on_hold_usd: float  # held for this key's requests in flight
+    spent_usd: float  # this key's spend, ever
+    spend_cap_usd: float | None
+    spend_cap_period: CapPeriod | None
+    spent_this_period_usd: float
+    period_resets_at: int | None  # epoch seconds; None without a cap or for a cap that never resets
     models: list[str] | None
     limits: Limits
     created_at: int
@@ -227,13 +297,30 @@ class _AdminBody(BaseModel):
 
 class CreateKeyRequest(_AdminBody):
     name: str = Field(min_length=1, max_length=100)
+    # Without org_id the key gets an organization of its own, and credit_usd is its credit;
+    # with org_id the credit is the organization's (POST /admin/v1/orgs/{id}/credit).
+    org_id: str | None = Field(default=None, min_length=1, max_length=64)
     credit_usd: Usd = Field(default=Decimal(0), ge=0, le=MAX_USD)
+    spend_cap_usd: Usd | None = Field(default=None, gt=0, le=MAX_USD)
+    spend_cap_period: CapPeriod | None = None
     models: list[str] | None = Field(default=None, min_length=1)
     rpm: Rpm | None = None
     tpm: Tpm | None = None
     max_concurrency: Concurrency | None = None
     max_tokens_per_request: TokensPerRequest | None = None
     expires_at: Expiry | None = None
+
+    @model_validator(mode="after")
+    def _credit_and_cap(self) -> CreateKeyRequest:
+        if self.org_id is not None and self.credit_usd:
+            raise PydanticCustomError(
+                "org_credit",
+                "credit belongs to the organization: leave credit_usd out with org_id and use "
+                "POST /admin/v1/orgs/{id}/credit",
+            )
+        if self.spend_cap_period is not None and self.spend_cap_usd is None:
+            raise PydanticCustomError("cap_period", "spend_cap_period needs spend_cap_usd")
+        return self
 
     @field_validator("expires_at")
     @classmethod
@@ -273,6 +360,8 @@ class UpdateKeyRequest(_AdminBody):
     max_tokens_per_request: TokensPerRequest | None = None
     status: KeyStatus | None = None
     expires_at: Expiry | None = None
+    spend_cap_usd: Usd | None = Field(default=None, gt=0, le=MAX_USD)  # null removes the cap
+    spend_cap_period: CapPeriod | None = None  # null: the cap never resets
 
     @field_validator("name", "status", mode="before")
     @classmethod
@@ -293,11 +382,34 @@ class CreditRequest(_AdminBody):
     amount_usd: Usd = Field(gt=0, le=MAX_USD)
 
 
+class CreateOrgRequest(_AdminBody):
+    name: str = Field(min_length=1, max_length=100)
+    credit_usd: Usd = Field(default=Decimal(0), ge=0, le=MAX_USD)
+
+
+class UpdateOrgRequest(_AdminBody):
+    name: str = Field(min_length=1, max_length=100)
+
+
+MAX_GRACE_S = 30 * 24 * 3600
+
+
+class RotateKeyRequest(_AdminBody):
+    """The old secret keeps working for grace_s seconds after the rotation (0: it stops now)."""
+
+    grace_s: StrictInt = Field(default=0, ge=0, le=MAX_GRACE_S)
+
+
+UsageGroup = Literal["model", "day", "key", "org"]
+
+
 class UsageRow(BaseModel):
-    """Totals for one group (a model, a UTC day, or everything)."""
+    """Totals for one group (a model, a UTC day, a key, an organization, or everything)."""
 
     model: str | None = None
     date: str | None = None
+    key_id: str | None = None
+    org_id: str | None = None
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -308,27 +420,38 @@ class UsageRow(BaseModel):
 class UsageReport(BaseModel):
     object: Literal["usage"] = "usage"
     key_id: str | None
+    org_id: str | None = None
     start: str
     end: str
-    group_by: Literal["model", "day"]
+    group_by: UsageGroup
     data: list[UsageRow]
     total: UsageRow
 
 
 class Discrepancy(BaseModel):
-    """One figure that disagrees between the ledger, the counters and the key's balances."""
+    """One figure that disagrees between the ledger, the counters and the balances."""
 
-    key_id: str
-    check: Literal["ledger_vs_counters", "ledger_vs_spent", "credit_balance", "holds", "hold_exceeded"]
+    org_id: str
+    key_id: str | None = None
+    check: Literal[
+        "ledger_vs_counters",
+        "ledger_vs_spent",
+        "credit_balance",
+        "holds",
+        "key_spent",
+        "key_holds",
+        "hold_exceeded",
+    ]
     field: str
     expected: int
     actual: int
 
 
-class KeyReconciliation(BaseModel):
-    key_id: str
+class OrgReconciliation(BaseModel):
+    org_id: str
     name: str
-    events: int
+    keys: int
+    events: int  # settlements in the ledger, including those trimmed into its checkpoint
     ledger_cost_usd: float
     counters_cost_usd: float
     spent_usd: float
@@ -342,5 +465,5 @@ class KeyReconciliation(BaseModel):
 class ReconciliationReport(BaseModel):
     object: Literal["reconciliation"] = "reconciliation"
     ok: bool
-    keys: list[KeyReconciliation]
+    orgs: list[OrgReconciliation]
     differences: list[Discrepancy]

@@ -16,7 +16,11 @@ LUA_DIR = Path(__file__).parent / "lua"
 SCALE = 60_000  # bucket levels are stored scaled: refill per ms = the per-minute limit itself
 
 # The helpers each script is given, ahead of its own text.
-LIBRARIES: dict[str, tuple[str, ...]] = {"admit": ("key_check",), "authenticate": ("key_check",)}
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    "admit": ("key_check", "calendar"),
+    "authenticate": ("key_check",),
+    "settle": ("key_check", "calendar"),
+}
 
 
 class Verdict(IntEnum):
@@ -33,11 +37,24 @@ class Verdict(IntEnum):
     EXPIRED_KEY = 8
     MODEL_NOT_ALLOWED = 9
     OVER_REQUEST_BOUND = 10  # prompts x n x max output above max_tokens_per_request
+    SPEND_CAP = 11  # the key's spend this period plus its holds would pass its cap
+    ROTATED_KEY = 12  # a secret of the key that a rotation replaced (and its grace is over)
 
 
-def account_key(key_id: str, suffix: str) -> str:
-    """A Redis key of one account; the hash tag keeps all of them in one Redis Cluster slot."""
-    return f"{{acct:{key_id}}}:{suffix}"
+def account_key(org_id: str, suffix: str) -> str:
+    """A Redis key of one organization; the hash tag keeps all of them in one Redis Cluster slot."""
+    return f"{{acct:{org_id}}}:{suffix}"
+
+
+def key_keys(org_id: str, key_id: str) -> dict[str, str]:
+    """The Redis keys of one API key inside its organization (docs/accounts.md)."""
+    return {
+        "org": account_key(org_id, "org"),
+        "key": account_key(org_id, f"key:{key_id}"),
+        "buckets": account_key(org_id, f"buckets:{key_id}"),
+        "inflight": account_key(org_id, f"inflight:{key_id}"),
+        "holds": account_key(org_id, "holds"),
+    }
 
 
 def lua_source(name: str) -> str:

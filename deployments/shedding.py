@@ -56,12 +56,12 @@ class RefusalMemo:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._refused: dict[str, tuple[float, APIError]] = {}
+        self._refused: dict[str, tuple[float, APIError, str | None]] = {}
 
     def __len__(self) -> int:
         return len(self._refused)
 
-    def remember(self, key_hash: str, error: APIError) -> None:
+    def remember(self, key_hash: str, error: APIError, key_id: str | None = None) -> None:
         """Keep a 429 of the requests bucket (not tokens, which depend on the next request's
         size, and not concurrency, which ends when a request does)."""
         if not (isinstance(error, RateLimited) and error.type == "requests" and error.code == RPM_CODE):
@@ -73,14 +73,14 @@ class RefusalMemo:
             self._forget_expired()
             if len(self._refused) >= MEMO_SIZE:
                 return
-        self._refused[key_hash] = (self._clock() + retry_ms / 1000, error)
+        self._refused[key_hash] = (self._clock() + retry_ms / 1000, error, key_id)
 
     def refusal(self, key_hash: str) -> RateLimited | None:
         """The 429 this key gets now, with the time left to wait, or None once it may retry."""
         entry = self._refused.get(key_hash)
         if entry is None:
             return None
-        until, error = entry
+        until, error, _ = entry
         left_ms = math.ceil(round((until - self._clock()) * 1000, 3))  # whole ms, float noise aside
         if left_ms <= 0:
             del self._refused[key_hash]
@@ -95,6 +95,11 @@ class RefusalMemo:
         }
         message = f"Rate limit reached: {rpm} requests per minute. Retry after {left_ms} ms."
         return RateLimited(message, type="requests", code=RPM_CODE, headers=headers)
+
+    def key_of(self, key_hash: str) -> str | None:
+        """The key id a remembered refusal was for (the metrics' key label)."""
+        entry = self._refused.get(key_hash)
+        return None if entry is None else entry[2]
 
     def _forget_expired(self) -> None:
         now = self._clock()
@@ -125,8 +130,7 @@ class DoorShedder:
         model = None
         peek: ListingPeek | None = getattr(state, "listing_peek", None)
         # A request without a well-formed key gets the route's 401, full listing or not.
-        if refusal is None and peek is not None and peek.load.any_full() and (parsed := _api_key(scope)):
-            key_id = parsed[0]
+        if refusal is None and peek is not None and peek.load.any_full() and _api_key(scope):
             try:
                 body, receive = await _read_body(receive)
             except StarletteHTTPException as exc:  # over the body limit, while being read
@@ -149,15 +153,14 @@ class DoorShedder:
     def _memorised_refusal(scope: Scope, memo: RefusalMemo | None) -> tuple[RateLimited | None, str | None]:
         if not memo:  # none, or nobody refused: no key to hash on this request's path
             return None, None
-        parsed = _api_key(scope)
-        if parsed is None:
+        key_hash = _api_key(scope)
+        if key_hash is None:
             return None, None  # the route answers it, with its 401
-        key_id, key_hash = parsed
-        return memo.refusal(key_hash), key_id
+        return memo.refusal(key_hash), memo.key_of(key_hash)
 
 
-def _api_key(scope: Scope) -> tuple[str, str] | None:
-    """The request's key id and hash, or None without a well-formed key (the route's 401)."""
+def _api_key(scope: Scope) -> str | None:
+    """The hash of the request's key, or None without a well-formed key (the route's 401)."""
     authorization = next((value for name, value in scope.get("headers") or [] if name == b"authorization"), None)
     if authorization is None:
         return None

@@ -1,25 +1,32 @@
--- Authenticate and admit one request in one round trip: key lookup, status, expiry, model
--- permission, concurrency, requests/min, tokens/min and the credit hold.
+-- Authenticate and admit one request in one round trip: the key (secret, status, expiry,
+-- model permission), its concurrency, requests/min and tokens/min, then the credit hold at
+-- every level at once: the organization's balance and the key's spend cap for this period.
 -- Nothing changes unless every check passes.
 --
 -- Rate limits are token buckets refilled continuously: capacity = the per-minute limit,
 -- refill = limit per 60 000 ms. Levels are stored scaled by SCALE (60 000) so all arithmetic
 -- is exact integers (refill per ms = the limit itself).
 --
--- KEYS[1] {acct:ID}:key        key record (hash): key_hash, status, expires_at, models,
---                              limits (JSON), balance_micros, hold_micros
--- KEYS[2] {acct:ID}:buckets    rate-limit state (hash): req_level, req_ts, tok_level, tok_ts
--- KEYS[3] {acct:ID}:inflight   admitted, unsettled requests (zset: billing id -> lease expiry ms)
--- KEYS[4] {acct:ID}:holds      the credit each of those holds (hash: billing id -> micro-USD)
+-- A spend cap counts what the key spent this period plus everything it holds now, so a burst
+-- admitted across ingress replicas can never pass it, as the balance check never lets one
+-- pass the organization's credit.
+--
+-- KEYS[1] {acct:O}:org          the organization: balance_micros, hold_micros
+-- KEYS[2] {acct:O}:key:K        the key record: key_hash, prev_key_hash, prev_valid_until_ms,
+--                               status, expires_at, models, limits (JSON), hold_micros,
+--                               cap_micros, cap_period, period_id, period_spent_micros
+-- KEYS[3] {acct:O}:buckets:K    rate-limit state (hash): req_level, req_ts, tok_level, tok_ts
+-- KEYS[4] {acct:O}:inflight:K   admitted, unsettled requests (zset: billing id -> lease expiry ms)
+-- KEYS[5] {acct:O}:holds        the credit each of those holds (hash: billing id -> micro-USD)
 -- ARGV: billing_id, key_hash, model, default_rpm, default_tpm, default_max_concurrency,
 --       tokens, hold_micros, lease_ms, now_ms ('' = Redis TIME),
 --       default_max_tokens_per_request, output_tokens (prompts x n x max output)
 --
 -- Returns {verdict, retry_after_ms, rpm, rpm_remaining, rpm_reset_ms,
 --          tpm, tpm_remaining, tpm_reset_ms, max_concurrency}
--- VERDICT.<NAME>, SCALE, key_refusal and redis_now_ms are not defined here: scripts.py
--- (`lua_source`) prepends them, from its `Verdict` table (the one list of admission outcomes;
--- retry_after_ms carries the per-request bound for OVER_REQUEST_BOUND) and lib/key_check.lua.
+-- VERDICT.<NAME>, SCALE, key_refusal, redis_now_ms and cap_period_id are not defined here:
+-- scripts.py (`lua_source`) prepends them, from its `Verdict` table (the one list of admission
+-- outcomes; retry_after_ms carries the per-request bound for OVER_REQUEST_BOUND) and lib/*.lua.
 
 local billing_id, key_hash, model = ARGV[1], ARGV[2], ARGV[3]
 local tokens, hold, lease_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -30,12 +37,14 @@ else
   now = redis_now_ms()
 end
 
-local record = redis.call('HMGET', KEYS[1], 'key_hash', 'status', 'expires_at', 'models', 'limits', 'balance_micros')
+local record = redis.call('HMGET', KEYS[2], 'key_hash', 'status', 'expires_at', 'models',
+  'prev_key_hash', 'prev_valid_until_ms', 'limits', 'hold_micros', 'cap_micros', 'cap_period', 'period_id',
+  'period_spent_micros')
 local refused = key_refusal(record, key_hash, model, now)
 if refused then return {refused, 0, 0, 0, 0, 0, 0, 0, 0} end
 
 -- The key's own limits, else the operator's defaults.
-local own = (record[5] and record[5] ~= '') and cjson.decode(record[5]) or {}
+local own = (record[7] and record[7] ~= '') and cjson.decode(record[7]) or {}
 local function limit(name, default)
   local value = own[name]
   if type(value) == 'number' and value > 0 then return value end
@@ -45,7 +54,7 @@ local rpm, tpm, max_conc = limit('rpm', ARGV[4]), limit('tpm', ARGV[5]), limit('
 local max_per_request = limit('max_tokens_per_request', ARGV[11])
 if tonumber(ARGV[12]) > max_per_request then return {VERDICT.OVER_REQUEST_BOUND, max_per_request, 0, 0, 0, 0, 0, 0, 0} end
 
-local state = redis.call('HMGET', KEYS[2], 'req_level', 'req_ts', 'tok_level', 'tok_ts')
+local state = redis.call('HMGET', KEYS[3], 'req_level', 'req_ts', 'tok_level', 'tok_ts')
 
 local function level(lim, stored, ts)
   local cap = lim * SCALE
@@ -67,23 +76,25 @@ local function report(verdict, retry_ms, rl, tl)
           max_conc}
 end
 
+local key_hold = tonumber(record[8] or '0')
 -- Admissions whose lease ran out were never settled (their ingress died): free their slot
--- and give their hold back. A settlement that still arrives later charges without a hold.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+-- and give their hold back, to the organization and to the key's cap. A settlement that
+-- still arrives later charges without a hold.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
 if #expired > 0 then
   local refund = 0
   for _, id in ipairs(expired) do
-    refund = refund + tonumber(redis.call('HGET', KEYS[4], id) or '0')
-    redis.call('HDEL', KEYS[4], id)
+    refund = refund + tonumber(redis.call('HGET', KEYS[5], id) or '0')
+    redis.call('HDEL', KEYS[5], id)
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
   if refund > 0 then
     redis.call('HINCRBY', KEYS[1], 'balance_micros', refund)
     redis.call('HINCRBY', KEYS[1], 'hold_micros', -refund)
-    record[6] = tostring(tonumber(record[6] or '0') + refund)
+    key_hold = redis.call('HINCRBY', KEYS[2], 'hold_micros', -refund)
   end
 end
-if redis.call('ZCARD', KEYS[3]) >= max_conc then
+if redis.call('ZCARD', KEYS[4]) >= max_conc then
   return report(VERDICT.CONCURRENCY, 1000, req_level, tok_level)
 end
 if req_level < req_cost then
@@ -95,19 +106,30 @@ end
 if tok_level < tok_cost then
   return report(VERDICT.TOKENS_PER_MINUTE, ceil_div(tok_cost - tok_level, tpm), req_level, tok_level)
 end
-local balance = tonumber(record[6] or '0')
+local balance = tonumber(redis.call('HGET', KEYS[1], 'balance_micros') or '0')
 if balance < hold or balance <= 0 then
   return report(VERDICT.INSUFFICIENT_CREDIT, 0, req_level, tok_level)
+end
+local cap = tonumber(record[9] or '')
+if cap then
+  local spent = 0
+  if record[11] == cap_period_id(record[10] or '', math.floor(now / 1000)) then
+    spent = tonumber(record[12] or '0')
+  end
+  if spent + key_hold + hold > cap or spent + key_hold >= cap then
+    return report(VERDICT.SPEND_CAP, 0, req_level, tok_level)
+  end
 end
 
 req_level = req_level - req_cost
 tok_level = tok_level - tok_cost
-redis.call('HSET', KEYS[2], 'req_level', req_level, 'req_ts', now, 'tok_level', tok_level, 'tok_ts', now)
-redis.call('PEXPIRE', KEYS[2], 120000)
-redis.call('ZADD', KEYS[3], now + lease_ms, billing_id)
+redis.call('HSET', KEYS[3], 'req_level', req_level, 'req_ts', now, 'tok_level', tok_level, 'tok_ts', now)
+redis.call('PEXPIRE', KEYS[3], 120000)
+redis.call('ZADD', KEYS[4], now + lease_ms, billing_id)
 if hold > 0 then  -- (Redis refuses "-0" as an increment)
   redis.call('HINCRBY', KEYS[1], 'balance_micros', -hold)
   redis.call('HINCRBY', KEYS[1], 'hold_micros', hold)
-  redis.call('HSET', KEYS[4], billing_id, hold)
+  redis.call('HINCRBY', KEYS[2], 'hold_micros', hold)
+  redis.call('HSET', KEYS[5], billing_id, hold)
 end
 return report(VERDICT.ADMITTED, 0, req_level, tok_level)

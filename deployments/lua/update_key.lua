@@ -6,9 +6,10 @@
 -- writes a record for an id that has none. Limits are merged here, from the stored JSON, so
 -- two PATCHes of different limits do not undo each other.
 --
--- KEYS[1] {acct:ID}:key   key record (hash): status, limits (JSON), name, models, expires_at...
+-- KEYS[1] {acct:O}:key:K   key record (hash): status, limits (JSON), name, models, expires_at, cap...
 -- ARGV[1] JSON object: the limits to change; null puts a limit back to the operator's default
--- ARGV[2], ARGV[3], ... field, value pairs to set as they are (name, models, status, expires_at)
+-- ARGV[2], ARGV[3], ... field, value pairs to set as they are (name, models, status, expires_at,
+--                       cap_micros, cap_period)
 --
 -- Returns 'updated', 'missing' (no such key) or 'revoked' (the key is revoked and the change
 -- would make it active again); nothing is written unless it returns 'updated'.

@@ -258,6 +258,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         tokenizer_sources=_tokenizer_sources(catalog, args),
         plain_requests=args.engine == "fake" and not args.fake_engine.typed,
         per_key_metrics=args.metrics.per_key_labels,
+        accounts=args.accounts.model_dump(),
     )
 
 

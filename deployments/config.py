@@ -134,6 +134,26 @@ class MetricsOptions(BaseModel):
     )
 
 
+class AccountOptions(BaseModel):
+    """How long per-request records are kept, and the spend alerts (docs/accounts.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation_retention_days: int = Field(
+        default=30, ge=1, le=3650, description="Days GET /v1/generation can look a response up."
+    )
+    ledger_retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=36500,
+        description="Ledger events older than this are trimmed hourly into a per-organization checkpoint of "
+        "totals (reconcile counts it; export cannot return them). Default: keep every event.",
+    )
+    deliver_alerts: bool = Field(
+        default=True, description="Ingress replicas deliver the spend alerts settlements raise (webhooks)."
+    )
+
+
 # AppArgs fields whose default comes from the environment of the process that builds the app.
 ENVIRONMENT_FIELDS = frozenset({"redis_url", "model_dir", "spool_dir", "admin_token"})
 
@@ -177,6 +197,9 @@ class AppArgs(BaseModel):
         default_factory=IngressOptions, description="Deployment and autoscaling options of the ingress."
     )
     metrics: MetricsOptions = Field(default_factory=MetricsOptions, description="Options of the marketplace metrics.")
+    accounts: AccountOptions = Field(
+        default_factory=AccountOptions, description="Retention of generation records and the ledger; spend alerts."
+    )
     default_limits: Limits = Field(
         default_factory=DEFAULT_LIMITS.model_copy,
         description="Limits of keys that set none of their own (rpm, tpm, max_concurrency, "

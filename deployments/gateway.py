@@ -143,6 +143,9 @@ class Gateway:
             for adapter in listing.adapters:
                 self._handles[adapter.id] = handles[listing.id].options(stream=True, multiplexed_model_id=adapter.id)
         self._replayer: asyncio.Task | None = None
+        # More loops of this replica (alert delivery, ledger trimming), started with the replayer.
+        self.background: list[Callable[[], Awaitable[None]]] = []
+        self._background: list[asyncio.Task] = []
         # Admitted and unsettled requests per engine deployment, to refuse before Redis is asked
         # when this replica alone fills a deployment (shedding.py).
         self.load = EngineLoad.for_listings(catalog.listings)
@@ -151,9 +154,13 @@ class Gateway:
         self.refusals = RefusalMemo()
 
     def _ensure_replayer(self) -> None:
-        """Start the spool replay loop on the serving event loop (once per replica)."""
+        """Start the spool replay loop, and the other background loops, on the serving event loop
+        (once per replica)."""
         if self._replayer is None or self._replayer.done():
             self._replayer = asyncio.get_running_loop().create_task(self.meter.replay_forever())
+        if len(self._background) < len(self.background) or any(task.done() for task in self._background):
+            loop = asyncio.get_running_loop()
+            self._background = [loop.create_task(start()) for start in self.background]
 
     def resolve(self, model_id: str | None) -> Listing:
         if not model_id:

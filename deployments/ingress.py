@@ -7,12 +7,13 @@ to Ray Serve LLM's `make_fastapi_ingress`, so every public path is listed in one
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 
 import ray
 from fastapi import FastAPI, Query, Request
@@ -27,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import auth
 from .billing import Meter
 from .catalog import Catalog, Listing
+from .config import AccountOptions
 from .errors import (
     APIError,
     BadRequest,
@@ -38,8 +40,10 @@ from .errors import (
 )
 from .gateway import Gateway
 from .generations import find_generation
-from .keystore import KeyStore, Locator, connect
+from .keystore import SCHEMA_KEY, KeyStore, Locator, connect
+from .ledger import MAX_PAGE, export_page, rows_csv, rows_jsonl, trim_all
 from .metrics import UNKNOWN_MODEL, MarketplaceMetrics
+from .migrate import LEGACY_KEY_INDEX
 from .ray_llm import ModelCard
 from .reconcile import reconcile
 from .redis_connection import check_eviction_policy, replica_ack
@@ -209,9 +213,10 @@ class MarketplaceIngress(OpenAiIngress):
         per_key_metrics: bool = False,
         spool_dir: str | None = None,
         admin_token: SecretStr | None = None,
-        generation_retention_days: int = 30,
+        accounts: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        self.accounts = AccountOptions.model_validate(accounts or {})
         self.catalog = Catalog.model_validate(catalog)
         self.redis = connect(redis_url, timeout_s=redis_timeout_s)
         locator = Locator(self.redis)  # one cache of the secrets index, for keys and admission
@@ -220,7 +225,7 @@ class MarketplaceIngress(OpenAiIngress):
             self.redis,
             Limits.model_validate(default_limits) if default_limits else None,
             spool_dir=spool_dir,
-            generation_ttl_s=generation_retention_days * 24 * 3600,
+            generation_ttl_s=self.accounts.generation_retention_days * 24 * 3600,
             locator=locator,
         )
         # Exact prompt counts where the listing's tokenizer is on this node; byte bounds elsewhere.
@@ -240,6 +245,8 @@ class MarketplaceIngress(OpenAiIngress):
             metrics=MarketplaceMetrics(per_key_labels=per_key_metrics),
             caller=ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None,
         )
+        if self.accounts.ledger_retention_days is not None:
+            self.gateway.background.append(self._trim_ledger_hourly)
         # From AppArgs.admin_token (the environment of the process that built the app); None: no admin API.
         self.admin_token = admin_token
         self._cards = [listing_card(offer, self.catalog.base_of(offer.id)) for offer in self.catalog.offers]
@@ -252,11 +259,40 @@ class MarketplaceIngress(OpenAiIngress):
         """
         app = self.app  # type: ignore[attr-defined]  # set by Ray Serve's ASGI replica wrapper
         await check_eviction_policy(self.redis)  # a loud log unless Redis refuses writes instead of evicting
+        await self._check_layout()
         attach_rate_limits(app, self._rate_limit_headers)
         app.state.refusals = self.gateway.refusals
         app.state.listing_peek = self.gateway.peek
         app.state.door_hook = self._record_door_refusal
         return app
+
+    async def _trim_ledger_hourly(self) -> None:
+        """Trim ledger events past the retention into each organization's checkpoint, hourly
+        (every replica does; the trim script is atomic, so they never count an event twice)."""
+        days = self.accounts.ledger_retention_days
+        assert days is not None
+        while True:
+            try:
+                trimmed = await trim_all(self.redis, days)
+                if trimmed:
+                    logger.info("trimmed %d ledger events older than %d days into checkpoints", trimmed, days)
+            except RedisError as exc:
+                logger.warning("ledger trim skipped: %s", exc)
+            await asyncio.sleep(3600)
+
+    async def _check_layout(self) -> None:
+        """A loud log when Redis holds data of the layout before organizations: its keys would
+        get 401 until `tokenmart migrate` moves them."""
+        try:
+            version = await self.redis.get(SCHEMA_KEY)
+            legacy = not version and await self.redis.exists(LEGACY_KEY_INDEX)
+        except RedisError:
+            return  # Redis down: requests get their 503s; checked again at the next start
+        if legacy:
+            logger.error(
+                "Redis holds API keys in the layout before organizations; they are refused until "
+                "`tokenmart migrate` (docs/accounts.md) moves them"
+            )
 
     def _record_door_refusal(
         self, status: int, code: str, key_id: str | None, seconds: float, model: str | None = None
@@ -408,6 +444,28 @@ class MarketplaceIngress(OpenAiIngress):
         self._admin(request)
         return await self._org_view(await self.keys.add_org_credit(org_id, usd_to_micros(body.amount_usd)))
 
+    async def admin_ledger(
+        self,
+        request: Request,
+        after: str | None = Query(default=None, description="the `next` cursor of the previous page"),
+        limit: int = Query(default=1000, ge=1, le=MAX_PAGE),
+        org_id: str | None = Query(default=None),
+        format: Literal["json", "jsonl", "csv"] = Query(default="json"),
+    ) -> Response:
+        """Settled ledger rows in one total order, resumable with `next` (docs/accounts.md)."""
+        self._admin(request)
+        org_ids = [(await self.keys.require_org(org_id)).id] if org_id else sorted(await self.keys.org_ids())
+        try:
+            page = await export_page(self.redis, org_ids, after, limit)
+        except RedisError as exc:
+            raise BillingUnavailable("The billing store is unavailable. Retry shortly.", retry_after_s=2) from exc
+        if format == "json":
+            return JSONResponse({"object": "list", "data": page.rows, "next": page.next, "has_more": page.has_more})
+        body, media = (
+            (rows_jsonl(page.rows), "application/x-ndjson") if format == "jsonl" else (rows_csv(page.rows), "text/csv")
+        )
+        return Response(body, media_type=media, headers={"x-tokenmart-next-cursor": page.next})
+
     async def _scope(self, org_id: str | None, key_id: str | None) -> dict[str, list[str]]:
         """Organization id -> its key ids, for an admin report over one key, one organization or all."""
         located = await self.keys.ids()
@@ -495,5 +553,6 @@ ENDPOINTS = {
     "admin_update_org": _route("patch", "/admin/v1/orgs/{org_id}"),
     "admin_add_org_credit": _route("post", "/admin/v1/orgs/{org_id}/credit"),
     "admin_usage": _route("get", "/admin/v1/usage"),
+    "admin_ledger": _route("get", "/admin/v1/ledger"),
     "admin_reconcile": _route("get", "/admin/v1/reconcile"),
 }

@@ -17,7 +17,7 @@ from tokenmart.deployments.auth import (
     hash_key,
     hashes_match,
     is_well_formed,
-    key_id_for_hash,
+    legacy_key_id,
     parse_api_key,
 )
 from tokenmart.deployments.errors import AuthenticationFailed
@@ -99,17 +99,18 @@ def test_hash_is_sha256_hex_of_the_key(key: str):
     assert len(hash_key(key)) == 64
 
 
-def test_key_id_is_stable_and_derived_from_hash(key: str):
+def test_legacy_key_id_is_stable_and_derived_from_hash(key: str):
+    """Keys from before organizations keep the id derived from their secret's hash (migrate)."""
     key_hash = hash_key(key)
-    key_id = key_id_for_hash(key_hash)
+    key_id = legacy_key_id(key_hash)
     assert key_id.startswith("key_")
-    assert key_id == key_id_for_hash(hash_key(key))
+    assert key_id == legacy_key_id(hash_key(key))
     assert key_id == "key_" + key_hash[:20]
-    assert key_id != key_id_for_hash(hash_key(generate_key()))
+    assert key_id != legacy_key_id(hash_key(generate_key()))
 
 
-def test_key_id_does_not_contain_the_secret(key: str):
-    key_id = key_id_for_hash(hash_key(key))
+def test_legacy_key_id_does_not_contain_the_secret(key: str):
+    key_id = legacy_key_id(hash_key(key))
     assert key[len("sk-tm-") : len("sk-tm-") + 8] not in key_id
 
 
@@ -133,10 +134,11 @@ def test_display_prefix_shows_only_four_chars_after_prefix_and_last_four(key: st
 # -- parse_api_key: pure, raises 401 before any lookup -------------------------------------------
 
 
-def test_parse_api_key_returns_id_and_hash_for_well_formed_key(key: str):
-    key_id, key_hash = parse_api_key(f"Bearer {key}")
+def test_parse_api_key_returns_only_the_hash_for_a_well_formed_key(key: str):
+    # Only the sha256: the key's id and organization come from the secrets index (keystore.Locator).
+    key_hash = parse_api_key(f"Bearer {key}")
     assert key_hash == hashlib.sha256(key.encode()).hexdigest()
-    assert key_id == key_id_for_hash(key_hash)
+    assert key not in key_hash
 
 
 def test_parse_api_key_accepts_lowercase_scheme_and_extra_spaces(key: str):

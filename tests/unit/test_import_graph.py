@@ -24,7 +24,18 @@ LAZY_CROSSINGS = {
     ("tokenmart.deployments.app", "tokenmart.doubles.fake_engine"),
 }
 # Modules that import nothing of the project: the rules everything else reads.
-LEAVES = {"scripts", "errors", "catalog_rules", "ray_llm", "caller_watch", "request_id", "spool", "metrics"}
+# periods: the spend-cap calendar that lua/lib/calendar.lua mirrors.
+LEAVES = {
+    "scripts",
+    "errors",
+    "catalog_rules",
+    "ray_llm",
+    "caller_watch",
+    "request_id",
+    "spool",
+    "metrics",
+    "periods",
+}
 # Modules that import only the leaves: placement reads the catalog's rule table.
 NEAR_LEAVES = {"placement"}
 # The engine side runs in the model replicas and never imports the paid-request side.
@@ -37,7 +48,20 @@ ENGINE_SIDE = {
 }
 REQUEST_SIDE = {
     f"tokenmart.deployments.{name}"
-    for name in ("gateway", "ingress", "billing", "limits", "keystore", "auth", "usage", "reconcile", "validation")
+    for name in (
+        "gateway",
+        "ingress",
+        "billing",
+        "limits",
+        "keystore",
+        "auth",
+        "usage",
+        "reconcile",
+        "validation",
+        "generations",
+        "ledger",
+        "alerts",
+    )
 }
 
 
@@ -90,6 +114,8 @@ def test_the_graph_is_read_from_every_module() -> None:
         GRAPH
     )
     assert "tokenmart.deployments.billing" in GRAPH["tokenmart.deployments.gateway"][0]
+    # The money path's modules of organizations are read too.
+    assert {f"tokenmart.deployments.{name}" for name in ("periods", "generations", "ledger", "alerts")} <= set(GRAPH)
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

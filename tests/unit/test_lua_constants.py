@@ -1,8 +1,9 @@
 """The admission verdicts, the bucket scale and the key check are defined once, for Python and Lua.
 
 `scripts.lua_source` prepends `SCALE`, `VERDICT` and a script's shared helpers (the key check
-of lib/key_check.lua) to it; these tests keep the scripts from spelling a verdict or the scale
-as a bare number or checking a key their own way, and every verdict from going unhandled.
+of lib/key_check.lua, the UTC calendar of lib/calendar.lua) to it; these tests keep the scripts
+from spelling a verdict or the scale as a bare number, checking a key or reckoning a spend-cap
+period their own way, and every verdict from going unhandled.
 """
 
 from __future__ import annotations
@@ -41,13 +42,31 @@ def test_verdicts_are_only_named_and_every_verdict_is_returned_by_admission() ->
 
 @pytest.mark.parametrize("name", ["admit", "authenticate"])
 def test_admission_and_authentication_run_the_one_key_check(name: str) -> None:
-    assert LIBRARIES[name] == ("key_check",)
+    assert LIBRARIES[name][0] == "key_check"
     assert "key_refusal(" in code(name)
     assert "key_hash" in code("lib/key_check")
     # Neither script compares the status or the expiry itself.
     for own_check in ("'active'", "expires_at'] * 1000", "record[3]"):
         assert own_check not in code(name), (name, own_check)
     assert lua_source(name).index("local function key_refusal") < lua_source(name).index(script(name))
+
+
+@pytest.mark.parametrize("name", ["admit", "settle"])
+def test_admission_and_settlement_reckon_cap_periods_with_the_one_calendar(name: str) -> None:
+    """The cap check (admit) and the period's spend (settle) must agree on the period id."""
+    assert "calendar" in LIBRARIES[name]
+    assert "cap_period_id(" in code(name)
+    assert "local function cap_period_id" in code("lib/calendar")
+    # Neither script does calendar arithmetic of its own.
+    for own_reckoning in ("86400", "os.date", "os.time", "civil_from_days"):
+        assert own_reckoning not in code(name), (name, own_reckoning)
+    assert lua_source(name).index("local function cap_period_id") < lua_source(name).index(script(name))
+
+
+def test_authentication_needs_no_calendar() -> None:
+    # It checks the key alone; the cap is admission's business.
+    assert LIBRARIES["authenticate"] == ("key_check",)
+    assert "cap_period_id" not in lua_source("authenticate")
 
 
 @pytest.mark.parametrize("name", ["admit", "settle"])
@@ -70,5 +89,19 @@ def test_every_refusal_verdict_has_its_own_api_error(verdict: Verdict) -> None:
         Verdict.EXPIRED_KEY: (401, "expired_api_key"),
         Verdict.MODEL_NOT_ALLOWED: (403, "model_not_allowed"),
         Verdict.OVER_REQUEST_BOUND: (400, "invalid_value"),
+        Verdict.SPEND_CAP: (402, "spend_cap_reached"),
+        Verdict.ROTATED_KEY: (401, "rotated_api_key"),
     }
     assert (error.status_code, error.code) == expected[verdict]
+
+
+def test_a_spend_cap_refusal_is_not_the_out_of_credit_refusal() -> None:
+    """Both are 402; the client tells them apart by code and message, and both carry the limits."""
+    state = RateLimitState(60, 59, 1000, 1000, 990, 600, 4, 100)
+    cap = refusal(Verdict.SPEND_CAP, 0, state, 10, 1_500, "m", 200)
+    credit = refusal(Verdict.INSUFFICIENT_CREDIT, 0, state, 10, 1_500, "m", 200)
+    assert (cap.code, credit.code) == ("spend_cap_reached", "insufficient_quota")
+    assert "spend cap" in cap.message and "$0.001500" in cap.message and "GET /v1/key" in cap.message
+    assert "credit balance" in credit.message
+    assert cap.headers == credit.headers == state.headers()
+    assert "retry-after" not in cap.headers

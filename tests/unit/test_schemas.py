@@ -1,4 +1,4 @@
-"""Money conversion, admin request bodies and key records."""
+"""Money conversion, admin request bodies, organization and key records."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ from tokenmart.deployments.schemas import (
     MAX_TPM,
     CreatedKey,
     CreateKeyRequest,
+    CreateOrgRequest,
     CreditRequest,
     KeyRecord,
     KeyView,
     Limits,
+    OrgRecord,
+    RotateKeyRequest,
     UpdateKeyRequest,
     micros_to_usd,
     usd_to_micros,
@@ -310,14 +313,27 @@ def test_patch_null_resets_limits_models_and_expiry():
 # -- KeyRecord ------------------------------------------------------------------------------------
 
 
+ORG = OrgRecord(
+    id="org_00112233445566778899",
+    name="acme",
+    created_at=1_699_000_000,
+    balance_micros=2_500_000,
+    hold_micros=40_000,
+    spent_micros=460_000,
+    credited_micros=3_000_000,
+)
+# 2024-02-29 13:20:00 UTC, a Thursday of a leap year
+THURSDAY = 1_709_212_800
+
+
 def _record(**overrides) -> KeyRecord:
     fields = {
         "id": "key_0123456789abcdef0123",
+        "org_id": ORG.id,
         "name": "alice",
         "prefix": "sk-tm-AbCd...wXyZ",
         "key_hash": "f" * 64,
         "created_at": 1_700_000_000,
-        "balance_micros": 2_500_000,
         "hold_micros": 1,
         "spent_micros": 123_456,
     }
@@ -337,18 +353,24 @@ def test_key_expires_at_its_expiry_time():
 
 
 def test_view_never_exposes_key_hash():
-    record = _record(key_hash="deadbeef" * 8)
-    view = record.view()
+    record = _record(key_hash="deadbeef" * 8, prev_key_hash="cafebabe" * 8, prev_valid_until_ms=1)
+    view = record.view(ORG)
     dumped = view.model_dump()
-    assert "key_hash" not in dumped
+    assert "key_hash" not in dumped and "prev_key_hash" not in dumped
     assert "deadbeef" not in view.model_dump_json()
+    assert "cafebabe" not in view.model_dump_json()
     assert "key" not in dumped
     assert "key_hash" not in KeyView.model_fields
 
 
-def test_view_shows_money_in_usd():
-    view = _record().view().model_dump()
+def test_view_shows_the_organizations_credit_and_the_keys_own_holds_and_spend():
+    view = _record().view(ORG).model_dump()
+    # What the key can draw on is its organization's balance...
     assert view["credit_usd"] == 2.5
+    assert view["org_credit_usd"] == 2.5
+    assert view["org_id"] == "org_00112233445566778899"
+    assert view["org_name"] == "acme"
+    # ...while holds and spend are this key's alone, not the organization's.
     assert view["on_hold_usd"] == 0.000001
     assert view["spent_usd"] == 0.123456
     assert view["object"] == "api_key"
@@ -357,22 +379,139 @@ def test_view_shows_money_in_usd():
     assert view["status"] == "active"
     assert view["models"] is None
     assert view["limits"] == {"rpm": None, "tpm": None, "max_concurrency": None, "max_tokens_per_request": None}
+    assert view["spend_cap_usd"] is None
+    assert view["spend_cap_period"] is None
+    assert view["spent_this_period_usd"] == 0.0
+    assert view["period_resets_at"] is None
 
 
 def test_view_carries_limits_and_models():
     record = _record(models=["m"], limits=Limits(rpm=60, tpm=10_000, max_concurrency=4), expires_at=1_900_000_000)
-    view = record.view().model_dump()
+    view = record.view(ORG).model_dump()
     assert view["models"] == ["m"]
     assert view["limits"] == {"rpm": 60, "tpm": 10_000, "max_concurrency": 4, "max_tokens_per_request": None}
     assert view["expires_at"] == 1_900_000_000
 
 
+def test_org_view_shows_its_money_in_usd():
+    view = ORG.view().model_dump()
+    assert view == {
+        "object": "organization",
+        "id": "org_00112233445566778899",
+        "name": "acme",
+        "credit_usd": 2.5,
+        "on_hold_usd": 0.04,
+        "spent_usd": 0.46,
+        "credited_usd": 3.0,
+        "created_at": 1_699_000_000,
+    }
+
+
+# -- spend caps in the view -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("period", "period_id", "resets_at"),
+    [
+        ("daily", "daily:2024-02-29", 1_709_251_200),  # 2024-03-01 00:00 UTC
+        ("weekly", "weekly:2024-02-26", 1_709_510_400),  # Monday 2024-03-04 00:00 UTC
+        ("monthly", "monthly:2024-02", 1_709_251_200),  # 2024-03-01 00:00 UTC
+    ],
+)
+def test_view_shows_this_periods_spend_and_when_the_period_resets(period: str, period_id: str, resets_at: int):
+    record = _record(cap_micros=5_000_000, cap_period=period, period_id=period_id, period_spent_micros=1_250_000)
+    view = record.view(ORG, now_s=THURSDAY)
+    assert view.spend_cap_usd == 5.0
+    assert view.spend_cap_period == period
+    assert view.spent_this_period_usd == 1.25
+    assert view.period_resets_at == resets_at
+    assert datetime.fromtimestamp(resets_at, tz=timezone.utc).time() == datetime.min.time()
+
+
+def test_spend_of_a_past_period_is_not_this_periods():
+    """The stored spend belongs to yesterday: today starts from nothing, before any settlement writes."""
+    record = _record(
+        cap_micros=5_000_000, cap_period="daily", period_id="daily:2024-02-28", period_spent_micros=4_000_000
+    )
+    view = record.view(ORG, now_s=THURSDAY)
+    assert view.spent_this_period_usd == 0.0
+    assert view.period_resets_at == 1_709_251_200
+    # one second before midnight it is still today; at midnight the next day's period starts
+    assert (
+        _record(cap_micros=1, cap_period="daily", period_id="daily:2024-02-29")
+        .view(ORG, now_s=1_709_251_199)
+        .period_resets_at
+        == 1_709_251_200
+    )
+    assert _record(cap_micros=1, cap_period="daily").view(ORG, now_s=1_709_251_200).period_resets_at == 1_709_337_600
+
+
+def test_a_cap_without_a_period_never_resets():
+    record = _record(cap_micros=2_000_000, cap_period=None, period_id="", period_spent_micros=700_000)
+    view = record.view(ORG, now_s=THURSDAY)
+    assert view.spend_cap_usd == 2.0
+    assert view.spend_cap_period is None
+    assert view.spent_this_period_usd == 0.7
+    assert view.period_resets_at is None
+
+
 def test_created_key_shows_the_key_once_but_not_its_hash():
     record = _record()
-    created = CreatedKey(**record.view().model_dump(), key="sk-tm-secret").model_dump()
+    created = CreatedKey(**record.view(ORG).model_dump(), key="sk-tm-secret").model_dump()
     assert created["key"] == "sk-tm-secret"
     assert "key_hash" not in created
     assert created["id"] == record.id
+    assert created["org_id"] == ORG.id
+
+
+# -- organizations, caps and rotation in the admin bodies -------------------------------------
+
+
+def test_a_key_in_an_existing_organization_takes_no_credit_of_its_own():
+    error = _refusal(CreateKeyRequest, {"name": "a", "org_id": "org_1", "credit_usd": 5})
+    assert error["type"] == "org_credit"
+    assert "POST /admin/v1/orgs/{id}/credit" in error["msg"]
+    body = CreateKeyRequest.model_validate({"name": "a", "org_id": "org_1"})
+    assert (body.org_id, body.credit_usd) == ("org_1", Decimal(0))
+    # credit_usd 0 sent explicitly is no credit either
+    assert CreateKeyRequest.model_validate({"name": "a", "org_id": "org_1", "credit_usd": 0}).org_id == "org_1"
+
+
+def test_a_cap_period_needs_a_cap():
+    error = _refusal(CreateKeyRequest, {"name": "a", "spend_cap_period": "daily"})
+    assert error["type"] == "cap_period"
+    body = CreateKeyRequest.model_validate({"name": "a", "spend_cap_usd": 2.5, "spend_cap_period": "weekly"})
+    assert usd_to_micros(body.spend_cap_usd) == 2_500_000
+    assert body.spend_cap_period == "weekly"
+
+
+@pytest.mark.parametrize("model", [CreateKeyRequest, UpdateKeyRequest])
+def test_a_spend_cap_is_positive_with_a_known_period(model: type):
+    base = {"name": "a"} if model is CreateKeyRequest else {}
+    assert _refusal(model, {**base, "spend_cap_usd": 0})["loc"] == ("spend_cap_usd",)
+    assert _refusal(model, {**base, "spend_cap_usd": "5"})["loc"] == ("spend_cap_usd",)
+    assert _refusal(model, {**base, "spend_cap_usd": 1, "spend_cap_period": "hourly"})["loc"] == ("spend_cap_period",)
+
+
+def test_patch_null_removes_the_cap_and_its_period():
+    body = UpdateKeyRequest.model_validate({"spend_cap_usd": None, "spend_cap_period": None})
+    assert body.model_dump(exclude_unset=True) == {"spend_cap_usd": None, "spend_cap_period": None}
+
+
+def test_create_org_request_takes_exact_credit_and_a_name():
+    body = CreateOrgRequest.model_validate_json('{"name": "acme", "credit_usd": 12.345678}')
+    assert usd_to_micros(body.credit_usd) == 12_345_678
+    assert _refusal(CreateOrgRequest, {"name": ""})["loc"] == ("name",)
+    assert _refusal(CreateOrgRequest, {"name": "a", "credit_usd": -1})["loc"] == ("credit_usd",)
+    assert _refusal(CreateOrgRequest, {"name": "a", "balance_usd": 1})["type"] == "extra_forbidden"
+
+
+def test_rotation_grace_is_whole_seconds_up_to_thirty_days():
+    assert RotateKeyRequest.model_validate({}).grace_s == 0
+    assert RotateKeyRequest.model_validate({"grace_s": 30 * 24 * 3600}).grace_s == 2_592_000
+    assert _refusal(RotateKeyRequest, {"grace_s": 30 * 24 * 3600 + 1})["loc"] == ("grace_s",)
+    assert _refusal(RotateKeyRequest, {"grace_s": -1})["loc"] == ("grace_s",)
+    assert _refusal(RotateKeyRequest, {"grace_s": "60"})["loc"] == ("grace_s",)
 
 
 def test_key_record_rejects_unknown_status():

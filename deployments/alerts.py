@@ -20,6 +20,7 @@ so a receiver that saw a POST whose answer was lost dedupes the retry on it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -59,6 +60,12 @@ ORG_ID = re.compile(r"org_[0-9a-f]{20}")
 
 AlertKind = Literal["balance_below", "cap_percent"]
 T = TypeVar("T")
+
+
+@functools.cache
+def _source(name: str) -> str:
+    """A script's text, read once per process (each POST runs up to three)."""
+    return lua_source(name)
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -124,9 +131,7 @@ async def _store_call(call: Awaitable[T]) -> T:
         return await call
     except RedisError as exc:
         logger.warning("alert store call failed: %s: %s", type(exc).__name__, exc)
-        raise BillingUnavailable(
-            "The billing store is unavailable; nothing was changed. Retry shortly.", retry_after_s=2
-        ) from exc
+        raise BillingUnavailable("The billing store is unavailable. Retry shortly.", retry_after_s=2) from exc
 
 
 def _org_not_found(org_id: str) -> NotFound:
@@ -270,8 +275,8 @@ class _Lease:
         self.redis = redis
         self.key = LOCK_PREFIX + org_id
         self.token = secrets.token_hex(16)
-        self._extend = redis.register_script(lua_source("alert_lock_extend"))
-        self._release = redis.register_script(lua_source("alert_lock_release"))
+        self._extend = redis.register_script(_source("alert_lock_extend"))
+        self._release = redis.register_script(_source("alert_lock_release"))
 
     async def take(self, wait_s: float = 0.0) -> bool:
         """Take the lease, waiting up to `wait_s` for the deliverer holding it."""
@@ -305,7 +310,7 @@ async def _record(
     redis: aioredis.Redis, org_id: str, entry_id: str, fields: Mapping[str, str], outcome: _Outcome
 ) -> tuple[bool, int]:
     """Write the outcome (lua/alert_attempt.lua); returns (written, attempts so far)."""
-    script = redis.register_script(lua_source("alert_attempt"))
+    script = redis.register_script(_source("alert_attempt"))
     keys = [account_key(org_id, name) for name in ("outbox", "outbox_attempts", "deliveries")]
     args = [
         entry_id,

@@ -161,12 +161,8 @@ def test_the_door_refuses_a_request_for_a_full_deployment_by_its_model_alone():
             assert [response.status_code for response in keyless] == [200, 200]  # the test route has no 401
             assert served == ["free", "other", "seven", "unknown", "no key", "bad key"]
             ((status, code, key_id, _, model),) = shed
-            assert (status, code, key_id, model) == (
-                503,
-                "model_overloaded",
-                parse_api_key(f"Bearer {key}")[0],
-                "m-lora",
-            )
+            # The door reads no key id from Redis: without a remembered refusal the key has no label.
+            assert (status, code, key_id, model) == (503, "model_overloaded", None, "m-lora")
             assert len(read) == 6  # every paid body with a key while "m" was full, once each
 
             load.settled("m")
@@ -265,6 +261,20 @@ def test_a_requests_per_minute_429_is_repeated_with_the_time_left_until_it_expir
     assert memo.refusal("hash-a") is None  # the bucket has a request again: Redis decides
 
 
+def test_a_remembered_refusal_keeps_the_key_id_it_was_given():
+    """The secret's hash is the memo's key; the key id (known once the key was located) is only
+    the metrics' label, and a refusal remembered without one has none."""
+    clock = Clock()
+    memo = RefusalMemo(clock)
+    memo.remember("hash-a", _rpm_refusal(1_000), key_id="key_a")
+    memo.remember("hash-b", _rpm_refusal(1_000))
+    assert (memo.key_of("hash-a"), memo.key_of("hash-b"), memo.key_of("hash-c")) == ("key_a", None, None)
+    assert len(memo) == 2
+    clock.now += 1.0
+    assert memo.refusal("hash-a") is None and memo.key_of("hash-a") is None  # forgotten once it may retry
+    assert len(memo) == 1
+
+
 def test_only_the_requests_bucket_is_remembered():
     memo = RefusalMemo(Clock())
     tokens = RateLimited("tokens", type="tokens", headers={"retry-after-ms": "5000"})
@@ -286,8 +296,8 @@ def test_the_door_answers_a_remembered_key_before_reading_its_body():
         app.state.refusals = memo
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             key = generate_key()
-            _, key_hash = parse_api_key(f"Bearer {key}")
-            memo.remember(key_hash, _rpm_refusal(30_000))
+            key_hash = parse_api_key(f"Bearer {key}")
+            memo.remember(key_hash, _rpm_refusal(30_000), key_id="key_0123456789abcdef0123")
 
             refused = await client.post("/v1/chat/completions", json={"tag": "limited"}, headers=_auth(key))
             other = await client.post("/v1/chat/completions", json={"tag": "other"}, headers=_auth(generate_key()))
@@ -299,7 +309,7 @@ def test_the_door_answers_a_remembered_key_before_reading_its_body():
             assert served == ["other"]  # the limited key's body never reached the route
             ((status, code, key_id, _, model),) = shed
             assert (status, code, model) == (429, "rate_limit_exceeded", None)
-            assert key_id == parse_api_key(f"Bearer {key}")[0]
+            assert key_id == "key_0123456789abcdef0123"  # the id the refusal was remembered with
 
     asyncio.run(scenario())
 

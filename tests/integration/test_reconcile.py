@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenmart.deployments.keystore import account_key
+from tokenmart.deployments.keystore import account_key, key_key, org_key
 from tokenmart.deployments.reconcile import reconcile
 from tokenmart.deployments.schemas import CreateKeyRequest
 
@@ -14,86 +14,119 @@ pytestmark = pytest.mark.integration
 
 
 def books(redis_url: str, *, in_flight: bool = False):
-    """A key with credit added twice, three settled requests (one aborted) and maybe one in flight."""
+    """An organization with two keys, credit added twice, three settled requests (one aborted)
+    and maybe one in flight. Returns (org id, {key name: key id}, report)."""
 
     async def scenario(keys, meter):
         record, _ = await keys.create(CreateKeyRequest(name="books", credit_usd=0.5))
+        other, _ = await keys.create(CreateKeyRequest(name="books-2", org_id=record.org_id))
         await keys.add_credit(record.id, 250_000)
-        for listing, prompt, completion, outcome in [
-            (ALPHA, 12, 30, "completed"),
-            (BETA, 40, 7, "aborted"),
-            (BETA, 5, 64, "completed"),
+        for who, listing, prompt, completion, outcome in [
+            (record, ALPHA, 12, 30, "completed"),
+            (other, BETA, 40, 7, "aborted"),
+            (record, BETA, 5, 64, "completed"),
         ]:
-            admission = await meter.admit(record.id, record.key_hash, listing, prompt + 10, 100)
+            admission = await meter.admit(who.key_hash, listing, prompt + 10, 100)
             await meter.settle(admission, prompt, completion, outcome)
         if in_flight:
-            await meter.admit(record.id, record.key_hash, ALPHA, 10, 100)
-        return record.id, await reconcile(meter.redis, [record.id])
+            await meter.admit(other.key_hash, ALPHA, 10, 100)
+        key_ids = {"books": record.id, "books-2": other.id}
+        return record.org_id, key_ids, await reconcile(meter.redis, {record.org_id: list(key_ids.values())})
 
     return run(redis_url, scenario)
 
 
 def test_settled_books_reconcile_exactly(redis_server, redis_client):
-    key_id, report = books(redis_server.url, in_flight=True)
+    org_id, key_ids, report = books(redis_server.url, in_flight=True)
     assert report.ok and report.differences == []
-    (summary,) = report.keys
+    (summary,) = report.orgs
     expected_cost = ALPHA.cost_micros(12, 30) + BETA.cost_micros(40, 7) + BETA.cost_micros(5, 64)
-    assert (summary.key_id, summary.events, summary.in_flight) == (key_id, 3, 1)
+    assert (summary.org_id, summary.name, summary.keys, summary.events, summary.in_flight) == (
+        org_id,
+        "books",
+        2,
+        3,
+        1,
+    )
+    assert summary.ok
     assert summary.ledger_cost_usd == summary.counters_cost_usd == summary.spent_usd == expected_cost / 1e6
     assert summary.credited_usd == 0.75
+    assert summary.on_hold_usd == ALPHA.cost_micros(10, 100) / 1e6
     assert summary.balance_usd + summary.on_hold_usd + summary.spent_usd == pytest.approx(0.75, abs=1e-9)
+    # Each key's own spend and holds add up to the organization's.
+    first = redis_client.hgetall(key_key(org_id, key_ids["books"]))
+    second = redis_client.hgetall(key_key(org_id, key_ids["books-2"]))
+    assert int(first["spent_micros"]) == ALPHA.cost_micros(12, 30) + BETA.cost_micros(5, 64)
+    assert int(second["spent_micros"]) == BETA.cost_micros(40, 7)
+    assert (first["hold_micros"], second["hold_micros"]) == ("0", str(ALPHA.cost_micros(10, 100)))
 
 
-def move(field_from: str, field_to: str, micros: int):
-    """Move micro-USD between two fields of the key record: the credit identity still holds."""
+def move(name: str, field_from: str, field_to: str, micros: int):
+    """Move micro-USD between two fields of the organization's record ("org") or a key's record:
+    the credit identity still holds."""
 
-    def tamper(client, key_id: str, day: str) -> None:
-        client.hincrby(account_key(key_id, "key"), field_from, -micros)
-        client.hincrby(account_key(key_id, "key"), field_to, micros)
+    def tamper(client, org_id: str, key_id: str, day: str) -> None:
+        record = org_key(org_id) if name == "org" else key_key(org_id, key_id)
+        client.hincrby(record, field_from, -micros)
+        client.hincrby(record, field_to, micros)
+
+    return tamper
+
+
+def add(name: str, field: str, micros: int):
+    def tamper(client, org_id: str, key_id: str, day: str) -> None:
+        client.hincrby(org_key(org_id) if name == "org" else key_key(org_id, key_id), field, micros)
 
     return tamper
 
 
 @pytest.mark.parametrize(
-    ("tamper", "check", "field"),
+    ("tamper", "check", "field", "on_key"),
     [
-        (lambda r, k, day: r.hincrby(account_key(k, "usage"), f"{day}|beta-chat|completion_tokens", 5),
-         "ledger_vs_counters", "|beta-chat|completion_tokens"),
-        (move("spent_micros", "balance_micros", 1), "ledger_vs_spent", "spent_micros"),
-        (lambda r, k, day: r.hincrby(account_key(k, "key"), "balance_micros", 1_000), "credit_balance",
-         "balance_micros + hold_micros + spent_micros"),
-        (move("balance_micros", "hold_micros", 7), "holds", "hold_micros"),
+        (lambda r, o, k, day: r.hincrby(account_key(o, "usage"), f"{day}|{k}|beta-chat|completion_tokens", 5),
+         "ledger_vs_counters", "|{key}|beta-chat|completion_tokens", False),
+        (move("org", "spent_micros", "balance_micros", 1), "ledger_vs_spent", "spent_micros", False),
+        (add("org", "balance_micros", 1_000), "credit_balance", "balance_micros + hold_micros + spent_micros", False),
+        (move("org", "balance_micros", "hold_micros", 7), "holds", "hold_micros", False),
+        (add("key", "spent_micros", 3), "key_spent", "spent_micros", True),
+        (add("key", "hold_micros", 11), "key_holds", "hold_micros", True),
     ],
-    ids=["counter", "spent", "balance", "hold"],
+    ids=["counter", "spent", "balance", "hold", "key-spent", "key-hold"],
 )  # fmt: skip
-def test_each_kind_of_difference_is_reported(redis_server, redis_client, tamper, check, field):
-    key_id, _ = books(redis_server.url)
-    day = next(iter(redis_client.hkeys(account_key(key_id, "usage")))).split("|")[0]
-    tamper(redis_client, key_id, day)
+def test_each_kind_of_difference_is_reported(redis_server, redis_client, tamper, check, field, on_key):
+    org_id, key_ids, _ = books(redis_server.url)
+    key_id = key_ids["books"]
+    day = next(iter(redis_client.hkeys(account_key(org_id, "usage")))).split("|")[0]
+    tamper(redis_client, org_id, key_id, day)
 
     async def scenario(keys, meter):
-        return await reconcile(meter.redis, [key_id])
+        return await reconcile(meter.redis, {org_id: list(key_ids.values())})
 
     report = run(redis_server.url, scenario)
-    assert not report.ok and not report.keys[0].ok
-    assert [(d.check, d.field.removeprefix(day)) for d in report.differences] == [(check, field)]
+    assert not report.ok and not report.orgs[0].ok
+    found = [(d.org_id, d.key_id, d.check, d.field.removeprefix(day)) for d in report.differences]
+    assert found == [(org_id, key_id if on_key else None, check, field.format(key=key_id))]
 
 
 def test_a_ledger_event_without_counters_is_reported(redis_server, redis_client):
-    key_id, _ = books(redis_server.url)
-    event = {"request_id": "forged", "key_id": key_id, "model": "alpha-chat", "day": "2026-01-01"}
+    org_id, key_ids, _ = books(redis_server.url)
+    key_id = key_ids["books-2"]
+    event = {"request_id": "forged", "org_id": org_id, "key_id": key_id, "model": "alpha-chat", "day": "2026-01-01"}
     event |= {"prompt_tokens": 3, "completion_tokens": 4, "cost_micros": 9, "status": "completed"}
-    redis_client.xadd(account_key(key_id, "ledger"), event)
+    redis_client.xadd(account_key(org_id, "ledger"), event)
 
     async def scenario(keys, meter):
-        return await reconcile(meter.redis, [key_id])
+        return await reconcile(meter.redis, {org_id: list(key_ids.values())})
 
     report = run(redis_server.url, scenario)
-    found = {(d.check, d.field, d.expected, d.actual) for d in report.differences}
+    found = {(d.check, d.key_id, d.field, d.expected, d.actual) for d in report.differences}
+    spent = round(report.orgs[0].spent_usd * 1e6)
+    key_spent = int(redis_client.hget(key_key(org_id, key_id), "spent_micros"))
     assert found == {
-        ("ledger_vs_counters", "2026-01-01|alpha-chat|requests", 1, 0),
-        ("ledger_vs_counters", "2026-01-01|alpha-chat|prompt_tokens", 3, 0),
-        ("ledger_vs_counters", "2026-01-01|alpha-chat|completion_tokens", 4, 0),
-        ("ledger_vs_counters", "2026-01-01|alpha-chat|cost_micros", 9, 0),
-        ("ledger_vs_spent", "spent_micros", report.keys[0].spent_usd * 1e6 + 9, report.keys[0].spent_usd * 1e6),
+        ("ledger_vs_counters", None, f"2026-01-01|{key_id}|alpha-chat|requests", 1, 0),
+        ("ledger_vs_counters", None, f"2026-01-01|{key_id}|alpha-chat|prompt_tokens", 3, 0),
+        ("ledger_vs_counters", None, f"2026-01-01|{key_id}|alpha-chat|completion_tokens", 4, 0),
+        ("ledger_vs_counters", None, f"2026-01-01|{key_id}|alpha-chat|cost_micros", 9, 0),
+        ("ledger_vs_spent", None, "spent_micros", spent + 9, spent),
+        ("key_spent", key_id, "spent_micros", key_spent + 9, key_spent),
     }

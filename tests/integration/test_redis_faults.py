@@ -18,7 +18,7 @@ import pytest
 from tokenmart.deployments.billing import Meter
 from tokenmart.deployments.errors import BillingUnavailable
 from tokenmart.deployments.keystore import KeyStore, connect
-from tokenmart.deployments.schemas import CreateKeyRequest
+from tokenmart.deployments.schemas import CreateKeyRequest, KeyRecord
 from tokenmart.deployments.spool import SettlementSpool
 
 from .conftest import TEST_CATALOG
@@ -95,7 +95,7 @@ class FaultyProxy:
         self._writers -= {client_writer, redis_writer}
 
 
-def run(scenario: Callable[[FaultyProxy, Meter, KeyStore, tuple[str, str]], Awaitable[None]], redis_server, tmp_path):
+def run(scenario: Callable[[FaultyProxy, Meter, KeyStore, KeyRecord], Awaitable[None]], redis_server, tmp_path):
     async def main() -> None:
         async with FaultyProxy(redis_server.port) as proxy:
             redis = connect(proxy.url, timeout_s=TIMEOUT_S)
@@ -103,7 +103,7 @@ def run(scenario: Callable[[FaultyProxy, Meter, KeyStore, tuple[str, str]], Awai
                 keys = KeyStore(redis)
                 record, _ = await keys.create(CreateKeyRequest(name="faults", credit_usd=Decimal(10)))
                 meter = Meter(redis, spool=SettlementSpool(tmp_path / "settlements.jsonl"))
-                await scenario(proxy, meter, keys, (record.id, record.key_hash))
+                await scenario(proxy, meter, keys, record)
             finally:
                 await redis.aclose()
 
@@ -117,14 +117,14 @@ def in_use(meter: Meter) -> int:
 def test_added_latency_under_the_timeout_slows_requests_but_they_succeed(redis_server, redis_client, tmp_path: Path):
     delay_s = 0.3
 
-    async def burst(meter: Meter, key: tuple[str, str]) -> float:
+    async def burst(meter: Meter, key: KeyRecord) -> float:
         started = time.monotonic()
-        admissions = await asyncio.gather(*(meter.admit(*key, LISTING, 10, 10) for _ in range(20)))
+        admissions = await asyncio.gather(*(meter.admit(key.key_hash, LISTING, 10, 10) for _ in range(20)))
         await asyncio.gather(*(meter.settle(admission, 10, 5, "completed") for admission in admissions))
         return time.monotonic() - started
 
     async def scenario(proxy, meter, keys, key):
-        await burst(meter, key)  # 20 pooled connections, scripts loaded
+        await burst(meter, key)  # 20 pooled connections, scripts loaded, the secret located (cached)
         opened = proxy.connections
         proxy.delay_s = delay_s
         elapsed = await burst(meter, key)
@@ -133,25 +133,26 @@ def test_added_latency_under_the_timeout_slows_requests_but_they_succeed(redis_s
         # ...and the 20 requests waited side by side on the 20 pooled connections, never in a
         # queue behind one connection (which would have made it 20 x 0.3 s, past the timeout).
         assert (proxy.peak_held, proxy.connections - opened) == (20, 0)
-        record = await keys.require(key[0])
-        assert record.hold_micros == 0
-        assert record.spent_micros == 40 * LISTING.cost_micros(10, 5)
+        record, org = await keys.with_org(await keys.require(key.id))
+        assert record.hold_micros == org.hold_micros == 0
+        assert record.spent_micros == org.spent_micros == 40 * LISTING.cost_micros(10, 5)
+        assert org.balance_micros == 10_000_000 - org.spent_micros
         assert in_use(meter) == 0
 
     run(scenario, redis_server, tmp_path)
 
 
 def test_a_redis_slower_than_the_timeout_answers_503_within_the_timeout(redis_server, redis_client, tmp_path: Path):
-    async def timed_admit(meter: Meter, key: tuple[str, str]) -> tuple[float, BaseException | None]:
+    async def timed_admit(meter: Meter, key: KeyRecord) -> tuple[float, BaseException | None]:
         started = time.monotonic()
         try:
-            await meter.admit(*key, LISTING, 10, 10)
+            await meter.admit(key.key_hash, LISTING, 10, 10)
         except BillingUnavailable as exc:
             return time.monotonic() - started, exc
         return time.monotonic() - started, None
 
     async def scenario(proxy, meter, keys, key):
-        await meter.admit(*key, LISTING, 10, 10)  # one pooled connection exists
+        await meter.admit(key.key_hash, LISTING, 10, 10)  # one pooled connection exists
         opened = proxy.connections
         proxy.delay_s = 5.0
         results = await asyncio.gather(*(timed_admit(meter, key) for _ in range(10)))
@@ -167,7 +168,7 @@ def test_a_redis_slower_than_the_timeout_answers_503_within_the_timeout(redis_se
 
         proxy.delay_s = 0.0
         proxy.cut_all()  # the stalled connections are useless now; the pool must recover
-        admission = await meter.admit(*key, LISTING, 10, 10)
+        admission = await meter.admit(key.key_hash, LISTING, 10, 10)
         await meter.settle(admission, 10, 5, "completed")
         assert in_use(meter) == 0
 
@@ -176,25 +177,26 @@ def test_a_redis_slower_than_the_timeout_answers_503_within_the_timeout(redis_se
 
 def test_reset_connections_answer_503_and_the_pool_recovers_without_leaking(redis_server, redis_client, tmp_path):
     async def scenario(proxy, meter, keys, key):
-        before_resets = await meter.admit(*key, LISTING, 10, 10)
+        before_resets = await meter.admit(key.key_hash, LISTING, 10, 10)
         proxy.reset = True
         proxy.cut_all()
         for _ in range(30):
             with pytest.raises(BillingUnavailable):
-                await meter.admit(*key, LISTING, 10, 10)
+                await meter.admit(key.key_hash, LISTING, 10, 10)
         assert in_use(meter) == 0
 
         proxy.reset = False
         before = proxy.connections
-        admissions = [await meter.admit(*key, LISTING, 10, 10) for _ in range(30)]
+        admissions = [await meter.admit(key.key_hash, LISTING, 10, 10) for _ in range(30)]
         for admission in admissions:
             await meter.settle(admission, 10, 5, "completed")
         assert in_use(meter) == 0
         # One fresh connection replaces the dead one, and the 60 sequential calls all reuse it.
         assert proxy.connections - before == 1
-        record = await keys.require(key[0])
-        assert record.spent_micros == 30 * LISTING.cost_micros(10, 5)
+        record, org = await keys.with_org(await keys.require(key.id))
+        assert record.spent_micros == org.spent_micros == 30 * LISTING.cost_micros(10, 5)
         # The admission from before the resets still holds its slot and credit; nothing else does.
-        assert record.hold_micros == before_resets.hold_micros
+        assert record.hold_micros == org.hold_micros == before_resets.hold_micros
+        assert org.balance_micros + org.hold_micros + org.spent_micros == org.credited_micros == 10_000_000
 
     run(scenario, redis_server, tmp_path)

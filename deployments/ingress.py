@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import auth
+from . import alerts, auth
+from .alerts import AlertDeliverer, AlertSettingsRequest
 from .billing import Meter
 from .catalog import Catalog, Listing
 from .config import AccountOptions
@@ -247,6 +248,8 @@ class MarketplaceIngress(OpenAiIngress):
         )
         if self.accounts.ledger_retention_days is not None:
             self.gateway.background.append(self._trim_ledger_hourly)
+        if self.accounts.deliver_alerts:
+            self.gateway.background.append(self._deliver_alerts)
         # From AppArgs.admin_token (the environment of the process that built the app); None: no admin API.
         self.admin_token = admin_token
         self._cards = [listing_card(offer, self.catalog.base_of(offer.id)) for offer in self.catalog.offers]
@@ -265,6 +268,15 @@ class MarketplaceIngress(OpenAiIngress):
         app.state.listing_peek = self.gateway.peek
         app.state.door_hook = self._record_door_refusal
         return app
+
+    async def _deliver_alerts(self) -> None:
+        """POST the spend alerts settlements raise; every replica runs one (a per-organization
+        lease keeps them apart). Made here, so its HTTP client belongs to the serving loop."""
+        deliverer = AlertDeliverer(self.redis)
+        try:
+            await deliverer.run_forever()
+        finally:
+            await deliverer.aclose()
 
     async def _trim_ledger_hourly(self) -> None:
         """Trim ledger events past the retention into each organization's checkpoint, hourly
@@ -444,6 +456,29 @@ class MarketplaceIngress(OpenAiIngress):
         self._admin(request)
         return await self._org_view(await self.keys.add_org_credit(org_id, usd_to_micros(body.amount_usd)))
 
+    async def admin_set_alerts(self, org_id: str, body: AlertSettingsRequest, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        return (await alerts.set_alerts(self.redis, org_id, body)).model_dump()
+
+    async def admin_get_alerts(self, org_id: str, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        view = await alerts.get_alerts(self.redis, org_id)
+        if view is None:
+            raise NotFound(f"The organization {org_id!r} has no alert settings.", param="id", code="alerts_not_found")
+        return view.model_dump()
+
+    async def admin_delete_alerts(self, org_id: str, request: Request) -> dict[str, Any]:
+        self._admin(request)
+        if not await alerts.delete_alerts(self.redis, org_id):
+            raise NotFound(f"The organization {org_id!r} has no alert settings.", param="id", code="alerts_not_found")
+        return {"object": "alert_settings", "org_id": org_id, "deleted": True}
+
+    async def admin_alert_deliveries(
+        self, org_id: str, request: Request, limit: int = Query(default=50, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        self._admin(request)
+        return {"object": "list", "data": await alerts.deliveries(self.redis, org_id, limit)}
+
     async def admin_ledger(
         self,
         request: Request,
@@ -552,6 +587,10 @@ ENDPOINTS = {
     "admin_get_org": _route("get", "/admin/v1/orgs/{org_id}"),
     "admin_update_org": _route("patch", "/admin/v1/orgs/{org_id}"),
     "admin_add_org_credit": _route("post", "/admin/v1/orgs/{org_id}/credit"),
+    "admin_set_alerts": _route("post", "/admin/v1/orgs/{org_id}/alerts"),
+    "admin_get_alerts": _route("get", "/admin/v1/orgs/{org_id}/alerts"),
+    "admin_delete_alerts": _route("delete", "/admin/v1/orgs/{org_id}/alerts"),
+    "admin_alert_deliveries": _route("get", "/admin/v1/orgs/{org_id}/alerts/deliveries"),
     "admin_usage": _route("get", "/admin/v1/usage"),
     "admin_ledger": _route("get", "/admin/v1/ledger"),
     "admin_reconcile": _route("get", "/admin/v1/reconcile"),

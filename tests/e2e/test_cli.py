@@ -102,7 +102,7 @@ def test_reconcile_finds_the_books_in_order_after_real_traffic(stack: Stack) -> 
     result = tokenmart(stack, "reconcile")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reconcile exactly" in result.stdout
-    row = next(line for line in result.stdout.splitlines() if key["id"] in line)
+    row = next(line for line in result.stdout.splitlines() if key["org_id"] in line)
     assert "ok" in row and "MISMATCH" not in result.stdout
 
 

@@ -105,7 +105,7 @@ def test_a_settlement_over_its_hold_moves_the_hold_exceeded_metric() -> None:
 
     metrics = Recorder()
     gateway = Gateway(catalog, {"m": Handle()}, Meter(), metrics=metrics)  # type: ignore[arg-type]
-    admission = Admission("b1", "key_1", catalog.get("m"), hold_micros=8)
+    admission = Admission("b1", "org_1", "key_1", catalog.get("m"), hold_micros=8)
     asyncio.run(gateway._settle(admission, Usage(9, 1), "completed"))  # cost above the hold
     asyncio.run(gateway._settle(admission, Usage(1, 1), "completed"))  # within it
     assert [args for name, args in metrics.calls if name == "hold_exceeded"] == [("m",)]

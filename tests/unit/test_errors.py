@@ -745,6 +745,7 @@ def test_the_ingress_attaches_its_source_to_its_own_app() -> None:
             _record_door_refusal=lambda *refusal: None,
             gateway=SimpleNamespace(refusals=object(), peek=object()),
             redis=_NoEvictionRedis(),
+            _check_layout=lambda: asyncio.sleep(0),
         )
         for i, app in enumerate(apps)
     ]

@@ -100,8 +100,17 @@ def test_state_file_is_private(tmp_path: Path) -> None:
     assert ClusterState.load(tmp_path) == state
 
 
+def _no_migration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests stand in an unreachable Redis for the one `up` starts: nothing to migrate."""
+    from tokenmart.deployments import migrate
+
+    monkeypatch.setattr(migrate, "migrate", lambda client: migrate.MigrationReport(schema_before=2))
+
+
 def test_up_passes_the_operators_default_limits_to_the_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tokenmart.deployments.app import AppArgs
+
+    _no_migration(monkeypatch)
 
     deployed: list[dict] = []
     monkeypatch.setattr(launcher, "port_in_use", lambda port: False)
@@ -143,6 +152,7 @@ def test_the_serve_mode_reaches_the_ray_heads_environment(
     the head `up` starts; the request-id guard's variable goes with every mode."""
     from tokenmart.deployments.request_id import PROXY_ENV
 
+    _no_migration(monkeypatch)
     envs: list[dict[str, str]] = []
 
     def start_ray_head(num_cpus: int, env: dict[str, str]) -> tuple[str, str, str]:

@@ -21,9 +21,9 @@ from tokenmart.deployments.billing import Meter
 from tokenmart.deployments.catalog import Catalog
 from tokenmart.deployments.errors import ServiceUnavailable
 from tokenmart.deployments.gateway import Gateway
-from tokenmart.deployments.keystore import KeyStore
+from tokenmart.deployments.keystore import KeyStore, account_key
 from tokenmart.deployments.ray_llm import ChatCompletionRequest
-from tokenmart.deployments.schemas import CreateKeyRequest
+from tokenmart.deployments.schemas import CreateKeyRequest, KeyRecord
 from tokenmart.deployments.spool import SettlementSpool
 
 from .conftest import TEST_CATALOG
@@ -55,6 +55,12 @@ class _DeadHandle:
         return self.streams[-1]
 
 
+async def _books(keys: KeyStore, record: KeyRecord) -> tuple[int, int, int, int, int]:
+    """(organization balance, hold, spent; the key's own hold, spent), in micro-USD."""
+    key, org = await keys.with_org(await keys.require(record.id))
+    return org.balance_micros, org.hold_micros, org.spent_micros, key.hold_micros, key.spent_micros
+
+
 def _request(key: str) -> Request:
     return Request({"type": "http", "method": "POST", "path": "/v1/chat/completions",
                     "headers": [(b"authorization", f"Bearer {key}".encode())]})  # fmt: skip
@@ -83,9 +89,8 @@ def test_a_dead_engine_answers_503_with_retry_after_and_refunds_the_whole_hold(
             assert int(failure.value.headers["retry-after"]) >= 1
             assert set(failure.value.body()["error"]) == {"message", "type", "param", "code"}
             assert handles["beta-chat"].streams  # it did reach the engine
-            after = await keys.require(record.id)
-            assert (after.balance_micros, after.hold_micros, after.spent_micros) == (1_000_000, 0, 0)
-            (event,) = await redis.xrange(f"{{acct:{record.id}}}:ledger")
+            assert await _books(keys, record) == (1_000_000, 0, 0, 0, 0)
+            (event,) = await redis.xrange(account_key(record.org_id, "ledger"))
             assert (event[1]["status"], event[1]["cost_micros"]) == ("error", "0")
         finally:
             await redis.aclose()
@@ -138,7 +143,8 @@ def test_a_client_gone_before_the_stream_starts_stops_the_engine_and_is_settled_
                 model="beta-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True
             )
             response = await gateway.handle(body, _request(key), method="chat")
-            assert (await keys.require(record.id)).hold_micros > 0  # admitted, not settled yet
+            balance, org_hold, _, key_hold, _ = await _books(keys, record)
+            assert org_hold == key_hold > 0 and balance == 1_000_000 - org_hold  # admitted, not settled yet
 
             async def receive() -> dict:
                 await asyncio.sleep(3600)
@@ -153,11 +159,12 @@ def test_a_client_gone_before_the_stream_starts_stops_the_engine_and_is_settled_
 
             (stream,) = handles["beta-chat"].streams
             assert stream.cancelled
-            after = await keys.require(record.id)
-            assert (after.balance_micros, after.hold_micros, after.spent_micros) == (1_000_000, 0, 0)
-            (event,) = await redis.xrange(f"{{acct:{record.id}}}:ledger")
+            assert await _books(keys, record) == (1_000_000, 0, 0, 0, 0)
+            (event,) = await redis.xrange(account_key(record.org_id, "ledger"))
             assert (event[1]["status"], event[1]["completion_tokens"], event[1]["cost_micros"]) == ("aborted", "0", "0")
-            assert await redis.zcard(f"{{acct:{record.id}}}:inflight") == 0  # the concurrency slot is free
+            assert (
+                await redis.zcard(account_key(record.org_id, f"inflight:{record.id}")) == 0
+            )  # the concurrency slot is free
         finally:
             await redis.aclose()
 
@@ -216,8 +223,8 @@ def test_a_full_listing_is_refused_before_redis_and_the_engine_and_takes_request
             body = _beta_stream
 
             running = [await gateway.handle(body(), _request(key), method="chat") for _ in range(2)]
-            held = (await keys.require(record.id)).hold_micros
-            assert held > 0
+            _, held, _, key_held, _ = await _books(keys, record)
+            assert held == key_held > 0
             commands_before = (await redis.info("stats"))["total_commands_processed"]
 
             with pytest.raises(ServiceUnavailable) as refusal:
@@ -237,8 +244,7 @@ def test_a_full_listing_is_refused_before_redis_and_the_engine_and_takes_request
             assert len(handles["beta-chat"].streams) == 3
             for response in (running[1], third):
                 await _hang_up(response)
-            after = await keys.require(record.id)
-            assert (after.balance_micros, after.hold_micros, after.spent_micros) == (1_000_000, 0, 0)
+            assert await _books(keys, record) == (1_000_000, 0, 0, 0, 0)
             assert gateway.load.admitted_to("beta-chat") == 0
         finally:
             await redis.aclose()
@@ -270,12 +276,13 @@ def test_requests_arriving_together_at_a_full_listing_take_its_free_places_and_n
             assert [(r.status_code, r.body()["error"]["code"]) for r in refused] == [(503, "model_overloaded")] * 3
             assert len(handles["beta-chat"].streams) == 2
             assert gateway.load.admitted_to("beta-chat") == 2
-            assert await redis.zcard(f"{{acct:{record.id}}}:inflight") == 2  # only the two hold anything
+            assert (
+                await redis.zcard(account_key(record.org_id, f"inflight:{record.id}")) == 2
+            )  # only the two hold anything
             for response in served:
                 await _hang_up(response)
             assert gateway.load.admitted_to("beta-chat") == 0
-            after = await keys.require(record.id)
-            assert (after.balance_micros, after.hold_micros, after.spent_micros) == (1_000_000, 0, 0)
+            assert await _books(keys, record) == (1_000_000, 0, 0, 0, 0)
         finally:
             await redis.aclose()
 

@@ -29,7 +29,7 @@ from tokenmart.cluster.launcher import redis_ping
 from tokenmart.deployments.billing import Meter
 from tokenmart.deployments.errors import APIError, BillingUnavailable
 from tokenmart.deployments.gateway import Gateway
-from tokenmart.deployments.keystore import KeyStore, connect
+from tokenmart.deployments.keystore import KeyStore, connect, key_key, org_key
 from tokenmart.deployments.ray_llm import ChatCompletionRequest
 from tokenmart.deployments.reconcile import reconcile
 from tokenmart.deployments.redis_connection import (
@@ -41,7 +41,7 @@ from tokenmart.deployments.redis_connection import (
     redacted,
     replica_ack,
 )
-from tokenmart.deployments.schemas import CreateKeyRequest
+from tokenmart.deployments.schemas import CreateKeyRequest, CreateOrgRequest, KeyRecord
 from tokenmart.deployments.scripts import account_key
 from tokenmart.deployments.spool import SettlementSpool
 
@@ -208,12 +208,18 @@ async def _call(gateway: Gateway, key_id: str, key: str) -> Answer:
     return Answer(key_id, started, time.monotonic(), response.status_code, response_id=payload["id"], cost_micros=cost)
 
 
-async def _ledger_ids(redis, key_ids: list[str]) -> Counter[str]:
+async def _ledger_ids(redis, records: list[KeyRecord]) -> Counter[str]:
     ids: Counter[str] = Counter()
-    for key_id in key_ids:
-        for _, event in await redis.xrange(account_key(key_id, "ledger")):
+    for org_id in sorted({record.org_id for record in records}):
+        for _, event in await redis.xrange(account_key(org_id, "ledger")):
             ids[event["request_id"]] += 1
     return ids
+
+
+async def _books(keys: KeyStore, record: KeyRecord) -> tuple[int, int, int, int, int]:
+    """(organization balance, hold, spent; the key's own hold, spent), in micro-USD."""
+    key, org = await keys.with_org(await keys.require(record.id))
+    return org.balance_micros, org.hold_micros, org.spent_micros, key.hold_micros, key.spent_micros
 
 
 def test_the_primary_killed_under_load_gives_fast_503s_then_service_and_nothing_is_lost_or_billed_twice(
@@ -278,18 +284,18 @@ def test_the_primary_killed_under_load_gives_fast_503s_then_service_and_nothing_
         assert all(a.status == 200 for a in answers if a.started > back)
 
         served = [a for a in answers if a.status == 200]
-        key_ids = [record.id for record, _ in created]
-        ledger = await _ledger_ids(redis, key_ids)
+        records = [record for record, _ in created]
+        ledger = await _ledger_ids(redis, records)
         assert set(ledger) == {a.response_id for a in served}
         assert set(ledger.values()) == {1}
-        report = await reconcile(redis, key_ids)
+        report = await reconcile(redis, {record.org_id: [record.id] for record in records})
         assert report.differences == []
         assert report.ok
-        assert [(k.in_flight, k.on_hold_usd) for k in report.keys] == [(0, 0.0)] * WORKERS
-        for record, _ in created:
-            after = await keys.require(record.id)
+        assert [(o.keys, o.in_flight, o.on_hold_usd) for o in report.orgs] == [(1, 0, 0.0)] * WORKERS
+        for record in records:
             charged = sum(a.cost_micros for a in served if a.key_id == record.id)
-            assert (after.spent_micros, after.balance_micros, after.hold_micros) == (charged, 5_000_000 - charged, 0)
+            # Each caller's key has an organization of its own: its spend is the organization's.
+            assert await _books(keys, record) == (5_000_000 - charged, 0, charged, 0, charged)
         await redis.aclose()
 
     asyncio.run(scenario())
@@ -309,19 +315,30 @@ def test_key_and_credit_writes_are_answered_once_a_replica_has_them(
         replica = sentinel_set.replica.client()
 
         record, _ = await keys.create(_busy_key("confirmed"))
-        assert replica.hget(account_key(record.id, "key"), "credited_micros") == "5000000"
+        # The organization, its credit, the key record and the secrets index entry all reached it.
+        assert replica.hget(org_key(record.org_id), "credited_micros") == "5000000"
+        assert replica.hget(key_key(record.org_id, record.id), "key_hash") == record.key_hash
+        assert replica.get(f"tm:auth:{record.key_hash}") == f"{record.org_id} {record.id}"
+        assert replica.hget("tm:key_orgs", record.id) == record.org_id
         await keys.add_credit(record.id, 250_000)
-        assert replica.hget(account_key(record.id, "key"), "balance_micros") == "5250000"
+        assert replica.hget(org_key(record.org_id), "balance_micros") == "5250000"
+        org = await keys.create_org(CreateOrgRequest(name="confirmed-org", credit_usd=Decimal(1)))
+        assert replica.hget(org_key(org.id), "credited_micros") == "1000000"
+        await keys.add_org_credit(org.id, 500_000)
+        assert replica.hget(org_key(org.id), "balance_micros") == "1500000"
+        rotated, _ = await keys.rotate(record.id, grace_s=60)
+        assert replica.hget(key_key(record.org_id, record.id), "key_hash") == rotated.key_hash
+        assert replica.get(f"tm:auth:{rotated.key_hash}") == f"{record.org_id} {record.id}"
         assert "replica(s) confirmed" not in caplog.text
 
         sentinel_set.replica.signal(signal.SIGSTOP)  # the replica takes nothing until SIGCONT
         try:
             started = time.monotonic()
-            after = await keys.add_credit(record.id, 250_000)
+            await keys.add_credit(record.id, 250_000)
             waited = time.monotonic() - started
         finally:
             sentinel_set.replica.signal(signal.SIGCONT)
-        assert after.balance_micros == 5_500_000  # on the primary, answered
+        assert (await keys.require_org(record.org_id)).balance_micros == 5_500_000  # on the primary, answered
         assert waited >= ack.timeout_ms / 1000
         assert (
             f"250000 micro-USD credit to {record.id} is on the Redis primary but only 0 of 1 replica(s) confirmed "
@@ -378,7 +395,7 @@ def test_a_full_redis_refuses_with_503_and_bills_nothing_twice(tiny_redis, tmp_p
         spool = SettlementSpool(tmp_path / "settlements.jsonl")
         meter = Meter(redis, spool=spool)
         listing = TEST_CATALOG.get("beta-chat")
-        admitted = await meter.admit(record.id, record.key_hash, listing, PROMPT_TOKENS, 16)
+        admitted = await meter.admit(record.key_hash, listing, PROMPT_TOKENS, 16)
 
         _fill(direct)
 
@@ -389,18 +406,19 @@ def test_a_full_redis_refuses_with_503_and_bills_nothing_twice(tiny_redis, tmp_p
         assert settlement.spooled
         with pytest.raises(BillingUnavailable):
             await keys.create(_busy_key("refused"))
-        held = await keys.require(record.id)
-        assert (held.hold_micros, held.spent_micros) == (admitted.hold_micros, 0)  # only the first admission holds
+        assert await keys.org_ids() == {record.org_id}  # nothing of the refused key was written
+        hold = admitted.hold_micros
+        # Only the first admission holds, at both levels.
+        assert await _books(keys, record) == (5_000_000 - hold, hold, 0, hold, 0)
 
         assert await meter.replay_spool() == 0  # still full: the settlement stays spooled
         direct.delete(*direct.keys("ballast:*"))
         assert await meter.replay_spool() == 1
         assert await meter.replay_spool() == 0
         cost = listing.cost_micros(PROMPT_TOKENS, COMPLETION_TOKENS)
-        after = await keys.require(record.id)
-        assert (after.hold_micros, after.spent_micros, after.balance_micros) == (0, cost, 5_000_000 - cost)
-        report = await reconcile(redis, sorted(await keys.ids()))
-        assert report.ok and [k.events for k in report.keys] == [1]
+        assert await _books(keys, record) == (5_000_000 - cost, 0, cost, 0, cost)
+        report = await reconcile(redis, {org_id: [key_id] for key_id, org_id in (await keys.ids()).items()})
+        assert report.ok and [o.events for o in report.orgs] == [1]
         assert (await redis.info("stats"))["evicted_keys"] == 0
         await redis.aclose()
 

@@ -2,8 +2,8 @@
 
 Each bad body goes over HTTP to the real app (Ray Serve's proxy, the ingress, a real Redis).
 Before these rules, each of these cases was a 5xx, which SDKs retry, or reached an engine. The
-fake engine accepts almost anything, so "never reached an engine" is shown by the key's books:
-no credit held or spent, no request counted, no ledger event.
+fake engine accepts almost anything, so "never reached an engine" is shown by the books of the
+key and its organization: no credit held or spent, no request counted, no ledger event.
 """
 
 from __future__ import annotations
@@ -44,17 +44,22 @@ def assert_refused(response: httpx.Response, status: int, code: str, param: str 
 
 
 def books(marketplace: Marketplace, created: dict[str, Any]) -> dict[str, Any]:
-    """What a request would have changed: balance, hold, spend, usage and the key's ledger."""
+    """What a request would have changed: the organization's balance, the key's hold, spend and
+    spend this period, usage and the organization's ledger."""
     account = marketplace.key_info(created["key"])
     usage = marketplace.usage(created["key"])["total"]
     reconciled = marketplace.http.get(
         "/admin/v1/reconcile", params={"key_id": created["id"]}, headers=marketplace.admin_headers
     ).json()
-    (row,) = reconciled["keys"]
+    (row,) = reconciled["orgs"]
+    assert (row["org_id"], account["org_id"]) == (created["org_id"], created["org_id"])
     return {
         "credit_usd": account["credit_usd"],
+        "org_credit_usd": account["org_credit_usd"],
+        "org_on_hold_usd": row["on_hold_usd"],
         "on_hold_usd": account["on_hold_usd"],
         "spent_usd": account["spent_usd"],
+        "spent_this_period_usd": account["spent_this_period_usd"],
         "requests": usage["requests"],
         "prompt_tokens": usage["prompt_tokens"],
         "ledger_events": row["events"],
@@ -65,8 +70,11 @@ def books(marketplace: Marketplace, created: dict[str, Any]) -> dict[str, Any]:
 
 UNTOUCHED = {
     "credit_usd": float(CREDIT_USD),
+    "org_credit_usd": float(CREDIT_USD),
+    "org_on_hold_usd": 0.0,
     "on_hold_usd": 0.0,
     "spent_usd": 0.0,
+    "spent_this_period_usd": 0.0,
     "requests": 0,
     "prompt_tokens": 0,
     "ledger_events": 0,
@@ -198,6 +206,8 @@ def test_well_formed_parts_and_template_variables_are_served(marketplace: Market
     after = books(marketplace, created)
     assert (after["requests"], after["ledger_events"], after["books_ok"]) == (1, 1, True)
     assert after["spent_usd"] == response.json()["usage"]["cost"] > 0
+    # The key's spend came out of its organization's credit.
+    assert after["credit_usd"] == after["org_credit_usd"] == round(CREDIT_USD - after["spent_usd"], 6)
 
 
 # -- a request id that is not UTF-8 ------------------------------------------------------------------
@@ -263,6 +273,11 @@ CREATE_MISTAKES = [
     ({"expires_at": float(FUTURE)}, "expires_at"),
     ({"expires_at": str(FUTURE)}, "expires_at"),
     ({"expires_at": True}, "expires_at"),
+    ({"spend_cap_usd": 0}, "spend_cap_usd"),
+    ({"spend_cap_usd": "5"}, "spend_cap_usd"),
+    ({"spend_cap_usd": 5, "spend_cap_period": "hourly"}, "spend_cap_period"),
+    ({"spend_cap_period": "daily"}, None),  # a period without a cap
+    ({"org_id": "org_0123456789abcdef0123", "credit_usd": 5}, None),  # credit belongs to the organization
 ]
 
 
@@ -271,10 +286,23 @@ def test_admin_create_refuses_non_numbers_out_of_bounds_and_ambiguous_expiry(
     marketplace: Marketplace, fields: dict[str, Any], param: str
 ):
     before = marketplace.http.get("/admin/v1/keys", headers=marketplace.admin_headers).json()["data"]
+    orgs_before = marketplace.http.get("/admin/v1/orgs", headers=marketplace.admin_headers).json()["data"]
     response = send(marketplace, "POST", "/admin/v1/keys", {"name": "strict", **fields}, marketplace.admin_headers)
     assert_refused(response, 400, "invalid_value", param)
     after = marketplace.http.get("/admin/v1/keys", headers=marketplace.admin_headers).json()["data"]
     assert after == before  # no key was created
+    # ...and no organization for it either
+    assert marketplace.http.get("/admin/v1/orgs", headers=marketplace.admin_headers).json()["data"] == orgs_before
+
+
+def test_a_key_in_an_unknown_organization_is_404_and_nothing_is_created(marketplace: Marketplace):
+    before = marketplace.http.get("/admin/v1/keys", headers=marketplace.admin_headers).json()["data"]
+    response = send(
+        marketplace, "POST", "/admin/v1/keys", {"name": "stray", "org_id": "org_" + "0" * 20}, marketplace.admin_headers
+    )
+    error = assert_refused(response, 404, "org_not_found", "org_id")
+    assert error["message"] == "No organization with id 'org_00000000000000000000'."
+    assert marketplace.http.get("/admin/v1/keys", headers=marketplace.admin_headers).json()["data"] == before
 
 
 def test_limits_at_their_bounds_are_accepted_and_headers_stay_plain_integers(marketplace: Marketplace):
@@ -299,6 +327,9 @@ PATCH_MISTAKES = [
     ({"expires_at": FUTURE * 1000}, "expires_at"),
     ({"expires_at": 1.5e9}, "expires_at"),
     ({"expires_at": False}, "expires_at"),
+    ({"spend_cap_usd": -1}, "spend_cap_usd"),
+    ({"spend_cap_period": "yearly"}, "spend_cap_period"),
+    ({"org_id": "org_0123456789abcdef0123"}, "org_id"),  # a key never moves to another organization
 ]
 
 
@@ -332,6 +363,22 @@ def test_admin_patch_null_clears_a_limit_the_model_list_and_the_expiry(marketpla
 CREDIT_MISTAKES = [{"amount_usd": "1_000"}, {"amount_usd": "1"}, {"amount_usd": True}, {"amount_usd": 1e-7}]
 
 
+ROTATE_MISTAKES = [({"grace_s": "60"}, "grace_s"), ({"grace_s": -1}, "grace_s"), ({"grace_s": 2_592_001}, "grace_s")]
+
+
+@pytest.mark.parametrize(("body", "param"), ROTATE_MISTAKES, ids=[repr(b) for b, _ in ROTATE_MISTAKES])
+def test_admin_rotate_refuses_a_grace_that_is_not_whole_seconds_up_to_thirty_days(
+    marketplace: Marketplace, body: dict[str, Any], param: str
+):
+    created = marketplace.create_key(name="rotated", credit_usd=CREDIT_USD)
+    url = f"/admin/v1/keys/{created['id']}"
+    before = marketplace.http.get(url, headers=marketplace.admin_headers).json()
+    response = send(marketplace, "POST", f"{url}/rotate", body, marketplace.admin_headers)
+    assert_refused(response, 400, "invalid_value", param)
+    assert marketplace.http.get(url, headers=marketplace.admin_headers).json() == before
+    assert marketplace.chat(created["key"], max_tokens=1).status_code == 200  # the secret is unchanged
+
+
 @pytest.mark.parametrize("body", CREDIT_MISTAKES, ids=[repr(b) for b in CREDIT_MISTAKES])
 def test_admin_credit_must_be_a_json_number_with_at_most_six_decimals(marketplace: Marketplace, body: dict[str, Any]):
     created = marketplace.create_key(name="topped", credit_usd=CREDIT_USD)
@@ -352,7 +399,11 @@ def test_revocation_is_final(marketplace: Marketplace):
     )
     credit = marketplace.http.post(f"{url}/credit", json={"amount_usd": 5}, headers=headers)
     assert_refused(credit, 409, "key_revoked", "id")
+    rotation = marketplace.http.post(f"{url}/rotate", json={"grace_s": 60}, headers=headers)
+    assert_refused(rotation, 409, "key_revoked", "id")
     assert marketplace.http.get(url, headers=headers).json() == record  # nothing changed
+    org = marketplace.http.get(f"/admin/v1/orgs/{created['org_id']}", headers=headers).json()
+    assert (org["credit_usd"], org["credited_usd"]) == (float(CREDIT_USD), float(CREDIT_USD))
 
     again = marketplace.http.delete(url, headers=headers)  # idempotent
     assert again.status_code == 200 and again.json() == record

@@ -49,7 +49,7 @@ def engine_streams() -> dict[str, int]:
 
 def test_an_ingress_dying_mid_stream_stops_the_engine_and_charges_nothing(marketplace, redis_client):
     created = marketplace.create_key(name="ingress-dies", credit_usd=1, max_concurrency=1)
-    key, key_id = created["key"], created["id"]
+    key, key_id, org_id = created["key"], created["id"], created["org_id"]
     before = engine_streams()
     payload = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 400}
 
@@ -81,15 +81,18 @@ def test_an_ingress_dying_mid_stream_stops_the_engine_and_charges_nothing(market
 
     marketplace.wait_until_healthy()
     # Nothing was settled: no charge, no ledger event; the hold and the slot are still taken.
-    ledger = f"{{acct:{key_id}}}:ledger"
+    ledger = f"{{acct:{org_id}}}:ledger"
     assert redis_client.xlen(ledger) == 0
     info = marketplace.key_info(key)
-    assert info["on_hold_usd"] > 0  # the worst case of the request, set aside from the credit
+    assert info["on_hold_usd"] > 0  # the worst case of the request, set aside from the organization's credit
     assert round((info["credit_usd"] + info["on_hold_usd"]) * 1_000_000) == 1_000_000
+    org = redis_client.hgetall(f"{{acct:{org_id}}}:org")
+    assert int(org["hold_micros"]) == round(info["on_hold_usd"] * 1_000_000)  # the key's hold is its organization's
+    assert org["spent_micros"] == "0"
     assert marketplace.chat(key, model=MODEL, max_tokens=1).status_code == 429  # max_concurrency=1, still held
 
     # The lease lapses (here: moved to the past instead of waiting 15 minutes).
-    inflight = f"{{acct:{key_id}}}:inflight"
+    inflight = f"{{acct:{org_id}}}:inflight:{key_id}"
     (orphan,) = redis_client.zrange(inflight, 0, -1)
     redis_client.zadd(inflight, {orphan: 0})
     follow_up = marketplace.chat(key, model=MODEL, max_tokens=1)
@@ -98,5 +101,8 @@ def test_an_ingress_dying_mid_stream_stops_the_engine_and_charges_nothing(market
     info = marketplace.key_info(key)
     assert info["on_hold_usd"] == 0.0
     assert round(info["credit_usd"] * 1_000_000) == 1_000_000 - follow_cost  # only the follow-up is charged
+    assert round(info["spent_usd"] * 1_000_000) == follow_cost
+    org = redis_client.hgetall(f"{{acct:{org_id}}}:org")
+    assert (org["hold_micros"], org["spent_micros"]) == ("0", str(follow_cost))
     events = [fields for _, fields in redis_client.xrange(ledger)]
     assert [e["request_id"] for e in events] == [follow_up.json()["id"].removeprefix("chatcmpl-")]

@@ -88,7 +88,7 @@ def test_redis_killed_mid_load_loses_nothing_and_bills_nothing_twice(marketplace
     redis_server.make_durable()
     try:
         created = marketplace.create_key(name="mid-load", credit_usd=1)
-        key, key_id = created["key"], created["id"]
+        key, key_id, org_id = created["key"], created["id"], created["org_id"]
         served: list[dict] = []  # every 200 JSON response of the background load
         refused: list[httpx.Response] = []
         stop = threading.Event()
@@ -142,7 +142,7 @@ def test_redis_killed_mid_load_loses_nothing_and_bills_nothing_twice(marketplace
         assert usage["cost"] == marketplace.cost_micros("alpha-chat", usage["prompt_tokens"], STREAM_TOKENS) / 1e6
 
     # The settlements spooled during the outage are replayed: one ledger event per response.
-    ledger = f"{{acct:{key_id}}}:ledger"
+    ledger = f"{{acct:{org_id}}}:ledger"
     ids = sorted(
         [r["id"].removeprefix("chatcmpl-") for r in results] + [r["id"].removeprefix("chatcmpl-") for r in served]
     )
@@ -160,11 +160,13 @@ def test_redis_killed_mid_load_loses_nothing_and_bills_nothing_twice(marketplace
     # Money: the balance fell by exactly the sum of the reported costs, and nothing is on hold.
     spent = sum(r["chunks"][-2]["usage"]["cost"] for r in results) + sum(r["usage"]["cost"] for r in served)
     info = marketplace.key_info(key)
-    assert round(info["credit_usd"] * 1e6) == 1_000_000 - round(spent * 1e6)
+    assert round(info["credit_usd"] * 1e6) == round(info["org_credit_usd"] * 1e6) == 1_000_000 - round(spent * 1e6)
+    assert round(info["spent_usd"] * 1e6) == round(spent * 1e6)  # the key's own spend: all of it
     assert info["on_hold_usd"] == 0.0
 
     # And the books agree: ledger, counters and balances.
     report = marketplace.http.get("/admin/v1/reconcile", params={"key_id": key_id}, headers=marketplace.admin_headers)
     assert report.status_code == 200, report.text
     assert report.json()["ok"] is True, report.json()["differences"]
-    assert report.json()["keys"][0]["events"] == len(ids)
+    (org,) = report.json()["orgs"]
+    assert (org["org_id"], org["events"], org["in_flight"], org["on_hold_usd"]) == (org_id, len(ids), 0, 0.0)

@@ -27,7 +27,8 @@ Retention. `trim_ledger.lua` removes the oldest entries below a bound and adds e
 `{acct:O}:ledger_checkpoint` in the same atomic call, so checkpoint + remaining entries always
 give the same totals as the untrimmed ledger (`checkpoint_totals` reads them for
 reconciliation). A cursor older than a checkpoint's `last_id` cannot be resumed: 409
-`ledger_trimmed`, with the oldest cursor that can.
+`ledger_trimmed`, with the oldest cursor that can. An export without a cursor starts there: at
+the oldest position every organization still holds in full.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from .errors import BadRequest, Conflict
+from .errors import BadRequest, Conflict, ServiceUnavailable
 from .schemas import micros_to_usd
 from .scripts import account_key, lua_source
-from .usage import METRICS
+from .usage import parse_counter
 
 ORGS_SET = "tm:orgs"
 MAX_PAGE = 10_000
@@ -60,6 +61,8 @@ MS_PER_DAY = 86_400_000
 MAX_ID_PART = 2**64 - 1  # a stream id's ms and seq are unsigned 64-bit
 # The organizations read at once: each read is one MULTI/EXEC on its own connection.
 CONCURRENT_READS = 16
+# Reads of an export from the start, should trims keep moving its checkpoints meanwhile.
+START_ATTEMPTS = 3
 
 # Event fields that hold integers (an empty value, e.g. a missing reservation, becomes None).
 INTEGER_FIELDS = frozenset(
@@ -186,6 +189,16 @@ async def _read_org(
     )
 
 
+async def _oldest_position(redis: aioredis.Redis, org_ids: list[str]) -> Position | None:
+    """The position past every trimmed entry of these organizations (None: none trimmed)."""
+    pipe = redis.pipeline(transaction=False)
+    for org_id in org_ids:
+        pipe.hget(account_key(org_id, "ledger_checkpoint"), "last_id")
+    last_ids = await pipe.execute() if org_ids else []
+    marks = [(*parse_entry_id(last_id), org_id) for org_id, last_id in zip(org_ids, last_ids, strict=True) if last_id]
+    return max(marks, default=None)
+
+
 def ledger_row(org_id: str, entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
     """One exported row: its cursor, the entry id, the organization, every event field
     (integers as ints), and `cost_usd`."""
@@ -212,8 +225,9 @@ async def export_page(
     settle_lag_ms: int = DEFAULT_SETTLE_LAG_MS,
 ) -> LedgerPage:
     """The next `limit` (1..10000) settled ledger rows of `org_ids` after the cursor `after`
-    (None or "": from the oldest entry still retained). Raises BadRequest for a malformed cursor
-    or limit, and Conflict `ledger_trimmed` when rows after `after` were already trimmed.
+    (None or "": from the oldest position every organization still holds in full). Raises
+    BadRequest for a malformed cursor or limit, and Conflict `ledger_trimmed` when rows after
+    `after` were already trimmed.
     The client must decode responses (`connect` does)."""
     if not 1 <= limit <= MAX_PAGE:
         raise BadRequest(f"Invalid value for 'limit': must be between 1 and {MAX_PAGE}.", param="limit")
@@ -221,37 +235,45 @@ async def export_page(
         # an entry added in the very ms of the TIME read could land beside the page, unread
         raise ValueError("settle_lag_ms must be >= 1")
     position: Position | None = decode_cursor(after) if after else None
-    seconds, micros = await redis.time()
-    horizon_ms = int(seconds) * 1000 + int(micros) // 1000 - settle_lag_ms
-
+    org_ids = sorted(set(org_ids))
     gate = asyncio.Semaphore(CONCURRENT_READS)
-    reads = await asyncio.gather(
-        *(
-            _read_org(
-                redis,
-                org_id,
-                (_first_id_after(position, org_id) if position else "-") if horizon_ms >= 0 else None,
-                horizon_ms,
-                limit,
-                gate,
+    for _ in range(START_ATTEMPTS):
+        # From the start: the oldest position that every organization still holds in full. An
+        # organization's retained entries below another's checkpoint are left out (with one
+        # retention cutoff for all, as `trim_all` keeps, there are none), so the cursors of
+        # this export never fall behind a checkpoint.
+        start = position if position is not None else await _oldest_position(redis, org_ids)
+        seconds, micros = await redis.time()
+        horizon_ms = int(seconds) * 1000 + int(micros) // 1000 - settle_lag_ms
+        reads = await asyncio.gather(
+            *(
+                _read_org(
+                    redis,
+                    org_id,
+                    (_first_id_after(start, org_id) if start is not None else "-") if horizon_ms >= 0 else None,
+                    horizon_ms,
+                    limit,
+                    gate,
+                )
+                for org_id in org_ids
             )
-            for org_id in sorted(set(org_ids))
         )
-    )
-
-    if position is not None:
         trimmed = [(*read.trimmed_to, read.org_id) for read in reads if read.trimmed_to is not None]
-        missed = [mark for mark in trimmed if mark > position]
-        if missed:
-            ms, seq, org_id = max(missed)
-            oldest = encode_cursor(max(trimmed))
-            raise Conflict(
-                f"The ledger after this cursor was trimmed by retention (organization {org_id} up to entry "
-                f"{ms}-{seq}); its totals are in the checkpoint. The oldest cursor past every trimmed entry is "
-                f"{oldest}; omit 'after' to export everything still retained.",
-                param="after",
-                code="ledger_trimmed",
-            )
+        missed = [mark for mark in trimmed if start is None or mark > start]
+        if not missed:
+            break
+        if position is None:
+            continue  # a trim ran between reading the checkpoints and the entries: start again
+        ms, seq, org_id = max(missed)
+        raise Conflict(
+            f"The ledger after this cursor was trimmed by retention (organization {org_id} up to entry "
+            f"{ms}-{seq}); its totals are in the checkpoint. The oldest cursor past every trimmed entry is "
+            f"{encode_cursor(max(trimmed))}; omit 'after' to export from there.",
+            param="after",
+            code="ledger_trimmed",
+        )
+    else:
+        raise ServiceUnavailable("The ledger is being trimmed right now. Retry shortly.", retry_after_s=1)
 
     merged = sorted(
         (
@@ -264,7 +286,7 @@ async def export_page(
     page = merged[:limit]
     rows = [ledger_row(org_id, entry_id, fields) for _, _, org_id, entry_id, fields in page]
     has_more = len(merged) > limit or any(len(read.entries) >= limit for read in reads)
-    candidates: list[Position] = [position] if position is not None else []
+    candidates: list[Position] = [start] if start is not None else []
     if page:
         candidates.append(page[-1][:3])
     if not has_more:
@@ -334,6 +356,6 @@ def checkpoint_totals(raw: Mapping[str, str]) -> tuple[Counter[str], int, int]:
     usage events were trimmed, their cost_micros), from a checkpoint hash, for reconciliation."""
     counters: Counter[str] = Counter()
     for name, value in raw.items():
-        if name.count("|") == 3 and name.rsplit("|", 1)[1] in METRICS:
+        if parse_counter(name) is not None:
             counters[name] = int(value)
     return counters, int(raw.get(CHECKPOINT_EVENTS) or 0), int(raw.get(CHECKPOINT_COST) or 0)

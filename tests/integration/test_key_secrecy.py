@@ -18,6 +18,7 @@ from tokenmart.deployments import auth
 pytestmark = pytest.mark.integration
 
 MESSAGES = [{"role": "user", "content": "hello"}]
+HANDSHAKE = {"hello", "ping", "client|setinfo", "select"}  # what a new Redis connection sends first
 
 
 def command_calls(client: redis.Redis) -> dict[str, int]:
@@ -76,11 +77,14 @@ def test_a_key_right_up_to_any_point_is_refused_the_same_way_at_the_same_cost(ma
     variants.append(with_checksum(body[:-1] + flip[body[-1]]))  # all but the last character right
 
     assert marketplace.chat(key, max_tokens=1).status_code == 200  # the real key is found and admitted
+    marketplace.chat(variants[0], max_tokens=1)  # the ingress's connection pool is warm
     bodies, costs = set(), set()
     for variant in variants:
         before = command_calls(redis_client)
         response = marketplace.chat(variant, max_tokens=1)
-        ran = ran_since(before, command_calls(redis_client))
+        # A settlement still on one pooled connection may make the next lookup open another;
+        # its handshake is the pool's, not the key's.
+        ran = {name: n for name, n in ran_since(before, command_calls(redis_client)).items() if name not in HANDSHAKE}
         assert response.status_code == 401, response.text
         bodies.add(response.text)
         costs.add(tuple(sorted(ran.items())))

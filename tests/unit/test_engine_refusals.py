@@ -93,7 +93,7 @@ def test_a_settlement_over_its_hold_moves_the_hold_exceeded_metric() -> None:
             return self
 
     class Meter:
-        async def settle(self, admission, prompt, completion, outcome):  # type: ignore[no-untyped-def]
+        async def settle(self, admission, prompt, completion, outcome, generation=None):  # type: ignore[no-untyped-def]
             return Settlement(prompt, completion, 8, 0, uncharged_micros=3 if prompt > 5 else 0)
 
     class Recorder:

@@ -193,7 +193,7 @@ class Gateway:
         except APIError as exc:
             status, code = exc.status_code, exc.code
             if key_hash:
-                self.refusals.remember(key_hash, exc, self._key_label(key_hash))
+                self.refusals.remember(key_hash, exc, self.key_label(key_hash))
             raise
         except anyio.get_cancelled_exc_class():
             status, code = CLIENT_CLOSED, "client_closed"
@@ -201,12 +201,12 @@ class Gateway:
         finally:
             # A stream that started is recorded by `_stream`, when it ends.
             if self.metrics is not None and not (stream and status == 200):
-                key_id = self._key_label(key_hash) if key_hash else None
+                key_id = self.key_label(key_hash) if key_hash else None
                 self.metrics.request_done(
                     model, status, code, stream=stream, key_id=key_id, seconds=time.perf_counter() - started
                 )
 
-    def _key_label(self, key_hash: str) -> str | None:
+    def key_label(self, key_hash: str) -> str | None:
         """The key id of a secret this replica has located (the metrics' key label), else None."""
         location = self.meter.locator.cached(key_hash)
         return None if location is None else location.key_id

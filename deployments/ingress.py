@@ -267,6 +267,7 @@ class MarketplaceIngress(OpenAiIngress):
         app.state.refusals = self.gateway.refusals
         app.state.listing_peek = self.gateway.peek
         app.state.door_hook = self._record_door_refusal
+        app.state.key_label = self.gateway.key_label
         return app
 
     async def _deliver_alerts(self) -> None:

@@ -436,6 +436,8 @@ class KeyStore:
             )
 
         verdict = await self._write(write, f"a rotation of {key_id}")
+        if verdict != "rotated":  # never issued: its index entry goes too
+            await self._call(self.redis.delete(auth_index(key_hash)))
         if verdict == "missing":
             raise _key_not_found(key_id)
         if verdict == "revoked":

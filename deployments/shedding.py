@@ -140,6 +140,9 @@ class DoorShedder:
         if refusal is not None:
             await refusal.response()(scope, receive, send)
             hook: DoorHook | None = getattr(state, "door_hook", None)
+            label = getattr(state, "key_label", None)  # the ingress's: a located secret's key id
+            if hook is not None and key_id is None and label is not None and (key_hash := _api_key(scope)):
+                key_id = label(key_hash)
             if hook is not None:
                 hook(refusal.status_code, refusal.code or "", key_id, time.perf_counter() - started, model)
             return

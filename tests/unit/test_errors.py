@@ -743,7 +743,7 @@ def test_the_ingress_attaches_its_source_to_its_own_app() -> None:
             app=app,
             _rate_limit_headers=_source(str(i), []),
             _record_door_refusal=lambda *refusal: None,
-            gateway=SimpleNamespace(refusals=object(), peek=object()),
+            gateway=SimpleNamespace(refusals=object(), peek=object(), key_label=object()),
             redis=_NoEvictionRedis(),
             _check_layout=lambda: asyncio.sleep(0),
         )
@@ -756,4 +756,5 @@ def test_the_ingress_attaches_its_source_to_its_own_app() -> None:
         assert app.state.door_hook is replica._record_door_refusal
         assert app.state.refusals is replica.gateway.refusals
         assert app.state.listing_peek is replica.gateway.peek
+        assert app.state.key_label is replica.gateway.key_label
     assert rate_limit_source({}) is None

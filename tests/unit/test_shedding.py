@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from tokenmart.deployments.auth import generate_key, parse_api_key
+from tokenmart.deployments.auth import generate_key, hash_key, parse_api_key
 from tokenmart.deployments.catalog import Listing
 from tokenmart.deployments.errors import RateLimited, ServiceUnavailable
 from tokenmart.deployments.ingress import PAID_PATHS, create_fastapi_app
@@ -125,6 +125,8 @@ def test_the_door_refuses_a_request_for_a_full_deployment_by_its_model_alone():
         load, read = EngineLoad({"m": 1, "x": 1}), []
         app.state.listing_peek = _peek(load, read)
         key = generate_key()
+        # The ingress's label: the key id of a secret its replica has located (no Redis call).
+        app.state.key_label = {hash_key(key): "key_located"}.get
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=_auth(key)) as client:
             # Nothing full: the door does not read the body.
@@ -161,8 +163,8 @@ def test_the_door_refuses_a_request_for_a_full_deployment_by_its_model_alone():
             assert [response.status_code for response in keyless] == [200, 200]  # the test route has no 401
             assert served == ["free", "other", "seven", "unknown", "no key", "bad key"]
             ((status, code, key_id, _, model),) = shed
-            # The door reads no key id from Redis: without a remembered refusal the key has no label.
-            assert (status, code, key_id, model) == (503, "model_overloaded", None, "m-lora")
+            # The door asks Redis for nothing: the key's label is the one its replica already located.
+            assert (status, code, key_id, model) == (503, "model_overloaded", "key_located", "m-lora")
             assert len(read) == 6  # every paid body with a key while "m" was full, once each
 
             load.settled("m")

@@ -4,12 +4,18 @@ through the HTTP API of the running marketplace (2 ingress replicas, fake engine
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import io
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
+from .test_alert_delivery import Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -219,3 +225,102 @@ def test_usage_groups_by_key_and_organization_and_the_ledger_exports_every_reque
     assert sorted(r["response_id"] for r in parsed) == sorted(r["response_id"] for r in rows)
     reconciled = admin(marketplace, "GET", "/admin/v1/reconcile", params={"org_id": org["id"]}).json()
     assert reconciled["ok"] and reconciled["orgs"][0]["events"] == 4
+
+
+def burst(marketplace, keys: list[str], requests: int, **body) -> list[httpx.Response]:
+    """`requests` chat calls released together by a barrier, spread over the keys; both ingress
+    replicas take some of them."""
+    gate = threading.Barrier(requests)
+
+    def send(index: int) -> httpx.Response:
+        with httpx.Client(base_url=marketplace.base_url, timeout=60) as client:
+            gate.wait()
+            return client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "alpha-chat",
+                    "messages": [{"role": "user", "content": "hi [[fake-tokens=40]]"}],
+                    **body,
+                },
+                headers=marketplace.auth(keys[index % len(keys)]),
+            )
+
+    with ThreadPoolExecutor(requests) as pool:
+        return list(pool.map(send, range(requests)))
+
+
+def verify(secret: str, post) -> dict:
+    expected = "sha256=" + hmac.new(secret.encode(), post.body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(post.headers["x-tokenmart-signature"], expected)
+    return json.loads(post.body)
+
+
+def test_a_burst_across_a_balance_threshold_raises_exactly_one_signed_alert_delivered_after_two_failures(
+    marketplace,
+):
+    org = create_org(marketplace, "alerted", 0.0006)
+    keys = [marketplace.create_key(name=f"alerted-{i}", credit_usd=0, org_id=org["id"])["key"] for i in range(2)]
+    secret = "whsec-" + "x" * 24
+    with Receiver([500, 500]) as receiver:
+        settings = admin(
+            marketplace,
+            "POST",
+            f"/admin/v1/orgs/{org['id']}/alerts",
+            json={"url": receiver.url, "secret": secret, "balance_below_usd": 0.0003},
+        )
+        assert settings.status_code == 200, settings.text
+        assert "secret" not in settings.json() and settings.json()["balance_below_usd"] == 0.0003
+
+        answers = burst(marketplace, keys, 24, max_tokens=40)
+        assert {a.status_code for a in answers} <= {200, 402}
+        spent = sum(round(a.json()["usage"]["cost"] * 1e6) for a in answers if a.status_code == 200)
+        assert spent > 300  # the burst crossed the threshold (600 micro-USD of credit, alert below 300)
+
+        marketplace.wait_until(lambda: len(receiver.posts()) >= 3, 30, what="two failed POSTs and a third")
+        time.sleep(3)  # room for a second alert, which must not come
+        posts = receiver.posts()
+        assert len(posts) == 3
+        assert len({p.headers["x-tokenmart-delivery"] for p in posts}) == 1
+        bodies = [verify(secret, post) for post in posts]
+        assert bodies[0] == bodies[1] == bodies[2]
+        alert = bodies[0]
+        assert (alert["type"], alert["org_id"], alert["key_id"], alert["threshold_usd"]) == (
+            "balance_below",
+            org["id"],
+            None,
+            0.0003,
+        )
+        assert alert["id"] == posts[0].headers["x-tokenmart-delivery"]
+        assert alert["value_usd"] < 0.0003
+    deliveries = admin(marketplace, "GET", f"/admin/v1/orgs/{org['id']}/alerts/deliveries").json()["data"]
+    assert [(d["delivery_id"], d["status"], d["attempts"]) for d in deliveries] == [(alert["id"], "delivered", 3)]
+    org_now = admin(marketplace, "GET", f"/admin/v1/orgs/{org['id']}").json()
+    assert round(org_now["spent_usd"] * 1e6) == spent and org_now["credit_usd"] >= 0
+
+
+def test_a_key_crossing_its_cap_percentage_raises_one_alert_naming_the_key(marketplace):
+    org = create_org(marketplace, "capwatch", 5)
+    capped = marketplace.create_key(
+        name="capwatch-key", credit_usd=0, org_id=org["id"], spend_cap_usd=0.0004, spend_cap_period="monthly"
+    )
+    secret = "whsec-" + "y" * 24
+    with Receiver([]) as receiver:
+        admin(
+            marketplace,
+            "POST",
+            f"/admin/v1/orgs/{org['id']}/alerts",
+            json={"url": receiver.url, "secret": secret, "cap_percent": 50},
+        )
+        answers = burst(marketplace, [capped["key"]], 16, max_tokens=40)
+        assert {a.status_code for a in answers} <= {200, 402}
+        marketplace.wait_until(lambda: receiver.posts(), 20, what="the cap alert")
+        time.sleep(2)
+        (post,) = receiver.posts()
+        alert = verify(secret, post)
+    assert (alert["type"], alert["key_id"], alert["threshold_percent"]) == ("cap_percent", capped["id"], 50)
+    assert alert["value_usd"] >= 0.0002
+    info = marketplace.key_info(capped["key"])
+    assert info["spent_this_period_usd"] <= 0.0004
+    assert info["spent_this_period_usd"] == round(
+        sum(a.json()["usage"]["cost"] for a in answers if a.status_code == 200), 6
+    )

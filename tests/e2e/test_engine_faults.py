@@ -75,11 +75,18 @@ class Cluster:
         return killed
 
     # -- the marketplace's books ------------------------------------------------------
+    def org_of(self, key_id: str) -> str:
+        return self.redis.hget("tm:key_orgs", key_id)
+
     def ledger(self, key_id: str) -> list[dict[str, str]]:
-        return [fields for _, fields in self.redis.xrange(f"{{acct:{key_id}}}:ledger")]
+        stream = f"{{acct:{self.org_of(key_id)}}}:ledger"
+        return [fields for _, fields in self.redis.xrange(stream) if fields["key_id"] == key_id]
+
+    def inflight_set(self, key_id: str) -> str:
+        return f"{{acct:{self.org_of(key_id)}}}:inflight:{key_id}"
 
     def in_flight(self, key_id: str) -> list[str]:
-        return self.redis.zrange(f"{{acct:{key_id}}}:inflight", 0, -1)
+        return self.redis.zrange(self.inflight_set(key_id), 0, -1)
 
     def account(self, key: str) -> dict[str, Any]:
         response = httpx.get(f"{self.stack.api_base}/v1/key", headers=auth(key), timeout=30)
@@ -244,7 +251,7 @@ def test_an_ingress_dying_mid_stream_stops_the_engine_and_charges_nothing(cluste
     # The lease lapses (moved to the past here instead of waiting 15 minutes): the next
     # admission frees the slot and gives the hold back, and only that request is charged.
     (orphan,) = cluster.in_flight(key_id)
-    cluster.redis.zadd(f"{{acct:{key_id}}}:inflight", {orphan: 0})
+    cluster.redis.zadd(cluster.inflight_set(key_id), {orphan: 0})
     follow_up = httpx.post(
         f"{cluster.stack.base_url}/chat/completions",
         headers=auth(key),

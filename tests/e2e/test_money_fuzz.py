@@ -279,7 +279,7 @@ def call(api: openai.OpenAI, shape: Shape) -> Result:
 
 def books_after(stack: Stack, ledger: redis.Redis, created: dict[str, Any], requests: int) -> dict[str, str]:
     """Wait for the key's settlements, then check its books; returns its one settlement (or {})."""
-    stream = account_key(created["id"], "ledger")
+    stream = account_key(created["org_id"], "ledger")  # the key's own organization: its events only
     wait_for_entries(ledger, stream, requests, SETTLE_TIMEOUT_S)
     events = [event for _, event in ledger.xrange(stream)]
     assert [event for event in events if "event" in event] == [], events  # no hold_exceeded
@@ -287,7 +287,7 @@ def books_after(stack: Stack, ledger: redis.Redis, created: dict[str, Any], requ
 
     report = stack.admin("GET", "/admin/v1/reconcile", params={"key_id": created["id"]}).json()
     assert (report["ok"], report["differences"]) == (True, []), report
-    (books,) = report["keys"]
+    (books,) = report["orgs"]
     assert (books["events"], books["in_flight"], books["on_hold_usd"]) == (requests, 0, 0.0), books
 
     spent = int(events[0]["cost_micros"]) if events else 0

@@ -36,7 +36,8 @@ def client(key: str, stack: Stack) -> OpenAI:
 
 
 def ledger(books: redis.Redis, key_id: str) -> list[dict[str, str]]:
-    return [fields for _, fields in books.xrange(f"{{acct:{key_id}}}:ledger")]
+    org_id = books.hget("tm:key_orgs", key_id)
+    return [fields for _, fields in books.xrange(f"{{acct:{org_id}}}:ledger") if fields["key_id"] == key_id]
 
 
 def settled(books: redis.Redis, key_id: str, count: int) -> list[dict[str, str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -560,7 +561,7 @@ def test_key_info_alias_shows_the_same_record_without_secrets(marketplace, key):
 # -- admin API ------------------------------------------------------------------------------
 
 
-def test_admin_creates_a_key_that_is_shown_only_once(marketplace):
+def test_admin_creates_a_key_that_is_shown_only_once(marketplace, redis_client):
     response = marketplace.http.post(
         "/admin/v1/keys",
         json={"name": "admin-made", "credit_usd": 1.25, "models": ["beta-chat"], "rpm": 100, "tpm": 5000},
@@ -571,7 +572,11 @@ def test_admin_creates_a_key_that_is_shown_only_once(marketplace):
     created = response.json()
     key = created["key"]
     assert auth.is_well_formed(key)
-    assert created["id"] == auth.key_id_for_hash(hashlib.sha256(key.encode()).hexdigest())
+    # The id is the key's own, not derived from its secret (a rotation keeps it); the secrets
+    # index maps the secret's hash to it.
+    assert re.fullmatch(r"key_[0-9a-f]{20}", created["id"]) and created["id"] not in key
+    index = redis_client.get(f"tm:auth:{hashlib.sha256(key.encode()).hexdigest()}")
+    assert index == f"{created['org_id']} {created['id']}"
     assert created["prefix"] == auth.display_prefix(key)
     assert (created["name"], created["status"], created["credit_usd"]) == ("admin-made", "active", 1.25)
     assert created["models"] == ["beta-chat"]

@@ -464,8 +464,9 @@ def assert_envelope(reply: Reply) -> dict[str, Any]:
     return error
 
 
-def ledger_events(client: redis.Redis, key_id: str) -> list[dict[str, str]]:
-    return [entry for _, entry in client.xrange(account_key(key_id, "ledger"))]
+def ledger_events(client: redis.Redis, org_id: str) -> list[dict[str, str]]:
+    """The ledger of a key's own organization (the key is its only one)."""
+    return [entry for _, entry in client.xrange(account_key(org_id, "ledger"))]
 
 
 def settled_books(
@@ -473,8 +474,8 @@ def settled_books(
 ) -> dict[str, str]:
     """Wait for `requests` settlements on the ledger (0 or 1), then check the books; returns the
     settlement event (an empty dict when there is none)."""
-    wait_for_entries(client, account_key(created["id"], "ledger"), requests, SETTLE_TIMEOUT_S)
-    events = ledger_events(client, created["id"])
+    wait_for_entries(client, account_key(created["org_id"], "ledger"), requests, SETTLE_TIMEOUT_S)
+    events = ledger_events(client, created["org_id"])
     assert [entry.get("event") for entry in events if "event" in entry] == [], events  # no hold_exceeded
     assert len(events) == requests, events
 
@@ -482,7 +483,7 @@ def settled_books(
     assert response.status_code == 200, response.text
     report = response.json()
     assert (report["ok"], report["differences"]) == (True, []), report
-    (books,) = report["keys"]
+    (books,) = report["orgs"]
     assert (books["events"], books["in_flight"], books["on_hold_usd"]) == (requests, 0, 0.0), books
     assert books["balance_usd"] >= 0, books
 

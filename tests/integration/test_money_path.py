@@ -47,7 +47,7 @@ def read_then_hang_up(marketplace, key: str, path: str, payload: dict, chunks_to
 
 
 def settled(marketplace, redis_client, key_id: str) -> dict[str, str]:
-    ledger = account_key(key_id, "ledger")
+    ledger = account_key(redis_client.hget("tm:key_orgs", key_id), "ledger")  # the key's own organization
     ((_, event),) = marketplace.wait_until(lambda: redis_client.xrange(ledger), SETTLE_TIMEOUT_S, what="settlement")
     return event
 
@@ -171,18 +171,18 @@ def _cost_above_the_hold(redis_url: str, *, lease_lapsed: bool):
 
     async def scenario(keys, meter):
         record, _ = await keys.create(CreateKeyRequest(name="under-held", credit_usd=Decimal("0.001")))
-        admission = await meter.admit(record.id, record.key_hash, BETA, 10, 10)
+        admission = await meter.admit(record.key_hash, BETA, 10, 10)
         if lease_lapsed:
             # Another admission after the lease: the lapsed hold goes back to the balance first.
-            await meter.admit(record.id, record.key_hash, BETA, 1, 1, now_ms=int(time.time() * 1000) + LEASE_MS + 1)
+            await meter.admit(record.key_hash, BETA, 1, 1, now_ms=int(time.time() * 1000) + LEASE_MS + 1)
         settlement = await meter.settle(admission, 500, 10, "completed")
-        return record.id, admission, settlement, await reconcile(meter.redis, [record.id])
+        return record.org_id, admission, settlement, await reconcile(meter.redis, {record.org_id: [record.id]})
 
     return run(redis_url, scenario)
 
 
 def test_a_cost_above_its_hold_charges_the_hold_and_the_operator_sees_it(redis_server, redis_client):
-    key_id, admission, settlement, report = _cost_above_the_hold(redis_server.url, lease_lapsed=False)
+    org_id, admission, settlement, report = _cost_above_the_hold(redis_server.url, lease_lapsed=False)
     listing: Listing = BETA
     full_cost = listing.cost_micros(500, 10)
     assert admission.hold_micros == listing.cost_micros(10, 10) < full_cost
@@ -190,9 +190,9 @@ def test_a_cost_above_its_hold_charges_the_hold_and_the_operator_sees_it(redis_s
         admission.hold_micros,
         full_cost - admission.hold_micros,
     )
-    record = redis_client.hgetall(account_key(key_id, "key"))
-    assert int(record["balance_micros"]) == 1_000 - admission.hold_micros >= 0
-    events = [event for _, event in redis_client.xrange(account_key(key_id, "ledger"))]
+    org = redis_client.hgetall(account_key(org_id, "org"))
+    assert int(org["balance_micros"]) == 1_000 - admission.hold_micros >= 0
+    events = [event for _, event in redis_client.xrange(account_key(org_id, "ledger"))]
     assert [e.get("event", "settlement") for e in events] == ["settlement", "hold_exceeded"]
     assert int(events[0]["cost_micros"]) == admission.hold_micros
     assert (int(events[1]["cost_micros"]), int(events[1]["charged_micros"]), int(events[1]["uncharged_micros"])) == (
@@ -205,13 +205,13 @@ def test_a_cost_above_its_hold_charges_the_hold_and_the_operator_sees_it(redis_s
     assert [(d.check, d.expected, d.actual) for d in report.differences] == [
         ("hold_exceeded", full_cost, admission.hold_micros)
     ]
-    assert report.keys[0].events == 1
+    assert report.orgs[0].events == 1
 
 
 def test_a_late_settlement_after_its_lease_never_takes_the_balance_below_zero(redis_server, redis_client):
-    key_id, _, settlement, report = _cost_above_the_hold(redis_server.url, lease_lapsed=True)
-    record = redis_client.hgetall(account_key(key_id, "key"))
-    balance, hold = int(record["balance_micros"]), int(record["hold_micros"])
+    org_id, _, settlement, report = _cost_above_the_hold(redis_server.url, lease_lapsed=True)
+    org = redis_client.hgetall(account_key(org_id, "org"))
+    balance, hold = int(org["balance_micros"]), int(org["hold_micros"])
     assert balance >= 0
     # The second admission's hold is still out; everything else the balance had was charged.
     assert settlement.cost_micros == 1_000 - hold - balance

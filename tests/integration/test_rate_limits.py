@@ -108,8 +108,8 @@ def test_concurrency_limit_refuses_the_extra_streams(marketplace, redis_client) 
     refused, and both slots come back once the streams end, whether read to the end or hung up
     (a slot leaked by either ending fails the last step)."""
     created = marketplace.create_key(credit_usd=5, max_concurrency=2)
-    key, inflight = created["key"], f"{{acct:{created['id']}}}:inflight"
-    ledger = f"{{acct:{created['id']}}}:ledger"
+    key, inflight = created["key"], f"{{acct:{created['org_id']}}}:inflight:{created['id']}"
+    ledger = f"{{acct:{created['org_id']}}}:ledger"
     long_stream = {
         "model": "alpha-chat",
         "messages": [{"role": "user", "content": f"hi [[fake-tokens={LONG_STREAM_TOKENS}]]"}],

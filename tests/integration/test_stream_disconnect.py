@@ -28,8 +28,8 @@ def engine_streams(model: str) -> dict[str, int]:
 
 def test_client_disconnect_mid_stream_is_billed_once_as_aborted(marketplace, redis_client):
     created = marketplace.create_key(name="hangs-up", credit_usd=1)
-    key, key_id = created["key"], created["id"]
-    ledger = f"{{acct:{key_id}}}:ledger"
+    key = created["key"]
+    ledger = f"{{acct:{created['org_id']}}}:ledger"
     payload = {"model": "beta-chat", "messages": LONG_MESSAGES, "stream": True, "max_tokens": LONG_STREAM_TOKENS}
     before = engine_streams("beta-chat")
 
@@ -88,7 +88,7 @@ def test_client_disconnect_mid_stream_is_billed_once_as_aborted(marketplace, red
 
 def test_a_stream_read_to_the_end_is_settled_as_completed(marketplace, redis_client):
     created = marketplace.create_key(name="reads-it-all", credit_usd=1)
-    ledger = f"{{acct:{created['id']}}}:ledger"
+    ledger = f"{{acct:{created['org_id']}}}:ledger"
     payload = {"model": "beta-chat", "messages": MESSAGES, "stream": True, "max_tokens": 4}
     with httpx.Client(base_url=marketplace.base_url, timeout=30.0) as client:
         response = client.post("/v1/chat/completions", json=payload, headers=marketplace.auth(created["key"]))

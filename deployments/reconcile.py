@@ -12,7 +12,8 @@ MULTI/EXEC so settlements cannot land between the reads, this checks:
   key_holds              each key's hold_micros equals the holds of its requests in flight
   hold_exceeded          no request cost more than it held: each `hold_exceeded` ledger event
                          (the charge was capped so the balance stays >= 0) is reported, with
-                         the cost it had (expected) and what was charged (actual)
+                         the cost it had (expected) and what was charged (actual); those trimmed
+                         into the checkpoint are reported together, by what they left uncharged
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ def reconcile_org(
         check("key_spent", "spent_micros", key_costs[key_id], int(record.get("spent_micros") or 0), key_id)
         key_holds = sum(int(holds.get(billing_id, 0)) for billing_id in inflight.get(key_id, []))
         check("key_holds", "hold_micros", key_holds, int(record.get("hold_micros") or 0), key_id)
+    trimmed_notices = int(checkpoint.get(f"{HOLD_EXCEEDED}_events") or 0)
+    if trimmed_notices:
+        # Trimmed by retention, so no longer one by one: what they left uncharged, together.
+        uncharged = int(checkpoint.get("uncharged_micros") or 0)
+        check(HOLD_EXCEEDED, f"{trimmed_notices} request(s) in the ledger's checkpoint: uncharged_micros", 0, uncharged)
     for _, event in events:
         if event.get("event") == HOLD_EXCEEDED:
             check(

@@ -130,3 +130,40 @@ def test_a_ledger_event_without_counters_is_reported(redis_server, redis_client)
         ("ledger_vs_spent", None, "spent_micros", spent + 9, spent),
         ("key_spent", key_id, "spent_micros", key_spent + 9, key_spent),
     }
+
+
+def test_books_trimmed_into_the_checkpoint_still_reconcile_and_a_trimmed_overcharge_is_still_reported(
+    redis_server, redis_client
+):
+    """Retention moves old events into the checkpoint; reconcile counts them from there."""
+    from tokenmart.deployments.ledger import trim_ledger
+
+    async def scenario(keys, meter):
+        record, _ = await keys.create(CreateKeyRequest(name="trimmed", credit_usd=0.01))
+        for prompt in (10, 20, 30):
+            await meter.settle(await meter.admit(record.key_hash, ALPHA, prompt, 50), prompt, 40, "completed")
+        under_held = await meter.admit(record.key_hash, BETA, 10, 10)
+        await meter.settle(under_held, 500, 10, "completed")  # cost above its hold: hold_exceeded
+        scope = {record.org_id: [record.id]}
+        before = await reconcile(meter.redis, scope)
+        seconds, micros = await meter.redis.time()
+        trimmed = await trim_ledger(meter.redis, record.org_id, seconds * 1000 + micros // 1000 + 1, batch=2)
+        return record.org_id, under_held, before, trimmed, await reconcile(meter.redis, scope)
+
+    org_id, under_held, before, trimmed, after = run(redis_server.url, scenario)
+    assert trimmed == 5 and redis_client.xlen(account_key(org_id, "ledger")) == 0
+    uncharged = BETA.cost_micros(500, 10) - under_held.hold_micros
+    assert [(d.check, d.actual) for d in before.differences] == [("hold_exceeded", under_held.hold_micros)]
+    assert [(d.check, d.field, d.expected, d.actual) for d in after.differences] == [
+        ("hold_exceeded", "1 request(s) in the ledger's checkpoint: uncharged_micros", 0, uncharged)
+    ]
+    (was,), (now,) = before.orgs, after.orgs
+    assert (
+        (now.events, now.ledger_cost_usd, now.spent_usd)
+        == (was.events, was.ledger_cost_usd, was.spent_usd)
+        == (
+            4,
+            now.counters_cost_usd,
+            now.spent_usd,
+        )
+    )

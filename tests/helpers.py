@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import httpx
 import redis
@@ -51,3 +52,21 @@ def sse_data(response: httpx.Response) -> Iterator[str]:
     for line in response.iter_lines():
         if line.startswith("data: "):
             yield line.removeprefix("data: ")
+
+
+T = TypeVar("T")
+
+
+def run_with_redis(redis_url: str, scenario: Callable[[Any], Awaitable[T]]) -> T:
+    """One async scenario on its own event loop, with a fresh asyncio client of the project's
+    own (`redis_connection.connect`, as an ingress replica has)."""
+    from tokenmart.deployments.redis_connection import connect
+
+    async def main() -> T:
+        client = connect(redis_url)
+        try:
+            return await scenario(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())

@@ -25,10 +25,10 @@ import redis
 from tokenmart.deployments import alerts
 from tokenmart.deployments.alerts import AlertDeliverer, AlertSettingsRequest
 from tokenmart.deployments.errors import BillingUnavailable, NotFound
-from tokenmart.deployments.redis_connection import connect
 from tokenmart.deployments.scripts import account_key
 
 from ..helpers import free_port, wait_until
+from ..helpers import run_with_redis as run
 
 pytestmark = pytest.mark.integration
 
@@ -110,19 +110,6 @@ def receiver_factory() -> Iterator[Callable[..., Receiver]]:
 
 
 # -- Redis as settlement leaves it ----------------------------------------------------------------
-
-
-def run(redis_url: str, scenario: Callable[[Any], Awaitable[T]]) -> T:
-    """One async scenario on its own event loop, with a fresh asyncio client (as a replica has)."""
-
-    async def main() -> T:
-        client = connect(redis_url)
-        try:
-            return await scenario(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
 
 
 def make_org(client: redis.Redis) -> str:

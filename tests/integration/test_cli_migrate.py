@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from tokenmart.deployments.keystore import SCHEMA_KEY, org_key
 from tokenmart.deployments.migrate import LEGACY_KEY_INDEX, legacy_org_id
 from tokenmart.deployments.scripts import account_key
 
-from .test_migrate import FIXTURE, load, old
+from .test_migrate import FIXTURE, layout1_database, old
 
 pytestmark = pytest.mark.integration
 
@@ -25,12 +26,9 @@ LEDGER_EVENTS = sum(len(old(account_key(key_id, "ledger"))) for key_id in KEY_ID
 
 
 @pytest.fixture
-def legacy(redis_server) -> redis.Redis:
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=DB, decode_responses=True)
-    load(client)
-    yield client
-    client.flushdb()
-    client.close()
+def legacy(redis_server) -> Iterator[redis.Redis]:
+    with layout1_database(redis_server, DB) as client:
+        yield client
 
 
 @pytest.fixture

@@ -6,12 +6,10 @@ fields"), with explicit ids, so the order, the settled horizon and the trim boun
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -30,9 +28,9 @@ from tokenmart.deployments.ledger import (
     trim_all,
     trim_ledger,
 )
-from tokenmart.deployments.redis_connection import connect
 from tokenmart.deployments.scripts import account_key
 
+from ..helpers import run_with_redis as run
 from ..helpers import wait_until
 
 pytestmark = pytest.mark.integration
@@ -44,19 +42,6 @@ KEY_A, KEY_B, KEY_C = ("key_" + letter * 20 for letter in "abc")
 BASE = 1_700_000_000_000  # 2023-11-14: long settled
 DAY = "2023-11-14"
 LAG = 1
-
-
-def run(redis_url: str, scenario: Callable[[Any], Awaitable[T]]) -> T:
-    """One async scenario with a fresh asyncio client (the project's) on its own event loop."""
-
-    async def main() -> T:
-        client = connect(redis_url)
-        try:
-            return await scenario(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
 
 
 def usage(org: str, key: str, n: int, *, model: str = "alpha-chat", day: str = DAY, cost: int = 0) -> dict[str, str]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -53,13 +55,22 @@ def old(name: str) -> Any:
     return next(item["value"] for item in FIXTURE["redis"] if item["name"] == name)
 
 
-@pytest.fixture
-def legacy(redis_server) -> redis.Redis:
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=DB, decode_responses=True)
+@contextmanager
+def layout1_database(redis_server, db: int) -> Iterator[redis.Redis]:
+    """A database of the real server holding the fixture's data, emptied after."""
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=db, decode_responses=True)
     load(client)
-    yield client
-    client.flushdb()
-    client.close()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def legacy(redis_server) -> Iterator[redis.Redis]:
+    with layout1_database(redis_server, DB) as client:
+        yield client
 
 
 def url(redis_server) -> str:

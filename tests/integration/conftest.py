@@ -99,6 +99,19 @@ class Marketplace:
         assert response.status_code == 201, response.text
         return response.json()
 
+    def create_org(self, name: str = "test", credit_usd: float = 1) -> dict[str, Any]:
+        """POST /admin/v1/orgs; its keys come from `create_key(..., credit_usd=0, org_id=...)`."""
+        response = self.http.post(
+            "/admin/v1/orgs", json={"name": name, "credit_usd": credit_usd}, headers=self.admin_headers
+        )
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def org_info(self, org_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/admin/v1/orgs/{org_id}", headers=self.admin_headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
     def key_info(self, key: str) -> dict[str, Any]:
         response = self.http.get("/v1/key", headers=self.auth(key))
         assert response.status_code == 200, response.text

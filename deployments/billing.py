@@ -14,6 +14,7 @@ Redis layout (per organization, hash-tagged; docs/accounts.md has all of it):
   {acct:<org>}:buckets:<key>      rate-limit token buckets (levels scaled by scripts.SCALE)
   {acct:<org>}:inflight:<key>     zset: admitted, unsettled billing ids -> lease expiry (ms)
   {acct:<org>}:holds              hash: billing id -> the credit it holds
+  {acct:<org>}:leases             zset: "<key>|<billing id>" -> lease expiry, for every key
   {acct:<org>}:usage              hash "<UTC day>|<key>|<model>|<metric>" -> int (usage.py)
   {acct:<org>}:ledger             stream of usage events (reconcile.py, ledger.py)
   {acct:<org>}:settled:<billing>  idempotency marker (7 days)
@@ -21,7 +22,7 @@ Redis layout (per organization, hash-tagged; docs/accounts.md has all of it):
   {acct:<org>}:outbox             spend alerts raised by settlement (alerts.py)
 
 An admission whose ingress dies before settling keeps its slot and hold until its lease
-(LEASE_MS) runs out; the next admission of that key frees both.
+(LEASE_MS) runs out; the next admission of any key of its organization frees both.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class Meter:
         billing_id = new_billing_id()
         org_id, key_id = await self.locator.locate(key_hash)
         named = key_keys(org_id, key_id)
-        keys = [named[name] for name in ("org", "key", "buckets", "inflight", "holds")]
+        keys = [named[name] for name in ("org", "key", "buckets", "inflight", "holds", "leases")]
         rpm, tpm, max_concurrency, max_per_request = effective_limits(Limits(), self.defaults)
         args = [billing_id, key_hash, listing.id, rpm, tpm, max_concurrency, tokens, hold, LEASE_MS]
         args += ["" if now_ms is None else now_ms, max_per_request, max_output_tokens]
@@ -224,6 +225,7 @@ class Meter:
             account_key(org_id, f"gen:{generation.response_id}"),
             account_key(org_id, "alerts"),
             account_key(org_id, "outbox"),
+            named["leases"],
         ]
         args = [
             admission.billing_id,

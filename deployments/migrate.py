@@ -126,6 +126,7 @@ def _migrate_key(client: redis_sync.Redis, key_id: str, record: dict[str, str], 
     inflight = client.zrange(old("inflight"), 0, -1, withscores=True)
     if inflight:
         client.zadd(new(f"inflight:{key_id}"), {member: score for member, score in inflight})
+        client.zadd(new("leases"), {f"{key_id}|{member}": score for member, score in inflight})
     holds = client.hgetall(old("holds"))
     if holds:
         client.hset(new("holds"), mapping=holds)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 LUA_DIR = Path(__file__).parent / "lua"
 SCALE = 60_000  # bucket levels are stored scaled: refill per ms = the per-minute limit itself
+REAP_BATCH = 100  # lapsed leases one admission frees at most (admit.lua)
 
 # The helpers each script is given, ahead of its own text.
 LIBRARIES: dict[str, tuple[str, ...]] = {
@@ -54,13 +55,14 @@ def key_keys(org_id: str, key_id: str) -> dict[str, str]:
         "buckets": account_key(org_id, f"buckets:{key_id}"),
         "inflight": account_key(org_id, f"inflight:{key_id}"),
         "holds": account_key(org_id, "holds"),
+        "leases": account_key(org_id, "leases"),
     }
 
 
 def lua_source(name: str) -> str:
     """A script of `lua/`, with the constants it shares with Python and its helpers prepended."""
     verdicts = ", ".join(f"{verdict.name} = {verdict.value}" for verdict in Verdict)
-    parts = [f"local SCALE = {SCALE}\nlocal VERDICT = {{{verdicts}}}\n"]
+    parts = [f"local SCALE = {SCALE}\nlocal REAP_BATCH = {REAP_BATCH}\nlocal VERDICT = {{{verdicts}}}\n"]
     parts += [(LUA_DIR / "lib" / f"{library}.lua").read_text() for library in LIBRARIES.get(name, ())]
     parts.append((LUA_DIR / f"{name}.lua").read_text())
     return "".join(parts)

@@ -18,6 +18,11 @@
 -- KEYS[3] {acct:O}:buckets:K    rate-limit state (hash): req_level, req_ts, tok_level, tok_ts
 -- KEYS[4] {acct:O}:inflight:K   admitted, unsettled requests (zset: billing id -> lease expiry ms)
 -- KEYS[5] {acct:O}:holds        the credit each of those holds (hash: billing id -> micro-USD)
+-- KEYS[6] {acct:O}:leases       every key's admitted, unsettled requests ("<key id>|<billing id>"
+--                               -> lease expiry ms), so any key's admission frees the lapsed
+--                               ones of the whole organization. Freeing one also writes that
+--                               key's record and in-flight set, named from the organization's
+--                               own hash tag: the same Redis Cluster slot as every KEYS here.
 -- ARGV: billing_id, key_hash, model, default_rpm, default_tpm, default_max_concurrency,
 --       tokens, hold_micros, lease_ms, now_ms ('' = Redis TIME),
 --       default_max_tokens_per_request, output_tokens (prompts x n x max output)
@@ -78,20 +83,24 @@ end
 
 local key_hold = tonumber(record[8] or '0')
 -- Admissions whose lease ran out were never settled (their ingress died): free their slot
--- and give their hold back, to the organization and to the key's cap. A settlement that
--- still arrives later charges without a hold.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
-if #expired > 0 then
-  local refund = 0
-  for _, id in ipairs(expired) do
-    refund = refund + tonumber(redis.call('HGET', KEYS[5], id) or '0')
-    redis.call('HDEL', KEYS[5], id)
-  end
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+-- and give their hold back, to the organization and to their key's cap, whichever key of the
+-- organization they were (its credit is shared: one key's lapsed holds must not block the
+-- others). At most REAP_BATCH per admission, so one call stays short. A settlement that still
+-- arrives later charges without a hold.
+local tag = string.sub(KEYS[1], 1, #KEYS[1] - #'org')  -- '{acct:O}:'
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, REAP_BATCH)
+for _, member in ipairs(lapsed) do
+  local bar = string.find(member, '|', 1, true)
+  local owner, id = string.sub(member, 1, bar - 1), string.sub(member, bar + 1)
+  local refund = tonumber(redis.call('HGET', KEYS[5], id) or '0')
+  redis.call('HDEL', KEYS[5], id)
+  redis.call('ZREM', KEYS[6], member)
+  redis.call('ZREM', tag .. 'inflight:' .. owner, id)
   if refund > 0 then
     redis.call('HINCRBY', KEYS[1], 'balance_micros', refund)
     redis.call('HINCRBY', KEYS[1], 'hold_micros', -refund)
-    key_hold = redis.call('HINCRBY', KEYS[2], 'hold_micros', -refund)
+    local left = redis.call('HINCRBY', tag .. 'key:' .. owner, 'hold_micros', -refund)
+    if tag .. 'key:' .. owner == KEYS[2] then key_hold = left end
   end
 end
 if redis.call('ZCARD', KEYS[4]) >= max_conc then
@@ -126,6 +135,7 @@ tok_level = tok_level - tok_cost
 redis.call('HSET', KEYS[3], 'req_level', req_level, 'req_ts', now, 'tok_level', tok_level, 'tok_ts', now)
 redis.call('PEXPIRE', KEYS[3], 120000)
 redis.call('ZADD', KEYS[4], now + lease_ms, billing_id)
+redis.call('ZADD', KEYS[6], now + lease_ms, string.sub(KEYS[2], #tag + #'key:' + 1) .. '|' .. billing_id)
 if hold > 0 then  -- (Redis refuses "-0" as an increment)
   redis.call('HINCRBY', KEYS[1], 'balance_micros', -hold)
   redis.call('HINCRBY', KEYS[1], 'hold_micros', hold)

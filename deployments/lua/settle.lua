@@ -27,6 +27,7 @@
 -- KEYS[9]  {acct:O}:gen:<response id>   the generation record (expires after gen_ttl_s)
 -- KEYS[10] {acct:O}:alerts        alert settings: balance_below_micros, cap_percent
 -- KEYS[11] {acct:O}:outbox        alerts raised, for the deliverer (alerts.py)
+-- KEYS[12] {acct:O}:leases        the request's lease ("<key id>|<billing id>") is released
 -- ARGV: billing_id, key_id, model, prompt_tokens, completion_tokens, cost_micros,
 --       hold_micros, status, started_at_ms, marker_ttl_s, unused_tokens, reserved_tokens
 --       (what admission reserved: the prompt estimate plus the output budget; in the ledger
@@ -93,6 +94,7 @@ else
 end
 
 redis.call('ZREM', KEYS[7], billing_id)
+redis.call('ZREM', KEYS[12], key_id .. '|' .. billing_id)
 if unused_tokens > 0 and redis.call('HEXISTS', KEYS[6], 'tok_level') == 1 then
   -- levels are scaled by SCALE (prepended by scripts.lua_source); the next admission caps at capacity
   redis.call('HINCRBY', KEYS[6], 'tok_level', unused_tokens * SCALE)

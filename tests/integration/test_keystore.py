@@ -1025,3 +1025,41 @@ def test_the_lua_calendar_gives_the_same_period_ids_as_python(redis_server, redi
     assert cap_period_id("monthly", _utc_ms(2024, 2, 29, 23, 59, 59) // 1000) == "monthly:2024-02"
     assert cap_period_id("daily", _utc_ms(2100, 3, 1) // 1000 - 1) == "daily:2100-02-28"
     assert cap_period_id("weekly", 0) == "weekly:1969-12-29"
+
+
+def test_one_keys_lapsed_holds_are_freed_by_any_key_of_its_organization_even_once_it_is_revoked(
+    redis_server, redis_client
+):
+    """Credit is shared: a key whose ingress died holding the organization's credit, and which
+    is never used again (here: revoked), must not block the other keys past its lease."""
+
+    async def scenario(keys: KeyStore, meter: Meter):
+        # Credit for exactly one such request.
+        credit = Decimal(BETA.cost_micros(2, 40)) / 1_000_000
+        org = await keys.create_org(CreateOrgRequest(name="shared", credit_usd=credit))
+        first, first_secret = await keys.create(CreateKeyRequest(name="dies", org_id=org.id))
+        second, second_secret = await keys.create(CreateKeyRequest(name="lives", org_id=org.id))
+        first_hash, second_hash = auth.hash_key(first_secret), auth.hash_key(second_secret)
+        now = int((await meter.redis.time())[0]) * 1000
+        stranded = await meter.admit(first_hash, BETA, 2, 40, now_ms=now)  # its ingress dies: never settled
+        await keys.revoke(first.id)
+        refused = None
+        try:
+            await meter.admit(second_hash, BETA, 2, 40, now_ms=now + 1000)
+        except InsufficientCredit as exc:
+            refused = exc.code
+        held = await keys.require_org(org.id)
+        admitted = await meter.admit(second_hash, BETA, 2, 40, now_ms=now + LEASE_MS + 1)
+        after = await keys.require_org(org.id)
+        records = {k: await keys.require(k) for k in (first.id, second.id)}
+        return stranded, refused, held, admitted, after, records
+
+    stranded, refused, held, admitted, after, records = run(redis_server.url, scenario)
+    assert refused == "insufficient_quota"  # while the lease runs, the hold is real
+    assert (held.hold_micros, held.balance_micros) == (stranded.hold_micros, 0)
+    # After it, the other key's admission gave the stranded hold back and took its own.
+    assert (after.hold_micros, after.balance_micros) == (admitted.hold_micros, 0)
+    assert (records[stranded.key_id].hold_micros, records[admitted.key_id].hold_micros) == (0, admitted.hold_micros)
+    org_id = stranded.org_id
+    assert redis_client.zrange(account_key(org_id, f"inflight:{stranded.key_id}"), 0, -1) == []
+    assert redis_client.zrange(account_key(org_id, "leases"), 0, -1) == [f"{admitted.key_id}|{admitted.billing_id}"]

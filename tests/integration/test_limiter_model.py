@@ -152,13 +152,15 @@ class OrgModel:
                 key.max_concurrency,
             ]  # fmt: skip
 
-        for lapsed in [b for b, expiry in key.inflight.items() if expiry <= now]:
-            # a lapsed lease (its ingress died) gives its hold back, to the balance and the cap
-            del key.inflight[lapsed]
-            refund = self.holds.pop(lapsed, 0)
-            self.balance += refund
-            self.hold -= refund
-            key.hold -= refund
+        for owner in self.keys:
+            # A lapsed lease (its ingress died) gives its hold back, to the balance and to its
+            # own key's cap, whichever key of the organization is admitting now.
+            for lapsed in [b for b, expiry in owner.inflight.items() if expiry <= now]:
+                del owner.inflight[lapsed]
+                refund = self.holds.pop(lapsed, 0)
+                self.balance += refund
+                self.hold -= refund
+                owner.hold -= refund
         if len(key.inflight) >= key.max_concurrency:
             return report(Verdict.CONCURRENCY, 1000, req, tok)
         if req < SCALE:
@@ -329,7 +331,8 @@ def observed(client: redis.Redis, org: OrgModel) -> tuple[Any, ...]:
         names = key_keys(org.org_id, key.key_id)
         pipe.hmget(names["key"], "hold_micros", "spent_micros", "period_id", "period_spent_micros")
         pipe.zrange(names["inflight"], 0, -1, withscores=True)
-    org_fields, holds, *per_key = pipe.execute()
+    pipe.zrange(account_key(org.org_id, "leases"), 0, -1, withscores=True)
+    org_fields, holds, *per_key, leases = pipe.execute()
     keys = [
         (
             (int(fields[0]), int(fields[1]), fields[2], int(fields[3])),
@@ -337,12 +340,15 @@ def observed(client: redis.Redis, org: OrgModel) -> tuple[Any, ...]:
         )
         for fields, inflight in zip(per_key[::2], per_key[1::2], strict=True)
     ]
-    return tuple(int(v) for v in org_fields), {k: int(v) for k, v in holds.items()}, keys
+    leased = {member: int(expiry) for member, expiry in leases}
+    return tuple(int(v) for v in org_fields), {k: int(v) for k, v in holds.items()}, keys, leased
 
 
 def expected(org: OrgModel) -> tuple[Any, ...]:
     keys = [((k.hold, k.spent, k.period_id, k.period_spent), dict(k.inflight)) for k in org.keys]
-    return (org.balance, org.hold, org.spent, org.credited), dict(org.holds), keys
+    # The organization's lease set: every key's requests in flight.
+    leased = {f"{k.key_id}|{billing_id}": expiry for k in org.keys for billing_id, expiry in k.inflight.items()}
+    return (org.balance, org.hold, org.spent, org.credited), dict(org.holds), keys, leased
 
 
 class Harness:
@@ -379,7 +385,7 @@ class Harness:
         names = key_keys(self.org_id, key.key_id)
         args = [billing_id, key.key_hash, MODEL_ID, *self.defaults, tokens, hold, self.lease, now]
         args += [self.per_request_default, output]
-        got = self._admit(keys=[names[n] for n in ("org", "key", "buckets", "inflight", "holds")], args=args)
+        got = self._admit(keys=[names[n] for n in ("org", "key", "buckets", "inflight", "holds", "leases")], args=args)
         want = self.org.admit(key, billing_id, tokens, output, hold, now, self.lease)
         assert [int(v) for v in got] == want, (billing_id, now)
         self.verdict = Verdict(want[0])
@@ -412,6 +418,7 @@ class Harness:
             account_key(self.org_id, f"gen:{gen['response_id']}"),
             account_key(self.org_id, "alerts"),
             account_key(self.org_id, "outbox"),
+            names["leases"],
         ]
         args = [
             target.billing_id,

@@ -13,7 +13,7 @@ import re
 import pytest
 
 from tokenmart.deployments.limits import RateLimitState, refusal
-from tokenmart.deployments.scripts import LIBRARIES, LUA_DIR, SCALE, Verdict, lua_source
+from tokenmart.deployments.scripts import LIBRARIES, LUA_DIR, REAP_BATCH, SCALE, Verdict, lua_source
 
 
 def script(name: str) -> str:
@@ -27,8 +27,8 @@ def code(name: str) -> str:
 
 def test_the_prelude_defines_the_scale_and_every_verdict_from_the_python_table() -> None:
     prelude = lua_source("settle").removesuffix(script("settle"))
-    assert prelude.splitlines()[0] == f"local SCALE = {SCALE}"
-    defined = dict(re.findall(r"(\w+) = (\d+)", prelude.splitlines()[1]))
+    assert prelude.splitlines()[:2] == [f"local SCALE = {SCALE}", f"local REAP_BATCH = {REAP_BATCH}"]
+    defined = dict(re.findall(r"(\w+) = (\d+)", prelude.splitlines()[2]))
     assert {name: int(value) for name, value in defined.items()} == {v.name: v.value for v in Verdict}
 
 

@@ -407,6 +407,11 @@ class AlertDeliverer:
         orgs = sorted(await self.redis.smembers(ALERT_ORGS))
         if not orgs:
             return 0
+        # Only organizations with alerts waiting take a lease: one pipelined XLEN each per pass.
+        pipe = self.redis.pipeline(transaction=False)
+        for org_id in orgs:
+            pipe.xlen(account_key(org_id, "outbox"))
+        orgs = [org_id for org_id, waiting in zip(orgs, await pipe.execute(), strict=True) if waiting]
         limit = asyncio.Semaphore(ORGS_AT_ONCE)
 
         async def one(org_id: str) -> int:

@@ -251,7 +251,7 @@ def test_an_ingress_dying_mid_stream_stops_the_engine_and_charges_nothing(cluste
     # The lease lapses (moved to the past here instead of waiting 15 minutes): the next
     # admission frees the slot and gives the hold back, and only that request is charged.
     (orphan,) = cluster.in_flight(key_id)
-    cluster.redis.zadd(cluster.inflight_set(key_id), {orphan: 0})
+    cluster.redis.zadd(f"{{acct:{cluster.org_of(key_id)}}}:leases", {f"{key_id}|{orphan}": 0})
     follow_up = httpx.post(
         f"{cluster.stack.base_url}/chat/completions",
         headers=auth(key),

@@ -95,6 +95,40 @@ class Receiver:
         self.thread.join(timeout=5)
 
 
+# -- a Redis database of these tests' own ---------------------------------------------------------
+DB = 9  # the marketplace the other integration tests run keeps its deliverers on database 0
+
+
+class _OwnDatabase:
+    """The session's redis-server seen through database `DB`, which no ingress replica's alert
+    deliverer polls (they would otherwise race these tests' deliverers for the outboxes)."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+    @property
+    def url(self) -> str:
+        return f"{self._server.url.rsplit('/', 1)[0]}/{DB}"
+
+
+@pytest.fixture
+def redis_server(redis_server: Any) -> _OwnDatabase:
+    return _OwnDatabase(redis_server)
+
+
+@pytest.fixture
+def redis_client(redis_server: _OwnDatabase) -> Iterator[redis.Redis]:
+    if not redis_server.running:
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.close()
+
+
 @pytest.fixture
 def receiver_factory() -> Iterator[Callable[..., Receiver]]:
     started: list[Receiver] = []

@@ -94,7 +94,7 @@ def test_an_ingress_dying_mid_stream_stops_the_engine_and_charges_nothing(market
     # The lease lapses (here: moved to the past instead of waiting 15 minutes).
     inflight = f"{{acct:{org_id}}}:inflight:{key_id}"
     (orphan,) = redis_client.zrange(inflight, 0, -1)
-    redis_client.zadd(inflight, {orphan: 0})
+    redis_client.zadd(f"{{acct:{org_id}}}:leases", {f"{key_id}|{orphan}": 0})  # the organization's lease set
     follow_up = marketplace.chat(key, model=MODEL, max_tokens=1)
     assert follow_up.status_code == 200, follow_up.text
     follow_cost = round(follow_up.json()["usage"]["cost"] * 1_000_000)

@@ -110,6 +110,7 @@ APP_VALUES = {
     "ingress": "ingress",
     "defaultLimits": "default_limits",
     "metrics": "metrics",
+    "accounts": "accounts",
 }
 
 
@@ -121,7 +122,7 @@ def described(schema: dict[str, Any], model: type[BaseModel], field: str) -> dic
 
 def values_schema() -> dict[str, Any]:
     from tokenmart.deployments.catalog import Catalog, Listing
-    from tokenmart.deployments.config import AppArgs, IngressOptions, MetricsOptions
+    from tokenmart.deployments.config import AccountOptions, AppArgs, IngressOptions, MetricsOptions
     from tokenmart.deployments.schemas import Limits
 
     refs, shared = models_json_schema(
@@ -130,6 +131,7 @@ def values_schema() -> dict[str, Any]:
             (IngressOptions, "validation"),
             (Limits, "validation"),
             (MetricsOptions, "validation"),
+            (AccountOptions, "validation"),
         ],
         ref_template="#/$defs/{model}",
     )
@@ -184,6 +186,7 @@ def values_schema() -> dict[str, Any]:
                         "ingress": ref(IngressOptions),
                         "defaultLimits": ref(Limits),
                         "metrics": ref(MetricsOptions),
+                        "accounts": ref(AccountOptions),
                     }.items()
                 }
             ),

@@ -583,3 +583,24 @@ def test_the_values_doc_finds_an_undocumented_value_and_reads_multiline_comments
         "| `group.documented` | int | `1` | First line, second line. |",
         '| `group.items` | list | `[{"name":"a","size":2}]` | A list whose entries are documented with it. |',
     ]
+
+
+def test_account_retention_and_alert_delivery_reach_the_app_and_a_bad_value_fails_the_render(tmp_path: Path):
+    from tokenmart.deployments.app import AppArgs
+
+    defaults = AppArgs.model_validate(serve_app(one(render(), "RayService"))["args"]).accounts
+    assert (defaults.generation_retention_days, defaults.ledger_retention_days, defaults.deliver_alerts) == (
+        30,
+        None,
+        True,
+    )
+    changed = {"app": {"accounts": {"generation_retention_days": 7, "ledger_retention_days": 400}}}
+    args = serve_app(one(render_with(tmp_path, changed), "RayService"))["args"]
+    accounts = AppArgs.model_validate(args).accounts
+    assert (accounts.generation_retention_days, accounts.ledger_retention_days, accounts.deliver_alerts) == (
+        7,
+        400,
+        True,
+    )
+    error = render_error(tmp_path, {"app": {"accounts": {"ledger_retention_days": 0}}})
+    assert "ledger_retention_days" in error

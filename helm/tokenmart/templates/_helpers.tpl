@@ -105,7 +105,7 @@ checks placement against the same groups the cluster has.
 {{- $catalog := dict "listings" .Values.catalog.models -}}
 {{- if $groups -}}{{- $_ := set $catalog "worker_groups" $groups -}}{{- end -}}
 {{- $app := .Values.app -}}
-{{- dict "catalog" $catalog "model_dir" $app.modelDir "redis_timeout_s" $app.redisTimeoutS "ingress" $app.ingress "default_limits" $app.defaultLimits "metrics" $app.metrics | toYaml -}}
+{{- dict "catalog" $catalog "model_dir" $app.modelDir "redis_timeout_s" $app.redisTimeoutS "ingress" $app.ingress "default_limits" $app.defaultLimits "metrics" $app.metrics "accounts" $app.accounts | toYaml -}}
 {{- end -}}
 
 {{- define "tokenmart.serveConfig" -}}

@@ -145,7 +145,7 @@ class Gateway:
         self._replayer: asyncio.Task | None = None
         # More loops of this replica (alert delivery, ledger trimming), started with the replayer.
         self.background: list[Callable[[], Awaitable[None]]] = []
-        self._background: list[asyncio.Task] = []
+        self._background: list[asyncio.Task | None] = []
         # Admitted and unsettled requests per engine deployment, to refuse before Redis is asked
         # when this replica alone fills a deployment (shedding.py).
         self.load = EngineLoad.for_listings(catalog.listings)
@@ -158,9 +158,11 @@ class Gateway:
         (once per replica)."""
         if self._replayer is None or self._replayer.done():
             self._replayer = asyncio.get_running_loop().create_task(self.meter.replay_forever())
-        if len(self._background) < len(self.background) or any(task.done() for task in self._background):
-            loop = asyncio.get_running_loop()
-            self._background = [loop.create_task(start()) for start in self.background]
+        # Each loop runs once; one that ended (it failed) starts again, the others go on.
+        self._background += [None] * (len(self.background) - len(self._background))
+        for index, (start, task) in enumerate(zip(self.background, self._background, strict=True)):
+            if task is None or task.done():
+                self._background[index] = asyncio.get_running_loop().create_task(start())
 
     def resolve(self, model_id: str | None) -> Listing:
         if not model_id:

@@ -431,7 +431,8 @@ class MarketplaceIngress(OpenAiIngress):
 
     # organizations
     async def _org_view(self, org: OrgRecord) -> dict[str, Any]:
-        return {**org.view().model_dump(), "keys": len(await self.keys.list(org.id))}
+        keys = sum(owner == org.id for owner in (await self.keys.ids()).values())
+        return {**org.view().model_dump(), "keys": keys}
 
     async def admin_create_org(self, body: CreateOrgRequest, request: Request) -> JSONResponse:
         self._admin(request)
@@ -539,10 +540,12 @@ class MarketplaceIngress(OpenAiIngress):
     ) -> dict[str, Any]:
         """Every level of the organizations (of the one holding `key_id`, or `org_id`)."""
         self._admin(request)
-        scope = await self._scope(org_id, None)
         if key_id is not None:
             owner = await self.keys.org_of(key_id)
-            scope = {owner: (await self._scope(owner, None))[owner]}
+            if org_id is not None and owner != org_id:
+                raise BadRequest(f"The key {key_id!r} is not in the organization {org_id!r}.", param="key_id")
+            org_id = owner
+        scope = await self._scope(org_id, None)
         try:
             return (await reconcile(self.redis, scope)).model_dump()
         except RedisError as exc:

@@ -566,18 +566,28 @@ def _route(method: str, *paths: str, **kwargs: Any):
     return factory
 
 
-CHAT_PATHS = ("/v1/chat/completions", "/api/v1/chat/completions", "/v1/inference/chat/completions")
-COMPLETION_PATHS = ("/v1/completions", "/api/v1/completions")
+# Every customer route is served under the OpenAI prefix and the two public APIs tokenmart
+# replaces: OpenRouter's /api/v1 and the /v1/inference of inference marketplaces.
+CUSTOMER_PREFIXES = ("/v1", "/api/v1", "/v1/inference")
+
+
+def customer_paths(path: str) -> tuple[str, ...]:
+    """`path` (e.g. "/completions") under every customer prefix."""
+    return tuple(prefix + path for prefix in CUSTOMER_PREFIXES)
+
+
+CHAT_PATHS = customer_paths("/chat/completions")
+COMPLETION_PATHS = customer_paths("/completions")
 PAID_PATHS = (*CHAT_PATHS, *COMPLETION_PATHS)
 
 ENDPOINTS = {
     "chat": _route("post", *CHAT_PATHS),
     "completions": _route("post", *COMPLETION_PATHS),
-    "models": _route("get", "/v1/models", "/api/v1/models"),
-    "model_data": _route("get", "/v1/models/{model:path}", "/api/v1/models/{model:path}"),
-    "key_info": _route("get", "/v1/key", "/api/v1/key"),
-    "usage": _route("get", "/v1/usage", "/api/v1/usage"),
-    "generation": _route("get", "/v1/generation", "/api/v1/generation"),
+    "models": _route("get", *customer_paths("/models")),
+    "model_data": _route("get", *customer_paths("/models/{model:path}")),
+    "key_info": _route("get", *customer_paths("/key")),
+    "usage": _route("get", *customer_paths("/usage")),
+    "generation": _route("get", *customer_paths("/generation")),
     "healthz": _route("get", "/healthz"),
     "admin_create_key": _route("post", "/admin/v1/keys", status_code=201),
     "admin_list_keys": _route("get", "/admin/v1/keys"),

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 MESSAGES = [{"role": "user", "content": "tell me about ray serve"}]  # 5 words + 3 = 8 prompt tokens
 PROMPT_TOKENS = 8
 CHAT_PATHS = ["/v1/chat/completions", "/api/v1/chat/completions", "/v1/inference/chat/completions"]
-COMPLETION_PATHS = ["/v1/completions", "/api/v1/completions"]
+COMPLETION_PATHS = ["/v1/completions", "/api/v1/completions", "/v1/inference/completions"]
+PREFIXES = ["/v1", "/api/v1", "/v1/inference"]
 
 
 def micros(usd: float) -> int:
@@ -199,7 +200,7 @@ def test_openai_client_reads_usage_cost_and_streams(marketplace, key):
 # -- catalog ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/api/v1/models"])
+@pytest.mark.parametrize("path", [prefix + "/models" for prefix in PREFIXES])
 def test_models_lists_every_listing_with_owner_pricing_and_context_length(marketplace, path):
     response = marketplace.http.get(path)
 
@@ -549,6 +550,22 @@ def test_balance_and_usage_equal_the_sum_of_reported_costs(marketplace):
         "/v1/usage", params={"start": today, "end": yesterday}, headers=marketplace.auth(key)
     )
     assert_error(bad_range, 400, "invalid_value", param="start")
+
+
+def test_every_customer_route_answers_the_same_under_every_prefix(marketplace, key):
+    """The README's customer routes under /v1, /api/v1 and /v1/inference: one answer each."""
+    auth = marketplace.auth(key["key"])
+    answer = marketplace.chat(key["key"], max_tokens=2)
+    assert answer.status_code == 200
+    routes = ["/models", "/models/alpha-chat", "/key", "/usage", f"/generation?id={answer.json()['id']}"]
+    for route in routes:
+        bodies = []
+        for prefix in PREFIXES:
+            response = marketplace.http.get(prefix + route, headers=auth)
+            assert response.status_code == 200, (prefix + route, response.text)
+            assert response.headers["x-ratelimit-limit-requests"]
+            bodies.append(response.json())
+        assert bodies[0] == bodies[1] == bodies[2], route
 
 
 def test_key_info_alias_shows_the_same_record_without_secrets(marketplace, key):

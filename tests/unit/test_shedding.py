@@ -79,6 +79,7 @@ def test_every_public_inference_path_is_guarded():
         "/v1/inference/chat/completions",
         "/v1/completions",
         "/api/v1/completions",
+        "/v1/inference/completions",
     }
 
 

@@ -80,6 +80,9 @@ def llm_config_for(listing: Listing, model_dir: Path | None = None, groups: dict
         "pipeline_parallel_size": engine.pipeline_parallel_size,
         "dtype": engine.dtype,
         "max_model_len": listing.context_length,
+        # usage.prompt_tokens_details.cached_tokens: prompt tokens vLLM read from its prefix
+        # cache (on by default), which settlement charges at the listing's cached price.
+        "enable_prompt_tokens_details": True,
         **engine.extra,
     }
     if engine.max_num_seqs is not None:

@@ -173,7 +173,7 @@ class Meter:
         when Redis does not answer.
         """
         tokens = prompt_tokens + max_output_tokens
-        hold = listing.cost_micros(prompt_tokens, max_output_tokens)
+        hold = listing.hold_micros(prompt_tokens, max_output_tokens)
         billing_id = new_billing_id()
         org_id, key_id = await self.locator.locate(key_hash)
         named = key_keys(org_id, key_id)
@@ -209,9 +209,10 @@ class Meter:
         now_ms: int | None = None,
     ) -> Settlement:
         """Charge the real tokens. Engine errors charge no completion tokens (the caller passes 0)."""
-        cost = admission.listing.cost_micros(prompt_tokens, completion_tokens)
         org_id, key_id = admission.org_id, admission.key_id
         generation = generation or Generation(response_id=admission.billing_id, served_by=admission.listing.id)
+        # Prompt tokens from the engine's prefix cache are charged at the listing's cached price.
+        cost = admission.listing.cost_micros(prompt_tokens, completion_tokens, generation.cached_tokens)
         named = key_keys(org_id, key_id)
         keys = [
             named["org"],

@@ -103,10 +103,15 @@ class Pricing(_Strict):
 
     prompt_usd_per_1m: Price
     completion_usd_per_1m: Price
+    # Prompt tokens the engine served from its prefix cache (usage.prompt_tokens_details
+    # .cached_tokens); unset: the prompt price.
+    cached_prompt_usd_per_1m: Price | None = None
 
-    @field_validator("prompt_usd_per_1m", "completion_usd_per_1m")
+    @field_validator("prompt_usd_per_1m", "completion_usd_per_1m", "cached_prompt_usd_per_1m")
     @classmethod
-    def _at_most_six_decimals(cls, value: Decimal) -> Decimal:
+    def _at_most_six_decimals(cls, value: Decimal | None) -> Decimal | None:
+        if value is None:
+            return value
         if (value * MICROS_PER_USD) != (value * MICROS_PER_USD).to_integral_value():
             raise ValueError(f"prices may have at most {PRICE_DECIMALS} decimal places (1 micro-USD)")
         return value
@@ -118,6 +123,14 @@ class Pricing(_Strict):
     @property
     def completion_micros_per_1m(self) -> int:
         return int(self.completion_usd_per_1m * MICROS_PER_USD)
+
+    @property
+    def cached_prompt_usd(self) -> Decimal:
+        return self.prompt_usd_per_1m if self.cached_prompt_usd_per_1m is None else self.cached_prompt_usd_per_1m
+
+    @property
+    def cached_prompt_micros_per_1m(self) -> int:
+        return int(self.cached_prompt_usd * MICROS_PER_USD)
 
 
 class Accelerator(_Strict):
@@ -285,13 +298,26 @@ class Listing(_Strict):
             }
         )
 
-    def cost_micros(self, prompt_tokens: int, completion_tokens: int) -> int:
-        """Integer micro-USD for these tokens, rounded up to the next micro-USD."""
+    def cost_micros(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+        """Integer micro-USD for these tokens, rounded up to the next micro-USD; `cached_tokens`
+        of the prompt tokens (served from the engine's prefix cache) at the cached price."""
+        cached = min(max(cached_tokens, 0), prompt_tokens)
+        prices = self.pricing
         numerator = (
-            prompt_tokens * self.pricing.prompt_micros_per_1m
-            + completion_tokens * self.pricing.completion_micros_per_1m
+            (prompt_tokens - cached) * prices.prompt_micros_per_1m
+            + cached * prices.cached_prompt_micros_per_1m
+            + completion_tokens * prices.completion_micros_per_1m
         )
         return -(-numerator // TOKENS_PER_PRICE_UNIT)
+
+    def hold_micros(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """The most these tokens can cost, however many of the prompt tokens turn out cached
+        (a cached price above the prompt price is allowed, and held at)."""
+        prices = self.pricing
+        dearest = max(prices.prompt_micros_per_1m, prices.cached_prompt_micros_per_1m)
+        return -(
+            -(prompt_tokens * dearest + completion_tokens * prices.completion_micros_per_1m) // TOKENS_PER_PRICE_UNIT
+        )
 
 
 class WorkerGroup(_Strict):

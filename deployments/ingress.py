@@ -186,6 +186,7 @@ def listing_card(listing: Listing, base: Listing | None = None) -> dict[str, Any
         "pricing": {
             "prompt_usd_per_1m": float(listing.pricing.prompt_usd_per_1m),
             "completion_usd_per_1m": float(listing.pricing.completion_usd_per_1m),
+            "cached_prompt_usd_per_1m": float(listing.pricing.cached_prompt_usd),
         },
     }
 

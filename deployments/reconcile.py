@@ -43,7 +43,8 @@ def ledger_totals(events: list[tuple[str, dict[str, str]]]) -> Counter[str]:
     for _, event in usage_events(events):
         totals[counter_field(event["day"], event["key_id"], event["model"], "requests")] += 1
         for metric in METRICS[1:]:
-            totals[counter_field(event["day"], event["key_id"], event["model"], metric)] += int(event[metric])
+            # Events migrated from before cached-token pricing have no cached_tokens: none.
+            totals[counter_field(event["day"], event["key_id"], event["model"], metric)] += int(event.get(metric) or 0)
     return totals
 
 

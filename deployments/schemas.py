@@ -413,6 +413,7 @@ class UsageRow(BaseModel):
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, served from the engine's prefix cache
     total_tokens: int = 0
     cost_usd: float = 0.0
 

@@ -16,7 +16,7 @@ from .errors import BillingUnavailable
 from .schemas import UsageGroup, UsageReport, UsageRow, micros_to_usd
 from .scripts import account_key
 
-METRICS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
+METRICS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros", "cached_tokens")
 
 
 def counter_field(day: str, key_id: str, model: str, metric: str) -> str:
@@ -75,6 +75,7 @@ async def usage_report(
             requests=totals["requests"],
             prompt_tokens=totals["prompt_tokens"],
             completion_tokens=totals["completion_tokens"],
+            cached_tokens=totals["cached_tokens"],
             total_tokens=totals["prompt_tokens"] + totals["completion_tokens"],
             cost_usd=micros_to_usd(totals["cost_micros"]),
         )

@@ -17,7 +17,8 @@ Usage on stream chunks follows vLLM's `continuous_usage_stats` exactly: each chu
 choice, and its usage counts that choice's tokens and its own prompt's tokens (not the totals);
 choice `index` is `prompt_index * n + choice`, and only the final usage chunk has the sums.
 A prompt containing `[[fake-error]]` makes the engine fail before producing output, and
-`[[fake-tokens=N]]` replaces `reply_tokens` for that request (long streams on demand).
+`[[fake-tokens=N]]` replaces `reply_tokens` for that request (long streams on demand);
+`[[fake-cached=N]]` reports up to N of each prompt's tokens as read from the prefix cache.
 
 LoRA adapters are loaded as LLMServer loads them: through `serve.multiplexed`, keyed by the
 multiplexed model id the ingress sets. A request for an adapter answers with the adapter's id
@@ -40,6 +41,9 @@ from tokenmart.deployments.caller_watch import CallerWatch
 
 FAIL_MARKER = "[[fake-error]]"
 LENGTH_MARKER = re.compile(r"\[\[fake-tokens=(\d+)\]\]")
+# `[[fake-cached=N]]`: up to N tokens of each prompt were served from the prefix cache, reported
+# as vLLM does with prompt token details on (usage.prompt_tokens_details.cached_tokens).
+CACHED_MARKER = re.compile(r"\[\[fake-cached=(\d+)\]\]")
 
 
 def _text_of(content: Any) -> str:
@@ -141,8 +145,18 @@ class FakeEngine:
         kind = "chat.completion" if chat else "text_completion"
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
 
-        def usage(completion: int, prompt: int = prompt_total) -> dict[str, int]:
-            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached_marker = CACHED_MARKER.search(prompt_text)
+        cached_each = int(cached_marker.group(1)) if cached_marker else 0
+
+        def usage(completion: int, prompt: int = prompt_total, prompts: list[int] = prompt_tokens) -> dict[str, Any]:
+            counted: dict[str, Any] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+            if cached_each:
+                counted["prompt_tokens_details"] = {"cached_tokens": sum(min(cached_each, p) for p in prompts)}
+            return counted
 
         if not _field(request, "stream"):
             await asyncio.sleep(self.token_delay_s * n_tokens)
@@ -167,7 +181,7 @@ class FakeEngine:
         continuous = bool(_field(options, "continuous_usage_stats"))
         include_usage = bool(_field(options, "include_usage"))
 
-        def chunk(choice_list: list[dict], usage_info: dict[str, int] | None) -> str:
+        def chunk(choice_list: list[dict], usage_info: dict[str, Any] | None) -> str:
             body: dict[str, Any] = {
                 "id": response_id,
                 "object": f"{kind}.chunk" if chat else kind,
@@ -194,7 +208,8 @@ class FakeEngine:
                         else {"index": c, "text": token, "finish_reason": "length" if last else None}
                     )
                     # As vLLM: this choice's tokens so far, and its own prompt's tokens.
-                    batch.append(chunk([choice], usage(i + 1, prompt_tokens[c // n]) if continuous else None))
+                    own_prompt = prompt_tokens[c // n]
+                    batch.append(chunk([choice], usage(i + 1, own_prompt, [own_prompt]) if continuous else None))
                 yield batch
             if include_usage:
                 yield [chunk([], usage(n_tokens * choices))]

@@ -18,6 +18,8 @@
 -- KEYS[2]  {acct:O}:key:K         hold_micros, spent_micros, cap_micros, cap_period, period_id,
 --                                 period_spent_micros
 -- KEYS[3]  {acct:O}:usage         counters (hash): "<YYYY-MM-DD>|<key>|<model>|<metric>" -> integer
+--                                 (requests, prompt_tokens, completion_tokens, cost_micros, and
+--                                 cached_tokens once there are any)
 -- KEYS[4]  {acct:O}:ledger        usage events (stream)
 -- KEYS[5]  {acct:O}:settled:<billing id>   idempotency marker
 -- KEYS[6]  {acct:O}:buckets:K     rate-limit state: unused reserved tokens go back to the TPM bucket
@@ -110,8 +112,11 @@ redis.call('HINCRBY', KEYS[3], field .. 'requests', 1)
 redis.call('HINCRBY', KEYS[3], field .. 'prompt_tokens', prompt_tokens)
 redis.call('HINCRBY', KEYS[3], field .. 'completion_tokens', completion_tokens)
 redis.call('HINCRBY', KEYS[3], field .. 'cost_micros', charged)
-
 local gen = cjson.decode(ARGV[14])
+if gen.cached_tokens > 0 then  -- prompt tokens from the engine's prefix cache (kept sparse)
+  redis.call('HINCRBY', KEYS[3], field .. 'cached_tokens', gen.cached_tokens)
+end
+
 redis.call('XADD', KEYS[4], '*',
   'request_id', billing_id, 'response_id', gen.response_id, 'org_id', org_id, 'key_id', key_id,
   'model', model, 'served_by', gen.served_by,

@@ -3,7 +3,8 @@
 --
 -- Each usage event (an entry without `event`) adds to the checkpoint what settlement counted
 -- for it: `events` 1, `cost_micros`, and the usage counters
--- "<day>|<key id>|<model>|requests|prompt_tokens|completion_tokens|cost_micros".
+-- "<day>|<key id>|<model>|requests|prompt_tokens|completion_tokens|cost_micros" (and
+-- cached_tokens when the event has some, as settlement counts it).
 -- An operator notice adds `<event>_events` 1 instead (a `hold_exceeded` notice also adds its
 -- `uncharged_micros`); notices are not usage.
 -- All entries of the batch are checked before anything is written: a malformed entry is an
@@ -74,6 +75,10 @@ local ok, problem = pcall(function()
       add(group .. 'prompt_tokens', integer(id, fields, 'prompt_tokens'))
       add(group .. 'completion_tokens', integer(id, fields, 'completion_tokens'))
       add(group .. 'cost_micros', cost)
+      local cached = fields['cached_tokens']  -- absent in events migrated from before cached pricing
+      if cached ~= nil and cached ~= '' and cached ~= '0' then
+        add(group .. 'cached_tokens', integer(id, fields, 'cached_tokens'))
+      end
     end
   end
 end)

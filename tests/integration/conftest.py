@@ -34,7 +34,12 @@ TEST_CATALOG = Catalog.model_validate(
                 "context_length": 4096,
                 # 0.15 / 0.6 per 1M: most token counts cost a fraction of a micro-USD extra,
                 # so the rounding-up rule is exercised.
-                "pricing": {"prompt_usd_per_1m": "0.15", "completion_usd_per_1m": "0.6"},
+                # Prompt tokens from the prefix cache at a fifth of the prompt price.
+                "pricing": {
+                    "prompt_usd_per_1m": "0.15",
+                    "completion_usd_per_1m": "0.6",
+                    "cached_prompt_usd_per_1m": "0.03",
+                },
                 "default_max_tokens": 64,
                 "accelerator": {"kind": "cpu"},
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},

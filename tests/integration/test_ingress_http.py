@@ -212,13 +212,17 @@ def test_models_lists_every_listing_with_owner_pricing_and_context_length(market
         for m in body["data"]
     ]
     assert rows == [
-        ("alpha-chat", "model", "alpha-labs", None, 4096, 0.15, 0.6),
+        # prompt, completion and cached prompt prices (alpha sells cached prompt tokens cheaper)
+        ("alpha-chat", "model", "alpha-labs", None, 4096, 0.15, 0.6, 0.03),
         # LoRA adapters are models of their own: their owner (or the base's) and price, the base's context.
-        ("alpha-chat:ahoy", "model", "alpha-labs", "alpha-chat", 4096, 0.3, 1.2),
-        ("alpha-chat:legal", "model", "gamma-law", "alpha-chat", 4096, 5.0, 20.0),
-        ("beta-chat", "model", "beta-labs", None, 8192, 2.5, 10.0),
+        ("alpha-chat:ahoy", "model", "alpha-labs", "alpha-chat", 4096, 0.3, 1.2, 0.3),
+        ("alpha-chat:legal", "model", "gamma-law", "alpha-chat", 4096, 5.0, 20.0, 5.0),
+        ("beta-chat", "model", "beta-labs", None, 8192, 2.5, 10.0, 2.5),
     ]
-    assert all(list(m["pricing"]) == ["prompt_usd_per_1m", "completion_usd_per_1m"] for m in body["data"])
+    assert all(
+        list(m["pricing"]) == ["prompt_usd_per_1m", "completion_usd_per_1m", "cached_prompt_usd_per_1m"]
+        for m in body["data"]
+    )
 
 
 def test_one_model_is_described_and_an_unknown_one_is_404(marketplace):

@@ -340,6 +340,8 @@ def implied_totals(events: list[dict[str, str]]) -> Counter[str]:
         totals[group + "requests"] += 1
         for metric in ("prompt_tokens", "completion_tokens", "cost_micros"):
             totals[group + metric] += int(event[metric])
+        if int(event.get("cached_tokens") or 0):  # counted once there are any, as settlement does
+            totals[group + "cached_tokens"] += int(event["cached_tokens"])
         totals["events"] += 1
         totals["cost_micros"] += int(event["cost_micros"])
     return totals
@@ -420,6 +422,7 @@ def test_trim_counts_what_it_trimmed_and_stops_at_the_bound(redis_server, redis_
         group + "prompt_tokens": "23",
         group + "completion_tokens": "43",
         group + "cost_micros": "17",
+        group + "cached_tokens": "3",  # requests 1 and 2: 1 + 2 prompt tokens from the prefix cache
         "hold_exceeded_events": "1",
         "uncharged_micros": "30",
     }
@@ -431,6 +434,7 @@ def test_trim_counts_what_it_trimmed_and_stops_at_the_bound(redis_server, redis_
                 group + "prompt_tokens": 23,
                 group + "completion_tokens": 43,
                 group + "cost_micros": 17,
+                group + "cached_tokens": 3,
             }
         ),
         2,

@@ -220,6 +220,9 @@ class OrgModel:
             self.usage[name] = self.usage.get(name, 0) + value
         name = f"{day}|{key.key_id}|{MODEL_ID}|cost_micros"
         self.usage[name] = self.usage.get(name, 0) + charged
+        if gen["cached_tokens"]:  # prompt tokens from the prefix cache, counted once there are any
+            name = f"{day}|{key.key_id}|{MODEL_ID}|cached_tokens"
+            self.usage[name] = self.usage.get(name, 0) + gen["cached_tokens"]
         common = {"request_id": billing_id, "org_id": self.org_id, "key_id": key.key_id, "model": MODEL_ID}
         self.ledger.append(
             {

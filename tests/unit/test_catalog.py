@@ -392,3 +392,42 @@ def test_every_broken_rule_is_its_own_line_naming_its_listing():
         "  - listing 'b' (listings[1]): field engine.extra: set max_model_len as its own field (or context_length), "
         "not in extra",
     ]
+
+
+def test_cached_prompt_tokens_cost_the_cached_price_and_the_hold_covers_any_split():
+    from decimal import Decimal
+
+    from tokenmart.deployments.catalog import Pricing
+
+    listing = Catalog.model_validate(
+        {
+            "listings": [
+                {
+                    "id": "m",
+                    "owner": "o",
+                    "source": "fake/m",
+                    "context_length": 4096,
+                    "accelerator": {"kind": "cpu"},
+                    "pricing": {
+                        "prompt_usd_per_1m": "0.3",
+                        "completion_usd_per_1m": "1.2",
+                        "cached_prompt_usd_per_1m": "0.075",
+                    },
+                }
+            ]
+        }
+    ).get("m")
+    assert listing is not None
+    # 1,000 prompt tokens of which 600 cached, 100 completion: 400 x 0.3 + 600 x 0.075 + 100 x 1.2
+    # = 120 + 45 + 120 = 285 micro-USD, computed in integers and rounded up once.
+    assert listing.cost_micros(1_000, 100, 600) == -(-(400 * 300_000 + 600 * 75_000 + 100 * 1_200_000) // 1_000_000)
+    assert listing.cost_micros(1_000, 100, 600) == 285
+    assert listing.cost_micros(1_000, 100) == listing.hold_micros(1_000, 100) == 420
+    assert listing.cost_micros(10, 0, 50) == listing.cost_micros(10, 0, 10)  # never more cached than prompt
+    # Unset, the cached price is the prompt price; above it, the hold is at the cached price.
+    plain = Pricing(prompt_usd_per_1m=Decimal("0.3"), completion_usd_per_1m=Decimal("1.2"))
+    assert plain.cached_prompt_micros_per_1m == plain.prompt_micros_per_1m == 300_000
+    dear = listing.model_copy(update={"pricing": plain.model_copy(update={"cached_prompt_usd_per_1m": Decimal("0.5")})})
+    assert dear.hold_micros(1_000, 100) == 500 + 120 >= dear.cost_micros(1_000, 100, 1_000)
+    with pytest.raises(ValueError, match="6 decimal"):
+        Pricing(prompt_usd_per_1m=1, completion_usd_per_1m=1, cached_prompt_usd_per_1m=Decimal("0.0000001"))

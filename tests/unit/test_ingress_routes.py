@@ -74,7 +74,12 @@ def test_listing_card_shows_id_owner_context_and_prices_per_million():
     assert card["owned_by"] == "meta"
     assert card["context_length"] == 131072
     assert card["description"] == "Llama 3.1 8B"
-    assert card["pricing"] == {"prompt_usd_per_1m": 0.015, "completion_usd_per_1m": 0.06}
+    # No cached price of its own: prompt tokens from the prefix cache cost the prompt price.
+    assert card["pricing"] == {
+        "prompt_usd_per_1m": 0.015,
+        "completion_usd_per_1m": 0.06,
+        "cached_prompt_usd_per_1m": 0.015,
+    }
     # JSON numbers, not strings (Decimal would serialise as a string)
     assert isinstance(card["pricing"]["prompt_usd_per_1m"], float)
 

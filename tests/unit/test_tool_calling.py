@@ -101,14 +101,18 @@ def test_a_tool_parser_turns_on_vllms_auto_tool_choice_with_that_parser(tmp_path
     assert config.engine_kwargs["tool_call_parser"] == "hermes"
     # Ray Serve LLM hands them to vLLM's OpenAI frontend (FrontendArgs), not to the engine core.
     engine_config = config.get_engine_config()
-    assert engine_config.frontend_kwargs == {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    assert engine_config.frontend_kwargs == {
+        "enable_auto_tool_choice": True,
+        "tool_call_parser": "hermes",
+        "enable_prompt_tokens_details": True,  # every listing: cached prompt tokens are priced
+    }
     assert not {"enable_auto_tool_choice", "tool_call_parser"} & set(engine_config.engine_kwargs)
 
 
 def test_without_a_tool_parser_the_engine_gets_no_tool_flags(tmp_path: Path):
     config = llm_config_for(_listing(), tmp_path)
     assert not {"enable_auto_tool_choice", "tool_call_parser"} & set(config.engine_kwargs)
-    assert config.get_engine_config().frontend_kwargs == {}
+    assert config.get_engine_config().frontend_kwargs == {"enable_prompt_tokens_details": True}
 
 
 def test_a_parser_vllm_does_not_know_fails_the_build_naming_listing_and_field(tmp_path: Path):

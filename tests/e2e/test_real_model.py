@@ -215,9 +215,17 @@ def test_models_lists_the_catalog_with_prices(stack: Stack) -> None:
     assert [m.id for m in models] == [MODEL, ADAPTER]
     base, adapter = (m.model_extra for m in models)
     assert (base["context_length"], base["parent"]) == (2048, None)
-    assert base["pricing"] == {"prompt_usd_per_1m": 0.02, "completion_usd_per_1m": 0.04}
+    assert base["pricing"] == {
+        "prompt_usd_per_1m": 0.02,
+        "completion_usd_per_1m": 0.04,
+        "cached_prompt_usd_per_1m": 0.02,
+    }
     assert (adapter["context_length"], adapter["parent"], models[1].owned_by) == (2048, MODEL, "tokenmart")
-    assert adapter["pricing"] == {"prompt_usd_per_1m": 0.03, "completion_usd_per_1m": 0.06}
+    assert adapter["pricing"] == {
+        "prompt_usd_per_1m": 0.03,
+        "completion_usd_per_1m": 0.06,
+        "cached_prompt_usd_per_1m": 0.03,
+    }
 
 
 # -- the LoRA listing: an adapter of SmolLM2, served by its replicas, sold at its own price ----------

@@ -237,7 +237,7 @@ def test_a_lora_adapter_is_described_with_its_base_as_parent(marketplace):
     assert response.status_code == 200, response.text
     card = response.json()
     assert (card["id"], card["owned_by"], card["parent"]) == ("alpha-chat:legal", "gamma-law", "alpha-chat")
-    assert card["pricing"] == {"prompt_usd_per_1m": 5.0, "completion_usd_per_1m": 20.0}
+    assert card["pricing"] == {"prompt_usd_per_1m": 5.0, "completion_usd_per_1m": 20.0, "cached_prompt_usd_per_1m": 5.0}
 
 
 # -- LoRA adapters ---------------------------------------------------------------------------

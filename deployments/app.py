@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_REDIS_URL",
     "IMPORT_PATH",
+    "PREFIX_ROUTER",
     "AppArgs",
     "FakeEngineOptions",
     "IngressOptions",
@@ -59,15 +60,26 @@ def _autoscaling(listing: Listing) -> dict[str, Any]:
     }
 
 
+# The catalog's `routing: prefix_aware` (deployments/routing.py), by path: importing the router
+# imports vLLM, which building the app must not cost.
+PREFIX_ROUTER = "tokenmart.deployments.routing:PrefixRouter"
+
+
 def engine_deployment_options(listing: Listing) -> dict[str, Any]:
     """Serve options shared by the vLLM and the fake engine deployments of a listing."""
-    return {
+    options: dict[str, Any] = {
         "autoscaling_config": _autoscaling(listing),
         # Without an explicit bound Ray Serve LLM admits ~unbounded work per replica.
         "max_ongoing_requests": listing.autoscaling.replica_concurrency,
         # Past this many waiting requests the ingress gets BackPressureError: a fast 503.
         "max_queued_requests": listing.autoscaling.max_queued_requests,
     }
+    if listing.routing == "prefix_aware":
+        options["request_router_config"] = {
+            "request_router_class": PREFIX_ROUTER,
+            "request_router_kwargs": {"imbalanced_threshold": listing.routing_imbalance_threshold},
+        }
+    return options
 
 
 def llm_config_for(listing: Listing, model_dir: Path | None = None, groups: dict[str, WorkerGroup] | None = None):
@@ -85,6 +97,11 @@ def llm_config_for(listing: Listing, model_dir: Path | None = None, groups: dict
         "enable_prompt_tokens_details": True,
         **engine.extra,
     }
+    if listing.task == "embed":
+        # vLLM's pooling runner: /v1/embeddings, with the model's own pooling (sentence-transformers'
+        # modules.json); the prompt token details belong to the generate runner's frontend.
+        engine_kwargs["runner"] = "pooling"
+        del engine_kwargs["enable_prompt_tokens_details"]
     if engine.max_num_seqs is not None:
         engine_kwargs["max_num_seqs"] = engine.max_num_seqs
     if engine.tool_parser is not None:
@@ -174,6 +191,7 @@ def _engine_deployment(listing: Listing, args: AppArgs, groups: dict[str, Worker
             adapters=adapter_paths(listing, model_dir),
             max_adapters=listing.lora.max_adapters_per_replica if listing.lora else 1,
             typed=fake.typed,
+            context_length=listing.context_length,
         )
 
     from ray.serve.llm import build_llm_deployment
@@ -275,4 +293,7 @@ def _tokenizer_sources(catalog: Catalog, args: AppArgs) -> dict[str, str]:
     if args.engine == "fake" and not args.fake_engine.typed:
         return {}  # the fake engine counts words, which the byte bound covers
     model_dir = Path(args.model_dir) if args.model_dir else None
-    return {listing.id: listing.resolved_source(model_dir) for listing in catalog.listings}
+    # Embedding inputs are held at the byte bound (gateway._embed), which needs no tokenizer.
+    return {
+        listing.id: listing.resolved_source(model_dir) for listing in catalog.listings if listing.task == "generate"
+    }

@@ -32,6 +32,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,12 +73,16 @@ class Admission:
     billing_id: str
     org_id: str
     key_id: str
-    listing: Listing
+    listing: Listing  # the listing serving it (a fallback's, once one takes over)
     hold_micros: int = 0
     reserved_tokens: int = 0
     limits: RateLimitState | None = None
     started_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     details: Any = None  # what the gateway keeps for the generation record (gateway._Details)
+    # The listings the key may be served by, in order (the one asked for first, when allowed);
+    # the hold covers the dearest of them.
+    candidates: list[Listing] = field(default_factory=list)
+    tier: str | None = None  # the key's fair-share tier, else its organization's (None: the default)
 
 
 @dataclass(frozen=True)
@@ -164,22 +169,29 @@ class Meter:
         max_output_tokens: int,
         *,
         now_ms: int | None = None,
+        fallbacks: Sequence[tuple[Listing, int, int]] = (),
     ) -> Admission:
         """Authenticate the key and reserve limits and credit for the worst case, in one Redis call
         (two the first time this replica sees the key: its secrets index entry is read once).
 
-        Raises 401 (unknown, revoked, expired or rotated key), 403 (model not allowed), 429 or
-        402 (out of credit, or over the key's spend cap; with the rate-limit headers), or 503
-        when Redis does not answer.
+        `fallbacks` are the listings that may serve instead, each with its own prompt count and
+        output budget: the key's allow-list is applied to each, and the hold (and the tokens
+        reserved) cover the dearest the key may use (`Admission.candidates`).
+
+        Raises 401 (unknown, revoked, expired or rotated key), 403 (no candidate model allowed),
+        429 or 402 (out of credit, or over the key's spend cap; with the rate-limit headers), or
+        503 when Redis does not answer.
         """
-        tokens = prompt_tokens + max_output_tokens
-        hold = listing.hold_micros(prompt_tokens, max_output_tokens)
+        options = [(listing, prompt_tokens, max_output_tokens), *fallbacks]
+        holds = [option.hold_micros(prompt, output) for option, prompt, output in options]
+        tokens = max(prompt + output for _, prompt, output in options)
         billing_id = new_billing_id()
         org_id, key_id = await self.locator.locate(key_hash)
         named = key_keys(org_id, key_id)
         keys = [named[name] for name in ("org", "key", "buckets", "inflight", "holds", "leases")]
         rpm, tpm, max_concurrency, max_per_request = effective_limits(Limits(), self.defaults)
-        args = [billing_id, key_hash, listing.id, rpm, tpm, max_concurrency, tokens, hold, LEASE_MS]
+        models = " ".join(option.id for option, _, _ in options)
+        args = [billing_id, key_hash, models, rpm, tpm, max_concurrency, tokens, " ".join(map(str, holds)), LEASE_MS]
         args += ["" if now_ms is None else now_ms, max_per_request, max_output_tokens]
         try:
             verdict, retry_ms, *state = await self._admit(keys=keys, args=args)
@@ -188,10 +200,16 @@ class Meter:
             raise BillingUnavailable(
                 "The billing store is unavailable; the request was not served. Retry shortly.", retry_after_s=2
             ) from exc
-        limits = RateLimitState(*(int(v) for v in state))
+        limits = RateLimitState(*(int(v) for v in state[:7]))
+        allowed = [flag == "1" for flag in (state[7] if len(state) > 7 else "")]
+        hold = max((amount for amount, ok in zip(holds, allowed, strict=False) if ok), default=holds[0])
         if verdict != Verdict.ADMITTED:
             raise refusal(Verdict(int(verdict)), int(retry_ms), limits, tokens, hold, listing.id, max_output_tokens)
-        return Admission(billing_id, org_id, key_id, listing, hold, tokens, limits)
+        candidates = [option for (option, _, _), ok in zip(options, allowed, strict=True) if ok]
+        tier = (state[8] or state[9] or None) if len(state) > 9 else None
+        return Admission(
+            billing_id, org_id, key_id, candidates[0], hold, tokens, limits, candidates=candidates, tier=tier
+        )
 
     async def current_state(self, key_hash: str) -> RateLimitState:
         """The key's limits and bucket levels now, without consuming anything (one round trip

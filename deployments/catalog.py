@@ -41,6 +41,12 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 # vLLM tool parser names: hermes, llama3_json, granite-20b-fc, ...
 TOOL_PARSER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
+DEFAULT_TIER = "standard"
+TIER_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"  # a fair-share tier's name
+
+# The most fallback models a listing (or a request's `models`) may name.
+MAX_FALLBACKS = 4
+
 # A listing source of this form names a model that tokenmart builds itself
 # (see tokenmart.cluster.model_build); it resolves to a folder in the model cache.
 BUILTIN_PREFIX = "builtin:"
@@ -212,6 +218,8 @@ class LoraAdapter(_Strict):
     owner: str | None = Field(default=None, min_length=1, max_length=64)  # default: the base's owner
     description: str = ""
     pricing: Pricing
+    # Models that serve the adapter's requests when it cannot (see Listing.fallbacks); not the base's.
+    fallbacks: list[str] = Field(default_factory=list, max_length=MAX_FALLBACKS)
 
     def resolved_source(self, model_dir: Path | None = None) -> str:
         return _resolve_builtin(self.source, model_dir)
@@ -232,6 +240,27 @@ class Lora(_Strict):
         if value not in LORA_RANKS:
             raise ValueError(f"max_rank must be one of {', '.join(map(str, LORA_RANKS))}")
         return value
+
+
+class FairShare(_Strict):
+    """A listing's weighted fair queue (deployments/fair_queue.py): when the listing is saturated,
+    requests wait in it and tenants (organizations) are served in proportion to their tier's
+    weight, instead of the first come taking everything."""
+
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Requests this listing's engine runs at once from one ingress replica; the rest wait in the fair "
+            "queue. Default: the listing's max_ongoing_requests times its min_replicas (at least one)."
+        ),
+    )
+    deadline_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long a request may wait in the queue before it gets a 503 with Retry-After (never billed).",
+    )
 
 
 class Listing(_Strict):
@@ -257,6 +286,48 @@ class Listing(_Strict):
     # maximum, e.g. (image_size / patch_size)^2 from the model's config), so the hold stays an
     # upper bound. Listings without it refuse image parts with a 400.
     max_tokens_per_image: int | None = Field(default=None, ge=1)
+    task: Literal["generate", "embed"] = Field(
+        default="generate",
+        description=(
+            "generate: a chat and text completion model (/v1/chat/completions, /v1/completions, /v1/responses). "
+            "embed: an embedding model served by vLLM's pooling runner (/v1/embeddings), billed per prompt token."
+        ),
+    )
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_FALLBACKS,
+        description=(
+            "Models (listing or adapter ids of this catalog) that serve a request for this one, in order, when "
+            "it cannot: its engine is overloaded or unavailable, or the prompt is longer than its context. "
+            "The request is held at the dearest of them and billed at the price of the one that served. A "
+            "request's own `models` list replaces these."
+        ),
+    )
+    fair_share: FairShare | None = Field(
+        default=None,
+        description=(
+            "A weighted fair queue in front of the engine: under overload each organization gets slots in "
+            "proportion to its tier's weight (the catalog's tiers). Unset: requests go straight to Ray Serve's "
+            "own first-come queue."
+        ),
+    )
+    routing: Literal["power_of_two", "prefix_aware"] = Field(
+        default="power_of_two",
+        description=(
+            "How requests are spread over the listing's replicas: power_of_two (Ray Serve's default: the "
+            "shorter queue of two random replicas) or prefix_aware (Ray Serve LLM's prefix-cache affinity "
+            "router: a prompt goes to the replica that has seen its longest prefix, so the engine reads that "
+            "prefix from its KV cache and the customer pays the cached prompt price for it)."
+        ),
+    )
+    routing_imbalance_threshold: int = Field(
+        default=4,
+        ge=1,
+        description=(
+            "prefix_aware only: once one replica's queue is longer than another's by more than this many "
+            "requests, requests spill over to the others by power of two instead of following their prefix."
+        ),
+    )
 
     def resolved_source(self, model_dir: Path | None = None) -> str:
         """The path or hub id that the engine loads."""
@@ -294,6 +365,7 @@ class Listing(_Strict):
                 "owner": adapter.owner or self.owner,
                 "description": adapter.description,
                 "pricing": adapter.pricing,
+                "fallbacks": adapter.fallbacks,
                 "lora": None,
             }
         )
@@ -361,6 +433,11 @@ class Catalog(_Strict):
     listings: list[Listing] = Field(min_length=1)
     # The GPU node pools listings run on (optional for CPU-only catalogs).
     worker_groups: list[WorkerGroup] = Field(default_factory=list)
+    # Fair-share tiers: name -> weight. Keys and organizations name one; the others get default_tier.
+    tiers: dict[Annotated[str, Field(pattern=TIER_PATTERN)], Annotated[int, Field(ge=1, le=1000)]] = Field(
+        default_factory=lambda: {DEFAULT_TIER: 1}, min_length=1
+    )
+    default_tier: str = DEFAULT_TIER
     _offers: dict[str, Listing] = PrivateAttr(default_factory=dict)
     _bases: dict[str, Listing] = PrivateAttr(default_factory=dict)
 
@@ -377,6 +454,33 @@ class Catalog(_Strict):
             for adapter in listing.adapters:
                 self._offers[adapter.id] = listing.adapter_listing(adapter)
                 self._bases[adapter.id] = listing
+        problems = (
+            []
+            if self.default_tier in self.tiers
+            else [f"field default_tier: {self.default_tier!r} is not one of the tiers ({', '.join(self.tiers)})"]
+        )
+        problems += [
+            f"listing {listing.id!r}: field task: an embedding listing has no {what}"
+            for listing in self.listings
+            if listing.task == "embed"
+            for what, present in (("lora adapters", listing.lora), ("engine.tool_parser", listing.engine.tool_parser))
+            if present
+        ]
+        problems += [
+            f"listing {offer.id!r}: field fallbacks: {name!r} is "
+            + ("the listing itself" if name == offer.id else "not a model of this catalog")
+            for offer in self._offers.values()
+            for name in offer.fallbacks
+            if name == offer.id or name not in self._offers
+        ]
+        problems += [
+            f"listing {offer.id!r}: field fallbacks: {name!r} does another task ({self._offers[name].task})"
+            for offer in self._offers.values()
+            for name in offer.fallbacks
+            if name in self._offers and self._offers[name].task != offer.task
+        ]
+        if problems:
+            raise CatalogRulesBroken(problems)
         return self
 
     @property
@@ -391,6 +495,10 @@ class Catalog(_Strict):
     def get(self, model_id: str) -> Listing | None:
         """The priced listing of a model id: a served listing or one of its LoRA adapters."""
         return self._offers.get(model_id)
+
+    def tier_weight(self, tier: str | None) -> int:
+        """A tier's weight; a tier the catalog does not have (or none) weighs as the default tier."""
+        return self.tiers.get(tier or self.default_tier) or self.tiers[self.default_tier]
 
     def base_of(self, model_id: str) -> Listing | None:
         """The listing whose replicas serve this LoRA adapter; None for a listing itself."""

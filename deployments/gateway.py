@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, get_args
 
 import anyio
@@ -27,15 +28,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from . import auth
 from .billing import Admission, Generation, Meter, Outcome, Settlement
 from .caller_watch import CALLER_HEADER
-from .catalog import Catalog, Listing
+from .catalog import MAX_FALLBACKS, Catalog, Listing
 from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, engine_error, request_refusal
+from .fair_queue import FairQueue, QueueTimeout, Slot
 from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
 from .ray_llm import ErrorResponse, RawRequestInfo, sanitize_chat_request
 from .shedding import EngineLoad, ListingPeek, RefusalMemo
 from .tokens import PromptCounter
-from .validation import max_output_tokens, validate_request
+from .validation import max_output_tokens, validate_embeddings, validate_request
 
 logger = logging.getLogger("tokenmart.gateway")
+# Names the listing that served a paid request (another than `model` when a fallback did).
+SERVED_BY_HEADER = "x-tokenmart-served-by"
 BYTE_BOUND = PromptCounter()  # listings without a local tokenizer
 
 
@@ -149,9 +153,16 @@ class Gateway:
         # Admitted and unsettled requests per engine deployment, to refuse before Redis is asked
         # when this replica alone fills a deployment (shedding.py).
         self.load = EngineLoad.for_listings(catalog.listings)
-        self.peek = ListingPeek(self.load, self._deployment_of_model)
+        self.peek = ListingPeek(self.load, self._door_deployment)
         # Keys refused for their requests per minute, refused at the door until they may retry.
         self.refusals = RefusalMemo()
+        # The weighted fair queues of the listings that have one (catalog `fair_share`), per
+        # engine deployment: an adapter waits in its base model's queue.
+        self.queues = {
+            listing.id: FairQueue(fair_share_concurrency(listing), name=listing.id)
+            for listing in catalog.listings
+            if listing.fair_share is not None
+        }
 
     def _ensure_replayer(self) -> None:
         """Start the spool replay loop, and the other background loops, on the serving event loop
@@ -172,9 +183,33 @@ class Gateway:
             raise ModelNotFound(f"The model {model_id!r} does not exist. See GET /v1/models.", param="model")
         return listing
 
-    def _deployment_of_model(self, model_id: str) -> str | None:
+    def _door_deployment(self, model_id: str) -> str | None:
+        """The deployment the door may refuse a request for `model_id` on when it is full; None
+        for unknown models and for listings with fallbacks (another listing may serve them)."""
         listing = self.catalog.get(model_id)
-        return None if listing is None else self._deployment_of(listing)
+        return None if listing is None or listing.fallbacks else self._deployment_of(listing)
+
+    def candidates(self, body: Any) -> list[Listing]:
+        """The listings that may serve a request, in order: its `model`, then its `models`
+        (OpenRouter's field) or, without them, the listing's catalog fallbacks."""
+        models = getattr(body, "models", None)
+        if models is not None:
+            if not 1 <= len(models) <= MAX_FALLBACKS + 1:
+                raise BadRequest(f"'models' must name 1 to {MAX_FALLBACKS + 1} models.", param="models")
+            if not body.model:
+                body.model = models[0]
+        primary = self.resolve(body.model)
+        names = primary.fallbacks if models is None else models
+        chosen = [primary]
+        for name in names:
+            listing = self.catalog.get(name) if isinstance(name, str) else None
+            if listing is None:
+                raise ModelNotFound(
+                    f"The model {name!r} in 'models' does not exist. See GET /v1/models.", param="models"
+                )
+            if listing not in chosen:
+                chosen.append(listing)
+        return chosen
 
     def _deployment_of(self, listing: Listing) -> str:
         """The engine deployment that serves a listing: an adapter's is its base model's."""
@@ -184,7 +219,7 @@ class Gateway:
         """Serve one paid request, and record it in the metrics however it ends."""
         started = time.perf_counter()
         model = body.model if isinstance(body.model, str) and self.catalog.get(body.model) else UNKNOWN_MODEL
-        stream = bool(body.stream)
+        stream = bool(getattr(body, "stream", False))  # embeddings have no stream
         key_hash = ""
         status, code = 500, "internal_error"
         try:
@@ -215,13 +250,15 @@ class Gateway:
 
     async def _handle(self, body: Any, request: Request, method: str, key_hash: str, started: float) -> Response:
         self._ensure_replayer()
-        listing = self.resolve(body.model)
+        if method == "embeddings":
+            return await self._embed(body, key_hash, started)
         chat = method == "chat"
-        body = _checked(body, listing, chat=chat)
+        bodies = _checked_candidates(body, self.candidates(body), chat=chat)
+        body = next(iter(bodies.values()))
         # The key's format and checksum were checked; its record is read by the admission
         # script, so a request costs two Redis round trips in all (admit, settle), and one more
         # the first time this replica sees the key (its secrets index entry).
-        admission = await self._admit(body, listing, key_hash, chat=chat)
+        admission = await self._admit(bodies, key_hash, chat=chat)
         admission.details = _Details(
             started=started,
             fallback_id=f"{'chatcmpl' if chat else 'cmpl'}-{admission.billing_id}",
@@ -229,14 +266,17 @@ class Gateway:
             user=body.user if isinstance(getattr(body, "user", None), str) else "",
         )
         headers = admission.limits.headers() if admission.limits else {}
-        # The billing id is the engine's request id, so the response id and the ledger match.
-        body.request_id = admission.billing_id
         wants = _usage_wanted(body)
-        if body.stream:
-            _force_usage(body)
+        for each in bodies.values():
+            # The billing id is the engine's request id, so the response id and the ledger match.
+            each.request_id = admission.billing_id
+            each.models = None  # the engine serves one model
+            if each.stream:
+                _force_usage(each)
 
-        responses, first = await self._dispatch(admission, body, method, headers)
-        await self._refuse_engine_error(admission, first, headers)
+        responses, first = await self._dispatch(admission, bodies, method, headers)
+        listing = admission.listing  # the one that served
+        headers = {**headers, SERVED_BY_HEADER: listing.id}
         if not body.stream:
             return await self._reply(admission, first, headers)
 
@@ -252,56 +292,155 @@ class Gateway:
             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
         )
 
-    async def _admit(self, body: Any, listing: Listing, key_hash: str, *, chat: bool) -> Admission:
-        """Count the prompt (an adapter shares its base model's tokenizer) and hold its cost."""
-        deployment = self._deployment_of(listing)
-        # The slot is taken before the first await, so requests arriving together cannot all
-        # pass on the same free one; the admission's settlement gives it back.
-        self.load.take(deployment)
+    async def _embed(self, body: Any, key_hash: str, started: float) -> Response:
+        """An embeddings request: held at the byte bound of its input, billed per prompt token."""
+        listing = self.resolve(body.model)
+        validate_embeddings(body, listing)
+        # The byte bound covers any tokenizer's count, special tokens included (a BERT tokenizer
+        # adds two per input, which a chat template count would miss).
+        inputs = SimpleNamespace(prompt=body.input)
+        admission = await self._admit(
+            {listing.id: body}, key_hash, chat=False, counted=(await BYTE_BOUND.count_async(inputs, chat=False), 0)
+        )
+        admission.details = _Details(
+            started=started, fallback_id=f"embd-{admission.billing_id}", stream=False, user=body.user or ""
+        )
+        body.request_id = admission.billing_id
+        headers = admission.limits.headers() if admission.limits else {}
+        _, first = await self._dispatch(admission, {listing.id: body}, "embeddings", headers)
+        payload = first if isinstance(first, dict) else first.model_dump()
+        usage = Usage.from_openai(payload.get("usage"))
+        response_id = payload.get("id") if isinstance(payload.get("id"), str) else None
+        settlement = await self._settle(admission, Usage(usage.prompt_tokens, 0), "completed", response_id=response_id)
+        if payload.get("usage") is not None:
+            payload["usage"]["cost"] = settlement.cost_usd
+        return JSONResponse(payload, headers={**headers, SERVED_BY_HEADER: listing.id})
+
+    async def _admit(
+        self, bodies: dict[str, Any], key_hash: str, *, chat: bool, counted: tuple[int, int] | None = None
+    ) -> Admission:
+        """Count the prompt for each candidate (an adapter shares its base model's tokenizer) and
+        hold the cost of the dearest the key may use."""
+        options = [self.catalog.get(model_id) for model_id in bodies]
+        # An engine slot is taken before the first await, so requests arriving together cannot
+        # all pass on the same free one; the admission's settlement gives it back. With
+        # fallbacks, the first candidate with room takes it (the dispatch moves it if need be).
+        held = next((o for o in options if self.load.refusal(self._deployment_of(o)) is None), options[0])
+        self.load.take(self._deployment_of(held))
         try:
-            counter = self._counters.get(deployment) or BYTE_BOUND
-            prompt_tokens = await counter.count_async(body, chat=chat)
-            admission = await self.meter.admit(key_hash, listing, prompt_tokens, max_output_tokens(body, chat=chat))
+            plans = []
+            for listing, body in zip(options, bodies.values(), strict=True):
+                if counted is None:
+                    counter = self._counters.get(self._deployment_of(listing)) or BYTE_BOUND
+                    tokens = (await counter.count_async(body, chat=chat), max_output_tokens(body, chat=chat))
+                else:
+                    tokens = counted
+                plans.append((listing, *tokens))
+            admission = await self.meter.admit(key_hash, *plans[0], fallbacks=plans[1:])
         except BaseException:
-            self.load.settled(deployment)  # refused (or the client left) before it was admitted
+            self.load.settled(self._deployment_of(held))  # refused (or the client left) before it was admitted
             raise
+        admission.listing = held  # the listing whose slot the admission holds, until dispatch
         if self.metrics is not None:
-            self.metrics.in_flight(listing.id, +1)
+            self.metrics.in_flight(held.id, +1)
         return admission
 
-    async def _dispatch(self, admission: Admission, body: Any, method: str, headers: dict) -> tuple[Any, Any]:
-        """Send the request to the listing's engine and wait for its first packet.
+    def _occupy(self, admission: Admission, listing: Listing) -> bool:
+        """Move the admission's engine slot (and its in-flight count) to `listing`; False when
+        that listing's deployment is full on this replica."""
+        old, new = self._deployment_of(admission.listing), self._deployment_of(listing)
+        if old != new:
+            if self.load.refusal(new) is not None:
+                return False
+            self.load.take(new)
+            self.load.settled(old)
+        if self.metrics is not None and admission.listing.id != listing.id:
+            self.metrics.in_flight(admission.listing.id, -1)
+            self.metrics.in_flight(listing.id, +1)
+        admission.listing = listing
+        return True
 
-        Whatever stops it there (the client leaving, the engine refusing or failing) settles
-        the admission with nothing produced before the error goes on.
+    async def _dispatch(
+        self, admission: Admission, bodies: dict[str, Any], method: str, headers: dict
+    ) -> tuple[Any, Any]:
+        """Send the request to the first candidate that takes it and wait for its first packet.
+
+        A candidate that is overloaded or unavailable, or whose context the prompt does not fit,
+        passes the request to the next (`admission.listing` is the one that took it). When none
+        takes it, or something else stops it (the client leaving, the engine refusing or
+        failing), the admission is settled with nothing produced and the first candidate's
+        error goes on.
         """
+        first_error: tuple[Outcome, APIError] | None = None
+        for index, listing in enumerate(admission.candidates):
+            last = index == len(admission.candidates) - 1
+            if not self._occupy(admission, listing):
+                first_error = first_error or ("error", _overloaded(listing))
+                continue
+            try:
+                responses, first = await self._dispatch_once(admission, bodies[listing.id], method)
+            except _Unserved as unserved:
+                _release_turn(admission)
+                if unserved.passes and not last:
+                    logger.info("%s passed %s on (%s)", listing.id, admission.billing_id, unserved.error.code)
+                    first_error = first_error or (unserved.outcome, unserved.error)
+                    continue
+                outcome, error = first_error or (unserved.outcome, unserved.error)
+                await self._settle(admission, Usage(), outcome)
+                error.headers = {**headers, **error.headers}
+                raise error from None
+            return responses, first
+        assert first_error is not None  # every candidate was full
+        await self._settle(admission, Usage(), first_error[0])
+        error = first_error[1]
+        error.headers = {**headers, **error.headers}
+        raise error
+
+    async def _wait_turn(self, admission: Admission, body: Any) -> None:
+        """The tenant's place in the listing's fair queue (when it has one), and the engine
+        priority of its tier (when the engine schedules by priority)."""
+        listing = admission.listing
+        weight = self.catalog.tier_weight(admission.tier)
+        if hasattr(body, "priority"):
+            # vLLM runs lower values first; a client's own priority is never passed on.
+            body.priority = -weight if listing.engine.extra.get("scheduling_policy") == "priority" else 0
+        queue = self.queues.get(self._deployment_of(listing))
+        if queue is not None and admission.details is not None:
+            deadline = (self.catalog.base_of(listing.id) or listing).fair_share.deadline_s
+            admission.details.slot = await queue.acquire(admission.org_id, weight, deadline)
+
+    async def _dispatch_once(self, admission: Admission, body: Any, method: str) -> tuple[Any, Any]:
+        """One engine's first packet, or `_Unserved` saying why not. A cancellation (the client
+        left) settles the admission and goes on."""
         responses = None
         try:
+            await self._wait_turn(admission, body)
             # Plain engines (the fake one) take the body as a dict, so their replicas never
             # import vLLM to unpickle it.
             request = body.model_dump() if self._plain_requests else body
             responses = getattr(self._handles[admission.listing.id], method).remote(request, self._request_info)
-            return responses, await anext(responses)
+            first = await anext(responses)
+        except QueueTimeout as timeout:
+            busy = ServiceUnavailable(
+                f"The model {admission.listing.id!r} is busy: no turn within {timeout.waited_s:.1f} s; retry shortly.",
+                code="model_overloaded",
+                retry_after_s=timeout.retry_after_s,
+            )
+            raise _Unserved("rejected", busy, passes=True) from None
         except BaseException as exc:
             outcome, error = _dispatch_failure(admission.listing, exc)
             if outcome == "aborted" and responses is not None:
                 responses.cancel()
-            await self._settle(admission, Usage(), outcome)
             if error is None:
+                await self._settle(admission, Usage(), outcome)
                 raise
-            error.headers = {**headers, **error.headers}
-            if error is exc:
-                raise
-            raise error from None
-
-    async def _refuse_engine_error(self, admission: Admission, first: Any, headers: dict) -> None:
-        """An engine that answered with an error instead of output: settle, and raise it mapped."""
+            raise _Unserved(outcome, error, passes=_passes_on(error)) from None
         head = first[0] if isinstance(first, list) and first else first
         if isinstance(head, ErrorResponse) or (isinstance(head, dict) and "error" in head):
+            # The engine answered with an error instead of output.
             error = engine_error(head)
-            await self._settle(admission, Usage(), "rejected" if error.status_code < 500 else "error")
-            error.headers = {**headers, **error.headers}
-            raise error
+            raise _Unserved("rejected" if error.status_code < 500 else "error", error, passes=_passes_on(error))
+        return responses, first
 
     async def _reply(self, admission: Admission, first: Any, headers: dict) -> JSONResponse:
         """A whole (non-streamed) answer: bill the engine's usage and show its cost."""
@@ -407,6 +546,7 @@ class Gateway:
         if outcome == "error":
             usage = Usage(usage.prompt_tokens, 0)
         generation = _generation(admission, response_id, cached)
+        _release_turn(admission)
         with anyio.CancelScope(shield=True):
             try:
                 settlement = await self.meter.settle(
@@ -425,6 +565,7 @@ class Gateway:
                 settlement.prompt_tokens,
                 settlement.completion_tokens,
                 settlement.cost_usd,
+                cached_tokens=min(generation.cached_tokens, settlement.prompt_tokens),
             )
         return settlement
 
@@ -443,6 +584,22 @@ class _Details:
     stream: bool
     user: str
     first_token_at: float | None = None
+    slot: Slot | None = None  # its turn in the listing's fair queue, while it has one
+
+
+def _release_turn(admission: Admission) -> None:
+    """Give the request's fair-queue slot back (it settles, or moves to another candidate)."""
+    details: _Details | None = getattr(admission, "details", None)
+    if details is not None and details.slot is not None:
+        details.slot.release()
+        details.slot = None
+
+
+def fair_share_concurrency(listing: Listing) -> int:
+    """Requests a fair-queued listing runs at once from one ingress replica."""
+    assert listing.fair_share is not None
+    scaling = listing.autoscaling
+    return listing.fair_share.concurrency or scaling.replica_concurrency * max(scaling.min_replicas, 1)
 
 
 def _generation(admission: Admission, response_id: str | None, cached: int) -> Generation:
@@ -513,8 +670,48 @@ def _events(item: Any) -> list[str]:
     ]
 
 
-def _checked(body: Any, listing: Listing, *, chat: bool) -> Any:
-    """The body, with every client mistake refused as a 400 before anything is held."""
+def _usage_wanted(body: Any) -> UsageWanted:
+    """What the client itself asked for: usage is forced on for billing, and shown to the
+    client only as far as it asked."""
+    options = body.stream_options if body.stream else None
+    final = bool(options and options.include_usage)
+    return UsageWanted(final, per_chunk=final and bool(options.continuous_usage_stats))
+
+
+class _Unserved(Exception):
+    """A candidate did not serve the request: how it settles, the client's error, and whether
+    the next candidate may serve it instead."""
+
+    def __init__(self, outcome: Outcome, error: APIError, *, passes: bool) -> None:
+        super().__init__(error.message)
+        self.outcome, self.error, self.passes = outcome, error, passes
+
+
+# vLLM's refusal of a prompt (plus its output budget) longer than the model's context.
+_CONTEXT_REFUSAL = "maximum context length"
+
+
+def _passes_on(error: APIError) -> bool:
+    """Whether a fallback may serve a request this error stopped: an overloaded or unavailable
+    engine, or a prompt longer than the listing's context; not the client's other mistakes."""
+    if error.status_code == 503:
+        return True
+    if error.status_code == 400 and _CONTEXT_REFUSAL in error.message:
+        error.code = "context_length_exceeded"  # OpenAI's code for it
+        return True
+    return False
+
+
+def _overloaded(listing: Listing) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"The model {listing.id!r} is at capacity right now; retry shortly.", code="model_overloaded", retry_after_s=1
+    )
+
+
+def _checked_candidates(body: Any, candidates: list[Listing], *, chat: bool) -> dict[str, Any]:
+    """Model id -> the body that candidate is sent, each checked against its listing. The
+    requested model's refusals are the client's; a fallback that cannot take the request (a
+    smaller context for its max_tokens, no tool parser) is left out."""
     if chat:
         # Materialise pydantic's lazy iterables (content parts) so the body can be inspected
         # here and pickled to the engine replica.
@@ -522,16 +719,22 @@ def _checked(body: Any, listing: Listing, *, chat: bool) -> Any:
             body = sanitize_chat_request(body)
         except ValueError as exc:  # content the route's own checks did not see (callers without them)
             raise BadRequest("Invalid message content.", param="messages") from exc
-    validate_request(body, listing, chat=chat)
-    return body
-
-
-def _usage_wanted(body: Any) -> UsageWanted:
-    """What the client itself asked for: usage is forced on for billing, and shown to the
-    client only as far as it asked."""
-    options = body.stream_options if body.stream else None
-    final = bool(options and options.include_usage)
-    return UsageWanted(final, per_chunk=final and bool(options.continuous_usage_stats))
+    bodies: dict[str, Any] = {}
+    for index, listing in enumerate(candidates):
+        each = body.model_copy() if len(candidates) > 1 else body
+        each.model = listing.id
+        try:
+            if listing.task != "generate":
+                raise BadRequest(
+                    f"The model {listing.id!r} is an embedding model; send it to /v1/embeddings.", param="model"
+                )
+            validate_request(each, listing, chat=chat)
+        except APIError:
+            if index == 0:
+                raise
+            continue
+        bodies[listing.id] = each
+    return bodies
 
 
 def _dispatch_failure(listing: Listing, exc: BaseException) -> tuple[Outcome, APIError | None]:
@@ -547,11 +750,7 @@ def _dispatch_failure(listing: Listing, exc: BaseException) -> tuple[Outcome, AP
         # the client's mistake, so a 400 that SDKs do not retry, and no charge.
         return "rejected", refusal
     if isinstance(exc, BackPressureError):
-        return "error", ServiceUnavailable(
-            f"The model {listing.id!r} is at capacity right now; retry shortly.",
-            code="model_overloaded",
-            retry_after_s=1,
-        )
+        return "error", _overloaded(listing)
     logger.error("dispatch to %s failed", listing.id, exc_info=exc)
     return "error", ServiceUnavailable(f"The model {listing.id!r} is not available right now.", retry_after_s=5)
 

@@ -8,24 +8,26 @@ to Ray Serve LLM's `make_fastapi_ingress`, so every public path is listed in one
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Literal
 
 import ray
 from fastapi import FastAPI, Query, Request
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.ingress import OpenAiIngress
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import alerts, auth
+from . import alerts, auth, responses_api
 from .alerts import AlertDeliverer, AlertSettingsRequest
 from .billing import Meter
 from .catalog import Catalog, Listing
@@ -67,7 +69,7 @@ from .schemas import (
 from .shedding import DoorShedder
 from .tokens import PromptCounter
 from .usage import usage_report
-from .validation import ChatRequest, TextCompletionRequest
+from .validation import ChatRequest, EmbeddingsRequest, TextCompletionRequest
 
 logger = logging.getLogger("tokenmart.ingress")
 
@@ -183,6 +185,7 @@ def listing_card(listing: Listing, base: Listing | None = None) -> dict[str, Any
         "parent": base.id if base else None,
         "description": listing.description,
         "context_length": listing.context_length,
+        "task": listing.task,
         "pricing": {
             "prompt_usd_per_1m": float(listing.pricing.prompt_usd_per_1m),
             "completion_usd_per_1m": float(listing.pricing.completion_usd_per_1m),
@@ -340,6 +343,28 @@ class MarketplaceIngress(OpenAiIngress):
     async def completions(self, body: TextCompletionRequest, request: Request) -> Response:
         return await self.gateway.handle(body, request, method="completions")
 
+    async def embeddings(self, body: EmbeddingsRequest, request: Request) -> Response:
+        return await self.gateway.handle(body, request, method="embeddings")
+
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, served and billed through the chat pipeline (responses_api.py)."""
+        try:
+            raw = await request.json()
+        except ValueError as exc:
+            raise BadRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+        wanted = responses_api.parse_request(raw)
+        try:
+            body = ChatRequest.model_validate(responses_api.to_chat_request(wanted))
+        except ValidationError as exc:
+            raise BadRequest(f"The request cannot be served: {exc.errors()[0].get('msg')}.") from None
+        answer = await self.gateway.handle(body, request, method="chat")
+        headers = {name: value for name, value in answer.headers.items() if name.startswith("x-")}
+        if not isinstance(answer, StreamingResponse):
+            chat = json.loads(answer.body)
+            return JSONResponse(responses_api.chat_to_response(chat, wanted), headers=headers)
+        answer.body_iterator = _response_events(answer.body_iterator, responses_api.ResponseStream(wanted))
+        return answer
+
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": self._cards}
 
@@ -369,6 +394,8 @@ class MarketplaceIngress(OpenAiIngress):
     async def generation(self, request: Request, id: str = Query(min_length=1, max_length=200)) -> dict[str, Any]:
         """One response of the caller's organization: its tokens, cost, status and timings."""
         _, org = await self.keys.authenticate(request.headers.get("authorization"))
+        if id.startswith(responses_api.RESPONSE_ID_PREFIX):  # a Responses API id names its chat completion
+            id = responses_api.chat_id_for(id)
         return (await find_generation(self.redis, org.id, id)).model_dump()
 
     async def healthz(self) -> Response:
@@ -388,6 +415,13 @@ class MarketplaceIngress(OpenAiIngress):
         if unknown:
             raise BadRequest(f"Unknown model(s) {', '.join(map(repr, unknown))}; see GET /v1/models.", param="models")
 
+    def _check_tier(self, tier: str | None) -> None:
+        if tier is not None and tier not in self.catalog.tiers:
+            raise BadRequest(
+                f"Unknown tier {tier!r}; the catalog's tiers are {', '.join(map(repr, self.catalog.tiers))}.",
+                param="tier",
+            )
+
     async def _key_view(self, record: KeyRecord) -> dict[str, Any]:
         record, org = await self.keys.with_org(record)
         return record.view(org).model_dump()
@@ -395,6 +429,7 @@ class MarketplaceIngress(OpenAiIngress):
     async def admin_create_key(self, body: CreateKeyRequest, request: Request) -> JSONResponse:
         self._admin(request)
         self._check_models(body.models)
+        self._check_tier(body.tier)
         record, key = await self.keys.create(body)
         created = CreatedKey(**(await self._key_view(record)), key=key)
         return JSONResponse(created.model_dump(), status_code=201)
@@ -413,6 +448,7 @@ class MarketplaceIngress(OpenAiIngress):
     async def admin_update_key(self, key_id: str, body: UpdateKeyRequest, request: Request) -> dict[str, Any]:
         self._admin(request)
         self._check_models(body.models)
+        self._check_tier(body.tier)
         return await self._key_view(await self.keys.update(key_id, body))
 
     async def admin_revoke_key(self, key_id: str, request: Request) -> dict[str, Any]:
@@ -437,6 +473,7 @@ class MarketplaceIngress(OpenAiIngress):
 
     async def admin_create_org(self, body: CreateOrgRequest, request: Request) -> JSONResponse:
         self._admin(request)
+        self._check_tier(body.tier)
         return JSONResponse(await self._org_view(await self.keys.create_org(body)), status_code=201)
 
     async def admin_list_orgs(self, request: Request) -> dict[str, Any]:
@@ -453,7 +490,8 @@ class MarketplaceIngress(OpenAiIngress):
 
     async def admin_update_org(self, org_id: str, body: UpdateOrgRequest, request: Request) -> dict[str, Any]:
         self._admin(request)
-        return await self._org_view(await self.keys.rename_org(org_id, body.name))
+        self._check_tier(body.tier)
+        return await self._org_view(await self.keys.update_org(org_id, body))
 
     async def admin_add_org_credit(self, org_id: str, body: CreditRequest, request: Request) -> dict[str, Any]:
         self._admin(request)
@@ -553,6 +591,21 @@ class MarketplaceIngress(OpenAiIngress):
             raise BillingUnavailable("The billing store is unavailable. Retry shortly.", retry_after_s=2) from exc
 
 
+async def _response_events(chat_events: AsyncIterator[str], stream: responses_api.ResponseStream) -> AsyncIterator[str]:
+    """The chat pipeline's SSE events as Responses API events. Closing this closes the chat
+    stream, which settles what was produced (the gateway's own rule for a client that left)."""
+    async with aclosing(chat_events) as events:
+        for event in stream.start():
+            yield event
+        async for event in events:
+            for line in event.split("\n"):
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for out in stream.feed(json.loads(line[len("data: ") :])):
+                        yield out
+        for event in stream.finish():
+            yield event
+
+
 def _route(method: str, *paths: str, **kwargs: Any):
     """An endpoint-map entry that serves one method on several paths (the public aliases)."""
 
@@ -579,11 +632,15 @@ def customer_paths(path: str) -> tuple[str, ...]:
 
 CHAT_PATHS = customer_paths("/chat/completions")
 COMPLETION_PATHS = customer_paths("/completions")
-PAID_PATHS = (*CHAT_PATHS, *COMPLETION_PATHS)
+RESPONSES_PATHS = customer_paths("/responses")
+EMBEDDING_PATHS = customer_paths("/embeddings")
+PAID_PATHS = (*CHAT_PATHS, *COMPLETION_PATHS, *RESPONSES_PATHS, *EMBEDDING_PATHS)
 
 ENDPOINTS = {
     "chat": _route("post", *CHAT_PATHS),
     "completions": _route("post", *COMPLETION_PATHS),
+    "responses": _route("post", *RESPONSES_PATHS),
+    "embeddings": _route("post", *EMBEDDING_PATHS),
     "models": _route("get", *customer_paths("/models")),
     "model_data": _route("get", *customer_paths("/models/{model:path}")),
     "key_info": _route("get", *customer_paths("/key")),

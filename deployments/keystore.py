@@ -39,6 +39,7 @@ from .schemas import (
     Limits,
     OrgRecord,
     UpdateKeyRequest,
+    UpdateOrgRequest,
     usd_to_micros,
 )
 from .scripts import Verdict, account_key, lua_source
@@ -140,6 +141,7 @@ def _key_to_hash(record: KeyRecord) -> dict[str, str]:
         "cap_period": record.cap_period or "",
         "period_id": record.period_id,
         "period_spent_micros": str(record.period_spent_micros),
+        "tier": record.tier or "",
     }
 
 
@@ -243,12 +245,14 @@ class KeyStore:
             created_at=int(time.time()),
             balance_micros=usd_to_micros(request.credit_usd),
             credited_micros=usd_to_micros(request.credit_usd),
+            tier=request.tier,
         )
 
         async def write(connection: aioredis.Redis) -> None:
             # The index first: an id in the index without a record is skipped by listings.
             await connection.sadd(ORG_INDEX, org.id)
-            await connection.hset(org_key(org.id), mapping={k: str(v) for k, v in org.model_dump().items()})
+            fields = {k: "" if v is None else str(v) for k, v in org.model_dump().items()}
+            await connection.hset(org_key(org.id), mapping=fields)
 
         await self._write(write, f"organization {org.id}")
         return org
@@ -274,9 +278,13 @@ class KeyStore:
         raws = await self._call(pipe.execute()) if ids else []
         return [org_from_hash(raw) for raw in raws if raw]
 
-    async def rename_org(self, org_id: str, name: str) -> OrgRecord:
+    async def update_org(self, org_id: str, request: UpdateOrgRequest) -> OrgRecord:
+        """Write only the fields sent (its name, its tier)."""
         await self.require_org(org_id)
-        await self._write(lambda c: c.hset(org_key(org_id), "name", name), f"a change of {org_id}")
+        changes = request.model_dump(exclude_unset=True)
+        fields = {name: "" if value is None else value for name, value in changes.items()}
+        if fields:
+            await self._write(lambda c: c.hset(org_key(org_id), mapping=fields), f"a change of {org_id}")
         return await self.require_org(org_id)
 
     async def add_org_credit(self, org_id: str, micros: int) -> OrgRecord:
@@ -321,6 +329,7 @@ class KeyStore:
             expires_at=request.expires_at_epoch,
             cap_micros=None if request.spend_cap_usd is None else usd_to_micros(request.spend_cap_usd),
             cap_period=request.spend_cap_period,
+            tier=request.tier,
         )
 
         async def write(connection: aioredis.Redis) -> None:
@@ -400,6 +409,8 @@ class KeyStore:
             fields += ["cap_micros", "" if cap is None else str(usd_to_micros(cap))]
         if "spend_cap_period" in changes:
             fields += ["cap_period", request.spend_cap_period or ""]
+        if "tier" in changes:
+            fields += ["tier", request.tier or ""]
         await self._change(key_id, limits, fields)
         return await self.require(key_id)
 

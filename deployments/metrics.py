@@ -54,6 +54,12 @@ SPECS = {
         ),
         MetricSpec("tokenmart_prompt_tokens", "counter", ("model", "key_id"), "Prompt tokens billed, by listing."),
         MetricSpec(
+            "tokenmart_cached_prompt_tokens",
+            "counter",
+            ("model", "key_id"),
+            "Of the prompt tokens billed, those the engine read from its prefix cache (cached prompt price).",
+        ),
+        MetricSpec(
             "tokenmart_completion_tokens", "counter", ("model", "key_id"), "Completion tokens billed, by listing."
         ),
         MetricSpec("tokenmart_spend_usd", "counter", ("model", "key_id"), "USD charged to keys, by listing."),
@@ -108,6 +114,7 @@ class MarketplaceMetrics:
 
         self._requests = make("tokenmart_requests")
         self._prompt_tokens = make("tokenmart_prompt_tokens")
+        self._cached_prompt_tokens = make("tokenmart_cached_prompt_tokens")
         self._completion_tokens = make("tokenmart_completion_tokens")
         self._spend = make("tokenmart_spend_usd")
         self._hold_exceeded = make("tokenmart_hold_exceeded")
@@ -159,11 +166,19 @@ class MarketplaceMetrics:
         self._ttft.observe(seconds, tags={"model": model})
 
     def billed(
-        self, model: str, key_id: str | None, prompt_tokens: int, completion_tokens: int, cost_usd: float
+        self,
+        model: str,
+        key_id: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_usd: float,
+        cached_tokens: int = 0,
     ) -> None:
         tags = {"model": model, "key_id": self._key(key_id)}
         if prompt_tokens:
             self._inc(self._prompt_tokens, prompt_tokens, tags)
+        if cached_tokens:
+            self._inc(self._cached_prompt_tokens, cached_tokens, tags)
         if completion_tokens:
             self._inc(self._completion_tokens, completion_tokens, tags)
         if cost_usd:

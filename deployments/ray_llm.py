@@ -23,6 +23,7 @@ PRIVATE_NAMES: dict[str, tuple[str, str]] = {
     "CompletionRequest": (_MODELS, "CompletionRequest"),
     "CompletionResponse": (_MODELS, "CompletionResponse"),
     "ErrorResponse": (_MODELS, "ErrorResponse"),
+    "EmbeddingCompletionRequest": (_MODELS, "EmbeddingCompletionRequest"),
     "ModelCard": (_MODELS, "ModelCard"),
     # Materialises a chat request's lazy content iterables, as Ray Serve LLM's ingress does
     "sanitize_chat_request": ("ray.llm._internal.serve.core.ingress.utils", "_sanitize_chat_completion_request"),

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .catalog import MICROS_PER_USD
+from .catalog import MICROS_PER_USD, TIER_PATTERN
 from .periods import cap_period_id, period_resets_at
 
 KeyStatus = Literal["active", "revoked"]
@@ -48,6 +48,10 @@ MAX_USD = 1_000_000
 Rpm = Annotated[StrictInt, Field(ge=1, le=MAX_RPM)]
 Tpm = Annotated[StrictInt, Field(ge=1, le=MAX_TPM)]
 Concurrency = Annotated[StrictInt, Field(ge=1, le=MAX_CONCURRENCY)]
+# A fair-share tier's name (the catalog's `tiers`, checked against them by the ingress).
+TierName = Annotated[str, Field(pattern=TIER_PATTERN)]
+# As stored in a Redis hash: '' for none.
+StoredTier = Annotated[str | None, BeforeValidator(lambda value: value or None)]
 TokensPerRequest = Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_PER_REQUEST)]
 
 
@@ -179,11 +183,13 @@ class OrgRecord(BaseModel):
     spent_micros: int = 0
     # Every credit ever granted; balance + hold + spent always equals it (see reconcile.py).
     credited_micros: int = 0
+    tier: StoredTier = None  # its keys' fair-share tier, unless a key has its own
 
     def view(self) -> OrgView:
         return OrgView(
             id=self.id,
             name=self.name,
+            tier=self.tier,
             credit_usd=micros_to_usd(self.balance_micros),
             on_hold_usd=micros_to_usd(self.hold_micros),
             spent_usd=micros_to_usd(self.spent_micros),
@@ -196,6 +202,7 @@ class OrgView(BaseModel):
     object: Literal["organization"] = "organization"
     id: str
     name: str
+    tier: str | None
     credit_usd: float
     on_hold_usd: float
     spent_usd: float
@@ -225,6 +232,12 @@ class KeyRecord(BaseModel):
     cap_period: CapPeriod | None = None  # None with a cap: the cap never resets
     period_id: str = ""
     period_spent_micros: int = 0
+    # Tokens billed to this key, ever (written by the settle script only; cached_tokens are the
+    # prompt tokens the engine read from its prefix cache).
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    tier: StoredTier = None  # None: the organization's tier
 
     def is_expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -240,10 +253,14 @@ class KeyRecord(BaseModel):
             status=self.status,
             org_id=self.org_id,
             org_name=org.name,
+            tier=self.tier or org.tier,
             credit_usd=micros_to_usd(org.balance_micros),
             org_credit_usd=micros_to_usd(org.balance_micros),
             on_hold_usd=micros_to_usd(self.hold_micros),
             spent_usd=micros_to_usd(self.spent_micros),
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            completion_tokens=self.completion_tokens,
             spend_cap_usd=None if self.cap_micros is None else micros_to_usd(self.cap_micros),
             spend_cap_period=self.cap_period,
             spent_this_period_usd=micros_to_usd(spent_this_period),
@@ -265,10 +282,16 @@ class KeyView(BaseModel):
     status: KeyStatus
     org_id: str
     org_name: str
+    tier: str | None  # the key's fair-share tier (its own, else its organization's; None: the catalog's default)
     credit_usd: float  # the organization's balance: what this key can draw on (as org_credit_usd)
     org_credit_usd: float
     on_hold_usd: float  # held for this key's requests in flight
     spent_usd: float  # this key's spend, ever
+    # Tokens billed to this key, ever; cached_tokens: the prompt tokens served from the engine's
+    # prefix cache (charged at the listing's cached prompt price).
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
     spend_cap_usd: float | None
     spend_cap_period: CapPeriod | None
     spent_this_period_usd: float
@@ -309,6 +332,7 @@ class CreateKeyRequest(_AdminBody):
     max_concurrency: Concurrency | None = None
     max_tokens_per_request: TokensPerRequest | None = None
     expires_at: Expiry | None = None
+    tier: TierName | None = None  # None: the organization's tier
 
     @model_validator(mode="after")
     def _credit_and_cap(self) -> CreateKeyRequest:
@@ -362,6 +386,7 @@ class UpdateKeyRequest(_AdminBody):
     expires_at: Expiry | None = None
     spend_cap_usd: Usd | None = Field(default=None, gt=0, le=MAX_USD)  # null removes the cap
     spend_cap_period: CapPeriod | None = None  # null: the cap never resets
+    tier: TierName | None = None  # null: the organization's tier
 
     @field_validator("name", "status", mode="before")
     @classmethod
@@ -385,10 +410,23 @@ class CreditRequest(_AdminBody):
 class CreateOrgRequest(_AdminBody):
     name: str = Field(min_length=1, max_length=100)
     credit_usd: Usd = Field(default=Decimal(0), ge=0, le=MAX_USD)
+    tier: TierName | None = None  # None: the catalog's default tier
 
 
 class UpdateOrgRequest(_AdminBody):
-    name: str = Field(min_length=1, max_length=100)
+    """A PATCH: only the fields sent change (`tier: null`: the catalog's default tier)."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    tier: TierName | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise PydanticCustomError(
+                "not_null", "null is not a value here; leave the field out to keep the current value"
+            )
+        return value
 
 
 MAX_GRACE_S = 30 * 24 * 3600

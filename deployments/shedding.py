@@ -229,11 +229,14 @@ class ListingPeek:
         """The model asked for, and the 503 when its deployment is full. A body that is not a
         JSON object with a known model passes: the route gives it its own answer."""
         try:
-            model = json.loads(body).get("model")
+            parsed = json.loads(body)
+            model = parsed.get("model")
         except (ValueError, AttributeError, RecursionError):  # not JSON (or nested too deep), not an object
             return None, None
         if not isinstance(model, str):
             return None, None
+        if parsed.get("models"):
+            return model, None  # fallbacks named: the gateway picks one with room
         deployment = self._deployment_of(model)
         if deployment is None:
             return None, None

@@ -16,11 +16,11 @@ import typing
 from collections.abc import Iterator
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from .catalog import Listing
 from .errors import BadRequest
-from .ray_llm import ChatCompletionRequest, CompletionRequest
+from .ray_llm import ChatCompletionRequest, CompletionRequest, EmbeddingCompletionRequest
 from .tokens import prompt_count
 
 ALLOWED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -240,6 +240,12 @@ def check_objects(model: type[BaseModel], data: dict) -> None:
             )
 
 
+MODELS_FIELD = (
+    "Models that serve the request, in order, when `model` cannot (overloaded, unavailable, or the prompt "
+    "longer than its context); replaces the listing's own fallbacks. Billed at the price of the one that served."
+)
+
+
 class ChatRequest(ChatCompletionRequest):
     """Ray Serve LLM's chat request with the content rules applied to the raw JSON.
 
@@ -248,6 +254,9 @@ class ChatRequest(ChatCompletionRequest):
     the raw body first answers 400 with the offending part named instead. Object fields are
     checked first too (`check_objects`).
     """
+
+    # OpenRouter's fallback list: models to serve the request, in order, when `model` cannot.
+    models: list[str] | None = Field(default=None, description=MODELS_FIELD)
 
     @model_validator(mode="before")
     @classmethod
@@ -260,6 +269,8 @@ class ChatRequest(ChatCompletionRequest):
 
 class TextCompletionRequest(CompletionRequest):
     """Ray Serve LLM's completions request, with its object fields checked on the raw JSON."""
+
+    models: list[str] | None = Field(default=None, description=MODELS_FIELD)
 
     @model_validator(mode="before")
     @classmethod
@@ -357,3 +368,38 @@ def check_template_arguments(body: Any) -> None:
             "add_generation_prompt, continue_final_message).",
             param="chat_template_kwargs",
         )
+
+
+# The most inputs one embeddings request may carry (OpenAI's limit).
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class EmbeddingsRequest(EmbeddingCompletionRequest):
+    """Ray Serve LLM's embeddings request (vLLM's), with its input checked before anything is held."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objects(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_objects(EmbeddingCompletionRequest, data)
+        return data
+
+
+def validate_embeddings(body: Any, listing: Listing) -> None:
+    """Marketplace rules of an embeddings request: an embedding listing, and input to embed."""
+    if listing.task != "embed":
+        raise BadRequest(
+            f"The model {listing.id!r} does not create embeddings; see GET /v1/models for embedding models.",
+            param="model",
+        )
+    inputs = (
+        body.input
+        if isinstance(body.input, list) and body.input and not isinstance(body.input[0], int)
+        else [body.input]
+    )
+    if not 1 <= len(inputs) <= MAX_EMBEDDING_INPUTS:
+        raise BadRequest(f"'input' must hold 1 to {MAX_EMBEDDING_INPUTS} items.", param="input")
+    for index, item in enumerate(inputs):
+        if item == "" or item == []:
+            raise BadRequest(f"'input[{index}]' must not be empty.", param=f"input.{index}")
+    check_text(body)

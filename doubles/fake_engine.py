@@ -19,6 +19,10 @@ choice `index` is `prompt_index * n + choice`, and only the final usage chunk ha
 A prompt containing `[[fake-error]]` makes the engine fail before producing output, and
 `[[fake-tokens=N]]` replaces `reply_tokens` for that request (long streams on demand);
 `[[fake-cached=N]]` reports up to N of each prompt's tokens as read from the prefix cache.
+Every answer's `system_fingerprint` is the id of the replica that produced it. A prompt whose
+tokens plus max_tokens exceed the listing's context is refused with vLLM's 400 message.
+`embeddings` answers each input with an 8-number unit vector derived from its text (its
+words are its prompt tokens).
 
 LoRA adapters are loaded as LLMServer loads them: through `serve.multiplexed`, keyed by the
 multiplexed model id the ingress sets. A request for an adapter answers with the adapter's id
@@ -29,13 +33,18 @@ which adapter served it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import math
 import re
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from tokenmart.deployments.caller_watch import CallerWatch
 
@@ -86,8 +95,11 @@ class FakeEngine:
         adapters: dict[str, str] | None = None,
         max_adapters: int = 1,
         typed: bool = False,
+        context_length: int | None = None,
     ) -> None:
         self.model_id = model_id
+        # As vLLM's max_model_len: a prompt plus its max_tokens beyond it is refused (400).
+        self.context_length = context_length
         # typed: answer with Ray Serve LLM's response types, as LLMServer does (for its own
         # OpenAiIngress in `baseline.py`); otherwise with plain dicts (the marketplace ingress).
         self.typed = typed
@@ -97,6 +109,12 @@ class FakeEngine:
         self.reply_tokens = reply_tokens
         self.token_delay_s = token_delay_s
         self.adapters = adapters or {}
+        # Every answer names the replica that produced it (as `system_fingerprint`), so routing
+        # tests can see where each request went.
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # constructed outside a Serve replica
+            self.replica = "local"
 
         # A plain function, as LLMServer does it: Serve caches its multiplexing state on it.
         async def open_adapter(adapter_id: str) -> str:
@@ -127,6 +145,27 @@ class FakeEngine:
         async for item in self._callers.follow(self._run(request, chat=False), raw_request_info):
             yield item
 
+    async def embeddings(self, request: Any, raw_request_info: Any = None) -> AsyncIterator[Any]:
+        """One answer, as LLMServer's: EMBEDDING_DIMENSIONS numbers per input, each vector a pure
+        function of its text, float or base64 (little-endian float32) as asked."""
+        given = _field(request, "input")
+        inputs = given if isinstance(given, list) and given and not isinstance(given[0], int) else [given]
+        counts = [len(item) if isinstance(item, list) else len(str(item).split()) for item in inputs]
+        base64_wanted = _field(request, "encoding_format") == "base64"
+        data = []
+        for index, item in enumerate(inputs):
+            vector = fake_embedding(" ".join(map(str, item)) if isinstance(item, list) else str(item))
+            packed = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": packed if base64_wanted else vector})
+        yield {
+            "id": f"embd-{_field(request, 'request_id')}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": self.model_id,
+            "data": data,
+            "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts), "completion_tokens": 0},
+        }
+
     async def _run(self, request: Any, *, chat: bool) -> AsyncIterator[Any]:
         model_id, tag = await self._served_as()
         prompt_tokens, prompt_text = count_prompt_tokens(request)
@@ -135,6 +174,18 @@ class FakeEngine:
             yield _typed_error(error) if self.typed else {"error": error}
             return
         max_tokens = _field(request, "max_completion_tokens") or _field(request, "max_tokens") or self.reply_tokens
+        longest = max(prompt_tokens, default=0)
+        if self.context_length is not None and longest + max_tokens > self.context_length:
+            error = {
+                "message": f"This model's maximum context length is {self.context_length} tokens. However, you "
+                f"requested {max_tokens} output tokens and your prompt contains {longest} input tokens, for a "
+                f"total of {longest + max_tokens} tokens.",
+                "type": "BadRequestError",
+                "param": "input_tokens",
+                "code": 400,
+            }
+            yield _typed_error(error) if self.typed else {"error": error}
+            return
         length = LENGTH_MARKER.search(prompt_text)
         n_tokens = min(max_tokens, int(length.group(1)) if length else self.reply_tokens)
         n = _field(request, "n") or 1
@@ -166,6 +217,7 @@ class FakeEngine:
                 "object": kind,
                 "created": created,
                 "model": model_id,
+                "system_fingerprint": self.replica,
                 "choices": [
                     {"index": c, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                     if chat
@@ -187,6 +239,7 @@ class FakeEngine:
                 "object": f"{kind}.chunk" if chat else kind,
                 "created": created,
                 "model": model_id,
+                "system_fingerprint": self.replica,
                 "choices": choice_list,
             }
             if usage_info is not None:
@@ -220,6 +273,17 @@ class FakeEngine:
             raise
         finally:
             self.active_streams -= 1
+
+
+EMBEDDING_DIMENSIONS = 8
+
+
+def fake_embedding(text: str) -> list[float]:
+    """A unit vector that depends only on the text (its SHA-256), rounded to float32's precision."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [byte - 127.5 for byte in digest[:EMBEDDING_DIMENSIONS]]
+    norm = math.sqrt(sum(value * value for value in raw))
+    return [struct.unpack("<f", struct.pack("<f", value / norm))[0] for value in raw]
 
 
 def _typed_response(body: dict, chat: bool) -> Any:

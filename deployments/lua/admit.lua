@@ -23,18 +23,21 @@
 --                               ones of the whole organization. Freeing one also writes that
 --                               key's record and in-flight set, named from the organization's
 --                               own hash tag: the same Redis Cluster slot as every KEYS here.
--- ARGV: billing_id, key_hash, model, default_rpm, default_tpm, default_max_concurrency,
---       tokens, hold_micros, lease_ms, now_ms ('' = Redis TIME),
+-- ARGV: billing_id, key_hash, models (the model asked for, then its fallbacks, separated by
+--       spaces), default_rpm, default_tpm, default_max_concurrency, tokens, hold_micros (one per
+--       model, separated by spaces), lease_ms, now_ms ('' = Redis TIME),
 --       default_max_tokens_per_request, output_tokens (prompts x n x max output)
 --
 -- Returns {verdict, retry_after_ms, rpm, rpm_remaining, rpm_reset_ms,
---          tpm, tpm_remaining, tpm_reset_ms, max_concurrency}
+--          tpm, tpm_remaining, tpm_reset_ms, max_concurrency, allowed}; allowed (past the key
+-- checks): one '1' or '0' per model, whether the key may use it; then the key's and the
+-- organization's fair-share tiers ('' for none).
 -- VERDICT.<NAME>, SCALE, key_refusal, redis_now_ms and cap_period_id are not defined here:
 -- scripts.py (`lua_source`) prepends them, from its `Verdict` table (the one list of admission
 -- outcomes; retry_after_ms carries the per-request bound for OVER_REQUEST_BOUND) and lib/*.lua.
 
 local billing_id, key_hash, model = ARGV[1], ARGV[2], ARGV[3]
-local tokens, hold, lease_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local tokens, lease_ms = tonumber(ARGV[7]), tonumber(ARGV[9])
 local now
 if ARGV[10] ~= '' then
   now = tonumber(ARGV[10])
@@ -44,9 +47,28 @@ end
 
 local record = redis.call('HMGET', KEYS[2], 'key_hash', 'status', 'expires_at', 'models',
   'prev_key_hash', 'prev_valid_until_ms', 'limits', 'hold_micros', 'cap_micros', 'cap_period', 'period_id',
-  'period_spent_micros')
-local refused = key_refusal(record, key_hash, model, now)
-if refused then return {refused, 0, 0, 0, 0, 0, 0, 0, 0} end
+  'period_spent_micros', 'tier')
+-- The candidates (the model, then its fallbacks) the key may use, and the hold: the dearest of
+-- their holds, so whichever of them serves, its cost is covered.
+local holds = {}
+for amount in string.gmatch(ARGV[8], '%S+') do holds[#holds + 1] = tonumber(amount) end
+local candidates = {}
+for id in string.gmatch(model, '%S+') do candidates[#candidates + 1] = id end
+if #candidates == 0 then candidates[1] = '' end
+local allowed, refused, hold = '', nil, -1
+for index, id in ipairs(candidates) do
+  local verdict = key_refusal(record, key_hash, id, now)
+  if verdict == nil then
+    allowed = allowed .. '1'
+    hold = math.max(hold, holds[index] or holds[1])
+  elseif verdict == VERDICT.MODEL_NOT_ALLOWED then
+    allowed = allowed .. '0'
+    refused = verdict
+  else
+    return {verdict, 0, 0, 0, 0, 0, 0, 0, 0}  -- the key itself is refused, whatever the model
+  end
+end
+if hold < 0 then return {refused, 0, 0, 0, 0, 0, 0, 0, 0} end
 
 -- The key's own limits, else the operator's defaults.
 local own = (record[7] and record[7] ~= '') and cjson.decode(record[7]) or {}
@@ -78,7 +100,7 @@ local function report(verdict, retry_ms, rl, tl)
   return {verdict, retry_ms,
           rpm, math.floor(rl / SCALE), ceil_div(rpm * SCALE - rl, rpm),
           tpm, math.floor(tl / SCALE), ceil_div(tpm * SCALE - tl, tpm),
-          max_conc}
+          max_conc, allowed, record[13] or '', redis.call('HGET', KEYS[1], 'tier') or ''}
 end
 
 local key_hold = tonumber(record[8] or '0')

@@ -16,7 +16,8 @@
 --
 -- KEYS[1]  {acct:O}:org           balance_micros, hold_micros, spent_micros
 -- KEYS[2]  {acct:O}:key:K         hold_micros, spent_micros, cap_micros, cap_period, period_id,
---                                 period_spent_micros
+--                                 period_spent_micros, and the key's billed token totals
+--                                 (prompt_tokens, completion_tokens, cached_tokens)
 -- KEYS[3]  {acct:O}:usage         counters (hash): "<YYYY-MM-DD>|<key>|<model>|<metric>" -> integer
 --                                 (requests, prompt_tokens, completion_tokens, cost_micros, and
 --                                 cached_tokens once there are any)
@@ -115,7 +116,10 @@ redis.call('HINCRBY', KEYS[3], field .. 'cost_micros', charged)
 local gen = cjson.decode(ARGV[14])
 if gen.cached_tokens > 0 then  -- prompt tokens from the engine's prefix cache (kept sparse)
   redis.call('HINCRBY', KEYS[3], field .. 'cached_tokens', gen.cached_tokens)
+  redis.call('HINCRBY', KEYS[2], 'cached_tokens', gen.cached_tokens)
 end
+redis.call('HINCRBY', KEYS[2], 'prompt_tokens', prompt_tokens)
+redis.call('HINCRBY', KEYS[2], 'completion_tokens', completion_tokens)
 
 redis.call('XADD', KEYS[4], '*',
   'request_id', billing_id, 'response_id', gen.response_id, 'org_id', org_id, 'key_id', key_id,

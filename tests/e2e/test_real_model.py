@@ -14,6 +14,7 @@ pytestmark = pytest.mark.e2e
 PROMPT_MICROS, COMPLETION_MICROS = 20_000, 40_000
 ADAPTER = f"{MODEL}:ahoy"
 ADAPTER_PRICES = (30_000, 60_000)
+EMBEDDER, EMBEDDER_PROMPT_MICROS = "all-minilm-l6-v2", 10_000
 
 
 def expected_cost(
@@ -212,8 +213,9 @@ def test_usage_and_balance_equal_what_responses_reported(stack: Stack) -> None:
 
 def test_models_lists_the_catalog_with_prices(stack: Stack) -> None:
     models = client(stack).models.list().data
-    assert [m.id for m in models] == [MODEL, ADAPTER]
-    base, adapter = (m.model_extra for m in models)
+    assert [m.id for m in models] == [MODEL, ADAPTER, EMBEDDER]
+    base, adapter, embedder = (m.model_extra for m in models)
+    assert (base["task"], embedder["task"], embedder["context_length"]) == ("generate", "embed", 256)
     assert (base["context_length"], base["parent"]) == (2048, None)
     assert base["pricing"] == {
         "prompt_usd_per_1m": 0.02,
@@ -313,3 +315,31 @@ def test_a_shared_system_prompt_sent_again_is_read_from_the_prefix_cache_and_bil
     first_cached = first.prompt_tokens_details.cached_tokens if first.prompt_tokens_details else 0
     assert total["cached_tokens"] == cached + first_cached
     assert total["cost_usd"] == pytest.approx(first.model_extra["cost"] + second.model_extra["cost"], abs=1e-9)
+
+
+# -- the embedding listing: all-MiniLM-L6-v2 on vLLM's pooling runner -----------------------------
+
+
+def test_embeddings_from_the_real_model_are_billed_per_prompt_token(stack: Stack) -> None:
+    key = stack.new_key(credit_usd=1)["key"]
+    sentences = ["A cat sits on the mat.", "A kitten is resting on a rug.", "Quarterly tax filing deadlines."]
+    result = client(stack, key).embeddings.create(model=EMBEDDER, input=sentences)  # base64, as the SDK asks
+    vectors = [item.embedding for item in result.data]
+    assert [len(vector) for vector in vectors] == [384] * 3
+    for vector in vectors:  # mean-pooled and normalized, as sentence-transformers
+        assert abs(sum(x * x for x in vector) - 1) < 1e-4
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cosine(vectors[0], vectors[1]) > 0.5 > cosine(vectors[0], vectors[2])
+    prompt = result.usage.prompt_tokens
+    assert prompt >= 3 * 2 + 3 * 5  # [CLS] and [SEP] around each sentence's words
+    assert result.usage.model_extra["cost"] == expected_cost(prompt, 0, (EMBEDDER_PROMPT_MICROS, 0))
+    info = httpx.get(f"{stack.base_url}/key", headers={"authorization": f"Bearer {key}"}, timeout=30).json()
+    assert (info["prompt_tokens"], info["completion_tokens"], info["on_hold_usd"]) == (prompt, 0, 0)
+    assert info["spent_usd"] == result.usage.model_extra["cost"]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(stack, key).chat.completions.create(model=EMBEDDER, messages=QUESTION)
+    assert refused.value.body["param"] == "model"

@@ -74,7 +74,71 @@ TEST_CATALOG = Catalog.model_validate(
                 "accelerator": {"kind": "cpu"},
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
             },
-        ]
+            {
+                # Two replicas behind Ray Serve LLM's prefix-cache affinity router (test_routing.py).
+                "id": "prefix-chat",
+                "owner": "prefix-labs",
+                "source": "fake/prefix",
+                "context_length": 4096,
+                "pricing": {"prompt_usd_per_1m": "0.1", "completion_usd_per_1m": "0.2"},
+                "default_max_tokens": 32,
+                "accelerator": {"kind": "cpu"},
+                "routing": "prefix_aware",
+                "routing_imbalance_threshold": 2,
+                "autoscaling": {
+                    "min_replicas": 2,
+                    "max_replicas": 2,
+                    "target_ongoing_requests": 2,
+                    "max_ongoing_requests": 4,
+                },
+            },
+            {
+                # An embedding listing (test_embeddings.py): billed per prompt token.
+                "id": "embed-small",
+                "owner": "delta-labs",
+                "source": "fake/embed",
+                "task": "embed",
+                "context_length": 512,
+                "pricing": {"prompt_usd_per_1m": "0.02", "completion_usd_per_1m": "0"},
+                "default_max_tokens": 1,
+                "accelerator": {"kind": "cpu"},
+            },
+            {
+                # A weighted fair queue in front of the engine (test_fair_share.py): one request at a
+                # time from each ingress replica, a 3 s wait at most.
+                "id": "fair-chat",
+                "owner": "fair-labs",
+                "source": "fake/fair",
+                "context_length": 4096,
+                "pricing": {"prompt_usd_per_1m": "0.1", "completion_usd_per_1m": "0.2"},
+                "default_max_tokens": 16,
+                "accelerator": {"kind": "cpu"},
+                "fair_share": {"concurrency": 1, "deadline_s": 3},
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 2},
+            },
+            {
+                # Small and busy: one request at a time, one waiting, a 64-token context; beta-chat
+                # serves what it cannot (test_fallbacks.py).
+                "id": "tiny-chat",
+                "owner": "tiny-labs",
+                "source": "fake/tiny",
+                "context_length": 64,
+                "pricing": {"prompt_usd_per_1m": "0.05", "completion_usd_per_1m": "0.1"},
+                "default_max_tokens": 16,
+                "accelerator": {"kind": "cpu"},
+                "fallbacks": ["beta-chat"],
+                "autoscaling": {
+                    "min_replicas": 1,
+                    "max_replicas": 1,
+                    "target_ongoing_requests": 1,
+                    "max_ongoing_requests": 1,
+                    "max_queued_requests": 1,
+                },
+            },
+        ],
+        # Fair-share tiers and their weights; keys and organizations without one are "standard".
+        "tiers": {"free": 1, "standard": 2, "premium": 4},
+        "default_tier": "standard",
     }
 )
 

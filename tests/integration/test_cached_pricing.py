@@ -62,6 +62,12 @@ def test_cached_prompt_tokens_cost_the_cached_price_in_the_answer_the_ledger_and
 
     total = marketplace.usage(key)["total"]
     assert (total["requests"], total["cached_tokens"]) == (2, 12)
+    account = marketplace.key_info(key)
+    assert (account["prompt_tokens"], account["cached_tokens"], account["completion_tokens"]) == (
+        usage["prompt_tokens"] + streamed["prompt_tokens"],
+        12,
+        usage["completion_tokens"] + streamed["completion_tokens"],
+    )
     assert round(total["cost_usd"] * 1_000_000) == cost + streamed_cost
     ledger = [event for _, event in redis_client.xrange(f"{{acct:{created['org_id']}}}:ledger")]
     assert [int(event["cached_tokens"]) for event in ledger] == [6, 6]

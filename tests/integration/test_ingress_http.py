@@ -218,7 +218,12 @@ def test_models_lists_every_listing_with_owner_pricing_and_context_length(market
         ("alpha-chat:ahoy", "model", "alpha-labs", "alpha-chat", 4096, 0.3, 1.2, 0.3),
         ("alpha-chat:legal", "model", "gamma-law", "alpha-chat", 4096, 5.0, 20.0, 5.0),
         ("beta-chat", "model", "beta-labs", None, 8192, 2.5, 10.0, 2.5),
+        ("prefix-chat", "model", "prefix-labs", None, 4096, 0.1, 0.2, 0.1),
+        ("embed-small", "model", "delta-labs", None, 512, 0.02, 0.0, 0.02),
+        ("fair-chat", "model", "fair-labs", None, 4096, 0.1, 0.2, 0.1),
+        ("tiny-chat", "model", "tiny-labs", None, 64, 0.05, 0.1, 0.05),
     ]
+    assert [m["task"] for m in body["data"]] == ["generate"] * 5 + ["embed", "generate", "generate"]
     assert all(
         list(m["pricing"]) == ["prompt_usd_per_1m", "completion_usd_per_1m", "cached_prompt_usd_per_1m"]
         for m in body["data"]

@@ -172,7 +172,7 @@ def test_app_args_accepts_an_inline_catalog():
 
 def test_app_args_loads_catalog_from_path():
     args = AppArgs(catalog_path=str(LOCAL_CATALOG))
-    assert [listing.id for listing in args.load_catalog().listings] == ["smollm2-135m-instruct"]
+    assert [listing.id for listing in args.load_catalog().listings] == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
 
 
 def test_app_args_rejects_unknown_fields():

@@ -399,6 +399,7 @@ def test_org_view_shows_its_money_in_usd():
         "object": "organization",
         "id": "org_00112233445566778899",
         "name": "acme",
+        "tier": None,
         "credit_usd": 2.5,
         "on_hold_usd": 0.04,
         "spent_usd": 0.46,

@@ -80,6 +80,12 @@ def test_every_public_inference_path_is_guarded():
         "/v1/completions",
         "/api/v1/completions",
         "/v1/inference/completions",
+        "/v1/responses",
+        "/api/v1/responses",
+        "/v1/inference/responses",
+        "/v1/embeddings",
+        "/api/v1/embeddings",
+        "/v1/inference/embeddings",
     }
 
 

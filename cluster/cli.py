@@ -180,7 +180,8 @@ def status(state_dir: Path | None = StateDir) -> None:
 @app.command("build-model")
 def build_model(
     names: list[str] | None = typer.Argument(
-        None, help="Builtin models to build (default: all of them: the SmolLM2 model and its demo LoRA)."
+        None,
+        help="Builtin models to build (default: all of them: SmolLM2, its demo LoRA and all-MiniLM-L6-v2).",
     ),
     force: bool = typer.Option(False, help="Rebuild even if the cache has it."),
 ) -> None:
@@ -198,6 +199,7 @@ def build_model(
 EXPIRES_AT_HELP = "Expiry: ISO 8601 (UTC if no zone) or epoch seconds."
 CAP_PERIODS = ("daily", "weekly", "monthly")
 PERIOD_HELP = "When the spend cap resets: daily, weekly (Monday) or monthly, at 00:00 UTC (default: never)."
+TIER_HELP = "The fair-share tier (one of the catalog's `tiers`; default: the organization's, else the catalog's)."
 
 
 def _expiry(value: str | None) -> str | int | None:
@@ -223,12 +225,15 @@ def _cap(key: dict[str, Any]) -> str:
 def orgs_create(
     name: str = typer.Argument(..., help="A name for the organization."),
     credit: float | None = typer.Option(None, help="Prepaid credit in USD."),
+    tier: str | None = typer.Option(None, help="The fair-share tier of its keys (one of the catalog's `tiers`)."),
     state_dir: Path | None = StateDir,
 ) -> None:
     """Create an organization; its keys draw on its credit (`tokenmart keys create NAME --org ID`)."""
     body: dict[str, Any] = {"name": name}
     if credit is not None:
         body["credit_usd"] = credit
+    if tier is not None:
+        body["tier"] = tier
     org = AdminClient(state_dir).call("POST", "/admin/v1/orgs", json=body)
     out.print(f"id: {org['id']}  credit: {_money(org['credit_usd'])}")
 
@@ -287,6 +292,7 @@ def keys_create(
         None, help="Most output one request may ask for: prompts x n x max_tokens (up to 100,000,000)."
     ),
     expires_at: str | None = typer.Option(None, help=EXPIRES_AT_HELP),
+    tier: str | None = typer.Option(None, help=TIER_HELP),
     state_dir: Path | None = StateDir,
 ) -> None:
     """Create a key; the key itself is shown only now."""
@@ -305,6 +311,7 @@ def keys_create(
         "max_concurrency": max_concurrency,
         "max_tokens_per_request": max_tokens_per_request,
         "expires_at": _expiry(expires_at),
+        "tier": tier,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if models:
@@ -334,9 +341,10 @@ def keys_update(
     cap: float | None = typer.Option(None, "--cap", help="A new spend cap in USD per period."),
     no_cap: bool = typer.Option(False, "--no-cap", help="Remove the spend cap."),
     period: str | None = typer.Option(None, "--period", help=PERIOD_HELP),
+    tier: str | None = typer.Option(None, help=TIER_HELP),
     state_dir: Path | None = StateDir,
 ) -> None:
-    """Change a key's limits, spend cap, models, name, status or expiry (takes effect on the next request)."""
+    """Change a key's limits, spend cap, models, name, status, expiry or tier (takes effect on the next request)."""
     if cap is not None and no_cap:
         _fail("give --cap or --no-cap, not both")
     changes = {
@@ -349,6 +357,7 @@ def keys_update(
         "expires_at": _expiry(expires_at),
         "spend_cap_usd": cap,
         "spend_cap_period": _period(period),
+        "tier": tier,
     }
     body: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
     if no_cap:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokenmart.deployments.catalog import BUILTIN_PREFIX, default_model_dir
 
@@ -242,6 +242,18 @@ BUILTIN_MODELS: dict[str, Callable[..., Path]] = {
 }
 
 
+def _verified(tmp: Path, how: str, verify: Callable[[], Any]) -> Any:
+    """`verify()`'s summary of a folder just built; its failure names the folder, left for inspection."""
+    try:
+        return verify()
+    except ModelBuildError as error:
+        raise ModelBuildError(
+            f"the {how} model did not pass verification. {error}\n"
+            f"The folder was left at {tmp} for inspection (the next build removes it); "
+            f"re-run with --force to build again."
+        ) from error
+
+
 def ensure_builtin(
     name: str,
     model_dir: Path | None = None,
@@ -287,14 +299,7 @@ def _build_smollm2_locked(model_dir: Path, dest: Path, steps: BuildSteps) -> Non
         ) from error
 
     steps.start("Verifying the converted model")
-    try:
-        summary = verify_model_folder(tmp, architecture=SMOLLM2_ARCHITECTURE)
-    except ModelBuildError as error:
-        raise ModelBuildError(
-            f"the converted model did not pass verification. {error}\n"
-            f"The folder was left at {tmp} for inspection (the next build removes it); "
-            f"re-run with --force to build again."
-        ) from error
+    summary = _verified(tmp, "converted", lambda: verify_model_folder(tmp, architecture=SMOLLM2_ARCHITECTURE))
     make_readable(tmp)
     files = list_files(tmp)
     steps.done()
@@ -354,14 +359,7 @@ def _build_minilm_locked(model_dir: Path, dest: Path, steps: BuildSteps) -> None
         ) from error
 
     steps.start("Verifying the embedding model")
-    try:
-        summary = verify_embedding_folder(tmp)
-    except ModelBuildError as error:
-        raise ModelBuildError(
-            f"the copied model did not pass verification. {error}\n"
-            f"The folder was left at {tmp} for inspection (the next build removes it); "
-            f"re-run with --force to build again."
-        ) from error
+    summary = _verified(tmp, "copied", lambda: verify_embedding_folder(tmp))
     make_readable(tmp)
     files = list_files(tmp)
     steps.done()

@@ -368,6 +368,14 @@ class CreateKeyRequest(_AdminBody):
         )
 
 
+def _refuse_null(value: Any) -> Any:
+    """A PATCH field that always has a value: field validators run only for fields that were
+    sent, so this refuses an explicit null."""
+    if value is None:
+        raise PydanticCustomError("not_null", "null is not a value here; leave the field out to keep the current value")
+    return value
+
+
 class UpdateKeyRequest(_AdminBody):
     """A PATCH: only the fields sent change.
 
@@ -388,15 +396,7 @@ class UpdateKeyRequest(_AdminBody):
     spend_cap_period: CapPeriod | None = None  # null: the cap never resets
     tier: TierName | None = None  # null: the organization's tier
 
-    @field_validator("name", "status", mode="before")
-    @classmethod
-    def _not_null(cls, value: Any) -> Any:
-        # Field validators run only for fields that were sent, so this refuses an explicit null.
-        if value is None:
-            raise PydanticCustomError(
-                "not_null", "null is not a value here; leave the field out to keep the current value"
-            )
-        return value
+    _not_null = field_validator("name", "status", mode="before")(_refuse_null)
 
     @property
     def expires_at_epoch(self) -> int | None:
@@ -419,14 +419,7 @@ class UpdateOrgRequest(_AdminBody):
     name: str | None = Field(default=None, min_length=1, max_length=100)
     tier: TierName | None = None
 
-    @field_validator("name", mode="before")
-    @classmethod
-    def _not_null(cls, value: Any) -> Any:
-        if value is None:
-            raise PydanticCustomError(
-                "not_null", "null is not a value here; leave the field out to keep the current value"
-            )
-        return value
+    _not_null = field_validator("name", mode="before")(_refuse_null)
 
 
 MAX_GRACE_S = 30 * 24 * 3600

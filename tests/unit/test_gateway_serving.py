@@ -128,7 +128,8 @@ def test_the_engine_priority_follows_the_tier_only_where_the_engine_schedules_by
 
 def test_a_fair_queued_listing_gives_turns_and_times_out_past_its_deadline(gateway):
     assert fair_share_concurrency(CATALOG.get("a")) == 2
-    assert fair_share_concurrency(parse_catalog({"listings": [listing("z", fair_share={})]}).get("z")) == 32  # 4 x target 8
+    unset = parse_catalog({"listings": [listing("z", fair_share={})]}).get("z")
+    assert fair_share_concurrency(unset) == 32  # max_ongoing_requests (4 x target 8) x min_replicas 1
 
     async def scenario() -> None:
         holders = [admission("a", "free") for _ in range(2)]

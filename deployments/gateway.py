@@ -375,7 +375,7 @@ class Gateway:
         for index, listing in enumerate(admission.candidates):
             last = index == len(admission.candidates) - 1
             if not self._occupy(admission, listing):
-                first_error = first_error or ("error", _overloaded(listing))
+                first_error = first_error or ("rejected", _overloaded(listing))  # never reached an engine
                 continue
             try:
                 responses, first = await self._dispatch_once(admission, bodies[listing.id], method)

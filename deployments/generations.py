@@ -1,4 +1,5 @@
-"""Per-generation lookup: `GET /v1/generation?id=<response id>`.
+"""Per-generation lookup: `GET /v1/generation?id=<response id>`, and a key's recent ones
+(`GET /v1/generations`, the console's activity page).
 
 Settlement (`lua/settle.lua`) writes one record per response, `{acct:<org>}:gen:<response id>`,
 in the same call that bills it (no extra round trip on the request path); it expires after
@@ -27,7 +28,7 @@ class GenerationView(BaseModel):
     model: str
     served_by: str
     key_id: str
-    status: Literal["completed", "aborted", "error"]
+    status: Literal["completed", "aborted", "error", "rejected"]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -55,6 +56,10 @@ async def find_generation(redis: aioredis.Redis, org_id: str, response_id: str) 
             param="id",
             code="generation_not_found",
         )
+    return _view(raw)
+
+
+def _view(raw: dict[str, str]) -> GenerationView:
     return GenerationView(
         id=raw["id"],
         request_id=raw["request_id"],
@@ -72,3 +77,45 @@ async def find_generation(redis: aioredis.Redis, org_id: str, response_id: str) 
         stream=raw.get("stream") == "1",
         user=raw.get("user") or None,
     )
+
+
+# The most ledger events one look at a key's recent generations reads (newest first), and
+# the most generations it returns.
+RECENT_SCAN = 2000
+MAX_RECENT_GENERATIONS = 100
+
+
+def _from_ledger(event: dict[str, str]) -> dict[str, str]:
+    """A generation record's fields from its ledger event (the record expired, or predates them)."""
+    return {
+        "id": event.get("response_id") or event["request_id"],
+        "request_id": event["request_id"],
+        "model": event["model"],
+        "served_by": event.get("served_by") or event["model"],
+        "key_id": event["key_id"],
+        "status": event["status"],
+        "prompt_tokens": event["prompt_tokens"],
+        "completion_tokens": event["completion_tokens"],
+        "cached_tokens": event.get("cached_tokens") or "0",
+        "cost_micros": event["cost_micros"],
+        "created": str(int(event["started_at_ms"]) // 1000),
+    }
+
+
+async def recent_generations(
+    redis: aioredis.Redis, org_id: str, key_id: str | None = None, limit: int = 20
+) -> list[GenerationView]:
+    """The newest settled requests of an organization (of one key of it), newest first: each
+    from its generation record while it is kept, else from its ledger event."""
+    try:
+        events = await redis.xrevrange(account_key(org_id, "ledger"), count=RECENT_SCAN)
+        chosen = [
+            event for _, event in events if "event" not in event and (key_id is None or event.get("key_id") == key_id)
+        ][:limit]
+        pipe = redis.pipeline(transaction=False)
+        for event in chosen:
+            pipe.hgetall(account_key(org_id, f"gen:{event.get('response_id') or event['request_id']}"))
+        records = await pipe.execute() if chosen else []
+    except RedisError as exc:
+        raise BillingUnavailable("The billing store is unavailable. Retry shortly.", retry_after_s=2) from exc
+    return [_view(record or _from_ledger(event)) for event, record in zip(chosen, records, strict=True)]

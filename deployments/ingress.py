@@ -32,6 +32,7 @@ from .alerts import AlertDeliverer, AlertSettingsRequest
 from .billing import Meter
 from .catalog import Catalog, Listing
 from .config import AccountOptions
+from .console.routes import mount_console
 from .errors import (
     APIError,
     BadRequest,
@@ -42,9 +43,10 @@ from .errors import (
     internal_error_response,
 )
 from .gateway import Gateway
-from .generations import find_generation
+from .generations import MAX_RECENT_GENERATIONS, find_generation, recent_generations
 from .keystore import SCHEMA_KEY, KeyStore, Locator, connect
 from .ledger import MAX_PAGE, export_page, rows_csv, rows_jsonl, trim_all
+from .live import live_holds
 from .metrics import UNKNOWN_MODEL, MarketplaceMetrics
 from .migrate import LEGACY_KEY_INDEX
 from .ray_llm import ModelCard
@@ -272,6 +274,7 @@ class MarketplaceIngress(OpenAiIngress):
         app.state.listing_peek = self.gateway.peek
         app.state.door_hook = self._record_door_refusal
         app.state.key_label = self.gateway.key_label
+        mount_console(app, self)
         return app
 
     async def _deliver_alerts(self) -> None:
@@ -366,7 +369,7 @@ class MarketplaceIngress(OpenAiIngress):
         return answer
 
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": self._cards}
+        return {"object": "list", "data": self.model_cards()}
 
     async def model_data(self, model: str) -> dict[str, Any]:
         listing = self.catalog.get(model)
@@ -398,6 +401,14 @@ class MarketplaceIngress(OpenAiIngress):
             id = responses_api.chat_id_for(id)
         return (await find_generation(self.redis, org.id, id)).model_dump()
 
+    async def generations(
+        self, request: Request, limit: int = Query(default=20, ge=1, le=MAX_RECENT_GENERATIONS)
+    ) -> dict[str, Any]:
+        """The calling key's newest settled requests, newest first."""
+        record, org = await self.keys.authenticate(request.headers.get("authorization"))
+        data = await recent_generations(self.redis, org.id, record.id, limit)
+        return {"object": "list", "data": [view.model_dump() for view in data]}
+
     async def healthz(self) -> Response:
         try:
             await self.redis.ping()
@@ -426,13 +437,41 @@ class MarketplaceIngress(OpenAiIngress):
         record, org = await self.keys.with_org(record)
         return record.view(org).model_dump()
 
-    async def admin_create_key(self, body: CreateKeyRequest, request: Request) -> JSONResponse:
-        self._admin(request)
+    # -- what the admin API and the console's operator pages both do ---------------------------
+    async def create_key(self, body: CreateKeyRequest) -> dict[str, Any]:
+        """A new key's view, with the key itself (shown once)."""
         self._check_models(body.models)
         self._check_tier(body.tier)
         record, key = await self.keys.create(body)
-        created = CreatedKey(**(await self._key_view(record)), key=key)
-        return JSONResponse(created.model_dump(), status_code=201)
+        return CreatedKey(**(await self._key_view(record)), key=key).model_dump()
+
+    async def update_key(self, key_id: str, body: UpdateKeyRequest) -> dict[str, Any]:
+        self._check_models(body.models)
+        self._check_tier(body.tier)
+        return await self._key_view(await self.keys.update(key_id, body))
+
+    async def create_org(self, body: CreateOrgRequest) -> dict[str, Any]:
+        self._check_tier(body.tier)
+        return await self._org_view(await self.keys.create_org(body))
+
+    async def org_rows(self) -> list[dict[str, Any]]:
+        """Every organization's view with its number of keys (GET /admin/v1/orgs)."""
+        counts: dict[str, int] = {}
+        for owner in (await self.keys.ids()).values():
+            counts[owner] = counts.get(owner, 0) + 1
+        return [{**org.view().model_dump(), "keys": counts.get(org.id, 0)} for org in await self.keys.list_orgs()]
+
+    async def account_scope(self) -> dict[str, list[str]]:
+        """Every organization id -> its key ids."""
+        return await self._scope(None, None)
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """GET /v1/models's cards."""
+        return self._cards
+
+    async def admin_create_key(self, body: CreateKeyRequest, request: Request) -> JSONResponse:
+        self._admin(request)
+        return JSONResponse(await self.create_key(body), status_code=201)
 
     async def admin_list_keys(self, request: Request, org_id: str | None = Query(default=None)) -> dict[str, Any]:
         self._admin(request)
@@ -447,9 +486,7 @@ class MarketplaceIngress(OpenAiIngress):
 
     async def admin_update_key(self, key_id: str, body: UpdateKeyRequest, request: Request) -> dict[str, Any]:
         self._admin(request)
-        self._check_models(body.models)
-        self._check_tier(body.tier)
-        return await self._key_view(await self.keys.update(key_id, body))
+        return await self.update_key(key_id, body)
 
     async def admin_revoke_key(self, key_id: str, request: Request) -> dict[str, Any]:
         self._admin(request)
@@ -473,16 +510,11 @@ class MarketplaceIngress(OpenAiIngress):
 
     async def admin_create_org(self, body: CreateOrgRequest, request: Request) -> JSONResponse:
         self._admin(request)
-        self._check_tier(body.tier)
-        return JSONResponse(await self._org_view(await self.keys.create_org(body)), status_code=201)
+        return JSONResponse(await self.create_org(body), status_code=201)
 
     async def admin_list_orgs(self, request: Request) -> dict[str, Any]:
         self._admin(request)
-        counts: dict[str, int] = {}
-        for owner in (await self.keys.ids()).values():
-            counts[owner] = counts.get(owner, 0) + 1
-        data = [{**org.view().model_dump(), "keys": counts.get(org.id, 0)} for org in await self.keys.list_orgs()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": await self.org_rows()}
 
     async def admin_get_org(self, org_id: str, request: Request) -> dict[str, Any]:
         self._admin(request)
@@ -574,6 +606,14 @@ class MarketplaceIngress(OpenAiIngress):
         report = await usage_report(self.redis, sorted(scope), first, last, group_by, key_id=key_id)
         return report.model_dump()
 
+    async def admin_holds(
+        self, request: Request, key_id: str | None = Query(default=None), org_id: str | None = Query(default=None)
+    ) -> dict[str, Any]:
+        """What each organization and key holds and has in flight now."""
+        self._admin(request)
+        rows = await live_holds(self.redis, await self._scope(org_id, key_id))
+        return {"object": "list", "data": [row.model_dump() for row in rows]}
+
     async def admin_reconcile(
         self, request: Request, key_id: str | None = Query(default=None), org_id: str | None = Query(default=None)
     ) -> dict[str, Any]:
@@ -646,6 +686,7 @@ ENDPOINTS = {
     "key_info": _route("get", *customer_paths("/key")),
     "usage": _route("get", *customer_paths("/usage")),
     "generation": _route("get", *customer_paths("/generation")),
+    "generations": _route("get", *customer_paths("/generations")),
     "healthz": _route("get", "/healthz"),
     "admin_create_key": _route("post", "/admin/v1/keys", status_code=201),
     "admin_list_keys": _route("get", "/admin/v1/keys"),
@@ -665,5 +706,6 @@ ENDPOINTS = {
     "admin_alert_deliveries": _route("get", "/admin/v1/orgs/{org_id}/alerts/deliveries"),
     "admin_usage": _route("get", "/admin/v1/usage"),
     "admin_ledger": _route("get", "/admin/v1/ledger"),
+    "admin_holds": _route("get", "/admin/v1/holds"),
     "admin_reconcile": _route("get", "/admin/v1/reconcile"),
 }

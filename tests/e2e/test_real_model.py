@@ -343,3 +343,22 @@ def test_embeddings_from_the_real_model_are_billed_per_prompt_token(stack: Stack
     with pytest.raises(openai.BadRequestError) as refused:
         client(stack, key).chat.completions.create(model=EMBEDDER, messages=QUESTION)
     assert refused.value.body["param"] == "model"
+
+
+# -- the web console, served by the ingress replicas of `tokenmart up` ---------------------------
+
+
+def test_the_console_signs_an_operator_in_on_the_real_stack(stack: Stack) -> None:
+    import re
+
+    with httpx.Client(base_url=stack.api_base, timeout=30) as browser:
+        page = browser.get("/console/admin/login")
+        assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        signed_in = browser.post("/console/admin/login", data={"csrf": token, "secret": stack.admin_token})
+        assert (signed_in.status_code, signed_in.headers["location"]) == (303, "/console/admin")
+        keys = browser.get("/console/admin")
+        assert keys.status_code == 200 and 'id="keys"' in keys.text
+        assert stack.api_key not in keys.text
+        for asset in ("console.js", "console.css", "vendor/htmx.min.js", "vendor/chart.umd.min.js"):
+            assert browser.get(f"/console/static/{asset}").status_code == 200, asset

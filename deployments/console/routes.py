@@ -36,7 +36,7 @@ from ..live import live_holds
 from ..reconcile import reconcile
 from ..schemas import CreateKeyRequest, CreateOrgRequest, UpdateKeyRequest, usd_to_micros
 from ..usage import usage_report
-from .sessions import COOKIE, LOGIN_CSRF_COOKIE, ConsoleSessions, Session, same_token
+from .sessions import COOKIE, LOGIN_CSRF_COOKIE, ConsoleSessions, Session, admin_mark, same_token
 from .vendor import missing_assets
 
 if TYPE_CHECKING:
@@ -147,6 +147,10 @@ def console_router(ingress: MarketplaceIngress) -> APIRouter:
             raise _Redirect("/console/admin/login")
         if session.kind != "admin":
             raise _Refused
+        token = ingress.admin_token.get_secret_value() if ingress.admin_token else ""
+        if not token or not same_token(session.admin_mark, admin_mark(token)):
+            await sessions.end(request.cookies.get(COOKIE))  # the admin token changed since
+            raise _Redirect("/console/admin/login?ended=1")
         return session
 
     async def form_of(request: Request, session: Session) -> dict[str, str]:
@@ -189,7 +193,7 @@ def console_router(ingress: MarketplaceIngress) -> APIRouter:
             if admin:
                 token = ingress.admin_token.get_secret_value() if ingress.admin_token else None
                 auth.check_admin_token(f"Bearer {secret}", token)
-                cookie, _ = await sessions.start("admin")
+                cookie, _ = await sessions.start("admin", admin_token=secret)
                 to = "/console/admin"
             else:
                 record, org = await ingress.keys.authenticate(f"Bearer {secret}")

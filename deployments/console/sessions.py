@@ -41,6 +41,12 @@ class Session:
     expires_at: int
     key_id: str = ""  # customer sessions: the key signed in with (by id, never the secret)
     org_id: str = ""
+    admin_mark: str = ""  # admin sessions: `admin_mark` of the token signed in with
+
+
+def admin_mark(token: str) -> str:
+    """What an admin session keeps of the admin token: a new token ends the old sessions."""
+    return hashlib.sha256(b"tokenmart console admin\0" + token.encode()).hexdigest()
 
 
 def _stored_as(token: str) -> str:
@@ -57,11 +63,14 @@ class ConsoleSessions:
         self.redis = redis
         self.ttl_s = ttl_s
 
-    async def start(self, kind: Kind, *, key_id: str = "", org_id: str = "") -> tuple[str, Session]:
+    async def start(
+        self, kind: Kind, *, key_id: str = "", org_id: str = "", admin_token: str = ""
+    ) -> tuple[str, Session]:
         """A new session; returns its token (for the cookie only) and the session."""
         token = secrets.token_urlsafe(32)
         now = int(time.time())
-        session = Session(kind, secrets.token_urlsafe(32), now, now + self.ttl_s, key_id, org_id)
+        mark = admin_mark(admin_token) if admin_token else ""
+        session = Session(kind, secrets.token_urlsafe(32), now, now + self.ttl_s, key_id, org_id, mark)
         await self.redis.set(_stored_as(token), json.dumps(asdict(session)), ex=self.ttl_s)
         return token, session
 

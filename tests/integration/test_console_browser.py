@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +23,10 @@ import httpx
 import pytest
 from openai import AuthenticationError, OpenAI
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tokenmart.deployments.console.sessions import SESSION_PREFIX, SESSION_TTL_S
 
@@ -86,6 +88,10 @@ def sign_in(driver: webdriver.Chrome, base_url: str, secret: str, *, admin: bool
     driver.find_element(By.ID, "secret").send_keys(secret)
     driver.find_element(By.ID, "sign-in").click()
     assert driver.find_elements(By.ID, "sign-out"), driver.page_source[:2000]
+
+
+def attributes(driver: webdriver.Chrome, selector: str, name: str) -> list[str]:
+    return [element.get_attribute(name) for element in driver.find_elements(By.CSS_SELECTOR, selector)]
 
 
 def value(driver: webdriver.Chrome, element_id: str) -> float:
@@ -183,6 +189,25 @@ def test_operator_pages_show_live_holds_traffic_and_balanced_books(marketplace, 
     key = marketplace.create_key(name="console-traffic", credit_usd=1)["key"]
     assert marketplace.chat(key, max_tokens=3).status_code == 200
     operator.get(f"{marketplace.base_url}/console/admin/live")
+    org_id = marketplace.key_info(key)["org_id"]
+    row = f'#holds tr[data-org="{org_id}"] td:nth-child(4)'
+    assert operator.find_element(By.CSS_SELECTOR, row).text == "0"
+
+    # A long stream starts: the page (htmx, every 5 s) shows it in flight without a reload.
+    def long_stream() -> None:
+        body = {"model": "beta-chat", "messages": [{"role": "user", "content": "long [[fake-tokens=400]]"}]}
+        with marketplace.http.stream("POST", "/v1/chat/completions", json=body | {"stream": True, "max_tokens": 400},
+                                     headers=marketplace.auth(key)) as stream:  # fmt: skip
+            for _ in stream.iter_lines():
+                pass
+
+    streaming = threading.Thread(target=long_stream)
+    streaming.start()
+    try:
+        wait = WebDriverWait(operator, 15, ignored_exceptions=(StaleElementReferenceException,))
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, row).text == "1")
+    finally:
+        streaming.join()
     traffic = {
         row.get_attribute("data-model") for row in operator.find_elements(By.CSS_SELECTOR, "#traffic tr[data-model]")
     }

@@ -206,21 +206,19 @@ def console_router(ingress: MarketplaceIngress) -> APIRouter:
         response.delete_cookie(LOGIN_CSRF_COOKIE, path="/console")
         return response
 
-    @router.get("/login")
-    async def login(request: Request) -> Response:
-        return login_page(request, admin=False)
+    def sign_in_routes(admin: bool) -> tuple[Any, Any]:
+        async def form(request: Request) -> Response:
+            return login_page(request, admin)
 
-    @router.post("/login")
-    async def login_post(request: Request) -> Response:
-        return await sign_in(request, admin=False)
+        async def submit(request: Request) -> Response:
+            return await sign_in(request, admin)
 
-    @router.get("/admin/login")
-    async def admin_login(request: Request) -> Response:
-        return login_page(request, admin=True)
+        return form, submit
 
-    @router.post("/admin/login")
-    async def admin_login_post(request: Request) -> Response:
-        return await sign_in(request, admin=True)
+    for path, admin in (("/login", False), ("/admin/login", True)):
+        form, submit = sign_in_routes(admin)
+        router.add_api_route(path, form, methods=["GET"])
+        router.add_api_route(path, submit, methods=["POST"])
 
     @router.post("/logout")
     @guarded

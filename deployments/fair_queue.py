@@ -12,6 +12,14 @@ connection. Time spent waiting is never billed: billing starts when the slot is 
 `Slot.waited_s` says how long the request waited. A request whose wait budget runs out gets
 `QueueTimeout` (the caller answers 503 with its `retry_after_s`) and leaves the queue.
 
+The waiting room may be bounded (`max_waiting`). When it is full, a newcomer does not simply
+bounce: tenants are compared by their backlog relative to their weight (queued cost / weight,
+the newcomer counted in its own tenant's). If the newcomer's tenant is the most backlogged
+(ties included), the newcomer gets `QueueFull` at once; otherwise the newest waiter of the most
+backlogged tenant is pushed out with `QueueFull` and the newcomer queues in its place. So a
+flood fills the room with the flooder's own requests, which are the ones to go, and a lightly
+queued tenant (a premium tier, say) still gets a place.
+
 Everything runs on one event loop and is mutated only synchronously between awaits, so no
 lock is needed. Two races are handled explicitly:
 
@@ -19,12 +27,15 @@ lock is needed. Two races are handled explicitly:
   the same loop iteration, before its task could resume, the slot is handed to the next
   waiter: a slot is never lost and never granted twice.
 - A waiter whose deadline timer fires in the same iteration as its grant keeps the grant: a
-  waiter's future is settled exactly once, by whichever comes first.
+  waiter's future is settled exactly once, by whichever comes first. The same holds for a
+  push-out: only a waiter still undecided (neither granted, timed out nor cancelled) can be
+  pushed out, and a pushed-out waiter is out of the queue, so it is never granted afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -51,6 +62,18 @@ class QueueTimeout(Exception):
         self.retry_after_s = retry_after_s
 
 
+class QueueFull(QueueTimeout):
+    """The waiting room was full: the request was refused on arrival (`pushed_out` False,
+    `waited_s` 0) or pushed out by a less backlogged tenant's request (`pushed_out` True).
+    A `QueueTimeout`, so callers answer it the same way: 503 + Retry-After."""
+
+    def __init__(self, queue: str, tenant: str, *, waited_s: float, retry_after_s: int, pushed_out: bool) -> None:
+        super().__init__(queue, tenant, waited_s=waited_s, retry_after_s=retry_after_s)
+        self.pushed_out = pushed_out
+        how = "pushed out of" if pushed_out else "refused by"
+        self.args = (f"{tenant!r} {how} the full waiting room of {queue or 'the queue'} after {waited_s:.3f}s",)
+
+
 @dataclass(frozen=True)
 class QueueStats:
     """One snapshot; the per-tenant counters only grow, for metrics."""
@@ -63,6 +86,9 @@ class QueueStats:
     granted_cost: dict[str, int] = field(default_factory=dict)  # their summed cost
     timed_out: dict[str, int] = field(default_factory=dict)
     cancelled: dict[str, int] = field(default_factory=dict)  # waiters cancelled while queued
+    max_waiting: int | None = None  # the waiting room's bound; None: unbounded
+    pushed_out: dict[str, int] = field(default_factory=dict)  # waiters pushed out by a newcomer
+    refused: dict[str, int] = field(default_factory=dict)  # arrivals refused by a full waiting room
 
 
 class Slot:
@@ -98,11 +124,12 @@ class Slot:
 
 
 class _Waiter:
-    __slots__ = ("cost", "deadline_at", "enqueued_at", "future", "queued", "tenant", "timer")
+    __slots__ = ("cost", "deadline_at", "enqueued_at", "future", "queued", "seq", "tenant", "timer")
 
     def __init__(
-        self, tenant: str, cost: int, future: asyncio.Future[float], enqueued_at: float, deadline_at: float
+        self, seq: int, tenant: str, cost: int, future: asyncio.Future[float], enqueued_at: float, deadline_at: float
     ) -> None:
+        self.seq = seq  # arrival order across tenants: the larger, the newer
         self.tenant = tenant
         self.cost = cost
         self.future = future  # result: the loop time of the grant
@@ -129,16 +156,23 @@ def _positive_int(value: int, what: str, minimum: int) -> int:
     return value
 
 
+def _bound(value: int | None) -> int | None:
+    return None if value is None else _positive_int(value, "max_waiting", 0)
+
+
 class FairQueue:
     """Slots for one listing's engine on this replica, granted across tenants by weight.
 
-    `capacity` is how many requests this replica may have in flight on the engine. The queue
+    `capacity` is how many requests this replica may have in flight on the engine;
+    `max_waiting` how many requests may wait for a slot at once (None: no bound). The queue
     must be used from one event loop.
     """
 
-    def __init__(self, capacity: int, *, name: str = "") -> None:
+    def __init__(self, capacity: int, *, name: str = "", max_waiting: int | None = None) -> None:
         self.name = name
         self._capacity = _positive_int(capacity, "capacity", 0)
+        self._max_waiting = _bound(max_waiting)
+        self._arrivals = itertools.count()
         self._in_use = 0
         # Backlogged tenants in round order; the first is the one being served. A tenant is
         # here exactly while it has queued waiters, so an idle tenant keeps no deficit.
@@ -150,6 +184,8 @@ class FairQueue:
         self._granted_cost: dict[str, int] = {}
         self._timed_out: dict[str, int] = {}
         self._cancelled: dict[str, int] = {}
+        self._pushed_out: dict[str, int] = {}
+        self._refused: dict[str, int] = {}
 
     @property
     def capacity(self) -> int:
@@ -164,6 +200,15 @@ class FairQueue:
         """Slots a request could take now; 0 while a shrink leaves more in use than capacity."""
         return max(self._capacity - self._in_use, 0)
 
+    @property
+    def max_waiting(self) -> int | None:
+        return self._max_waiting
+
+    def set_max_waiting(self, max_waiting: int | None) -> None:
+        """A new bound on the waiting room (None: unbounded). Shrinking pushes nobody out: it
+        only applies to arrivals, each of which then leaves the number waiting as it was."""
+        self._max_waiting = _bound(max_waiting)
+
     def set_capacity(self, capacity: int) -> None:
         """Growing grants the new slots to waiters now; shrinking revokes nothing, it only
         admits nobody until releases bring the slots in use below the new capacity."""
@@ -176,7 +221,9 @@ class FairQueue:
         Returns at once only when a slot is free and nobody waits (no queue jumping). `weight`
         is the tenant's quantum per round (its latest value counts); `cost` what this request
         spends of it (1, or its tokens). Raises `QueueTimeout` when `deadline_s` passes first;
-        a non-positive `deadline_s` never waits.
+        a non-positive `deadline_s` never waits. Raises `QueueFull` (a `QueueTimeout`) when the
+        waiting room is full and this tenant is the most backlogged one, at once, or later
+        when a less backlogged tenant's request pushes this one out.
         """
         _positive_int(weight, "weight", 1)
         _positive_int(cost, "cost", 1)
@@ -191,7 +238,13 @@ class FairQueue:
         if deadline_s <= 0:
             raise self._timeout(tenant, weight, 0.0)
 
-        waiter = _Waiter(tenant, cost, loop.create_future(), now, now + deadline_s)
+        if not self._make_room(tenant, weight, cost):
+            self._refused[tenant] = self._refused.get(tenant, 0) + 1
+            raise QueueFull(
+                self.name, tenant, waited_s=0.0, retry_after_s=self._retry_after(tenant, weight), pushed_out=False
+            )
+
+        waiter = _Waiter(next(self._arrivals), tenant, cost, loop.create_future(), now, now + deadline_s)
         backlog = self._ring.get(tenant)
         if backlog is None:
             backlog = self._ring[tenant] = _Backlog(weight)  # joins at the end of the round
@@ -220,6 +273,9 @@ class FairQueue:
             granted_cost=dict(self._granted_cost),
             timed_out=dict(self._timed_out),
             cancelled=dict(self._cancelled),
+            max_waiting=self._max_waiting,
+            pushed_out=dict(self._pushed_out),
+            refused=dict(self._refused),
         )
 
     # -- internals ---------------------------------------------------------------------------
@@ -317,9 +373,57 @@ class FairQueue:
         if not backlog.waiters:
             self._retire(waiter.tenant)
 
+    def _make_room(self, tenant: str, weight: int, cost: int) -> bool:
+        """Whether a newcomer may queue: yes while the waiting room has room; when full, yes
+        only if another tenant is more backlogged for its weight, whose newest waiter is then
+        pushed out. Backlogs count live waiters' cost, the newcomer's in its own tenant's."""
+        if self._max_waiting is None:
+            return True
+        live = 0
+        own = cost  # the newcomer's tenant's backlog, at the newcomer's weight
+        worst: _Waiter | None = None  # the newest waiter of the most backlogged other tenant
+        worst_cost = worst_weight = 0
+        for name, backlog in self._ring.items():
+            queued = 0
+            newest: _Waiter | None = None
+            for waiter in backlog.waiters:
+                if not waiter.future.done():
+                    live += 1
+                    queued += waiter.cost
+                    newest = waiter
+            if name == tenant:
+                own += queued
+            elif newest is not None:
+                # queued / weight against worst_cost / worst_weight, exactly; ties: the newer
+                ahead = queued * worst_weight - worst_cost * backlog.weight
+                if worst is None or ahead > 0 or (ahead == 0 and newest.seq > worst.seq):
+                    worst, worst_cost, worst_weight = newest, queued, backlog.weight
+        if live < self._max_waiting:
+            return True
+        if worst is None or own * worst_weight >= worst_cost * weight:
+            return False  # the newcomer's tenant is the most backlogged (or tied): it loses
+        self._push_out(worst, worst_weight)
+        return True
+
+    def _push_out(self, waiter: _Waiter, weight: int) -> None:
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        self._unqueue(waiter)
+        self._pushed_out[waiter.tenant] = self._pushed_out.get(waiter.tenant, 0) + 1
+        waiter.future.set_exception(
+            QueueFull(
+                self.name,
+                waiter.tenant,
+                waited_s=self._now() - waiter.enqueued_at,
+                retry_after_s=self._retry_after(waiter.tenant, weight),
+                pushed_out=True,
+            )
+        )
+
     def _abandon(self, waiter: _Waiter) -> None:
         """The waiting task was cancelled. A slot granted to it in the same iteration goes on
-        to the next waiter; a timeout that raced the cancellation is already counted."""
+        to the next waiter; a timeout or push-out that raced the cancellation is already
+        counted."""
         if waiter.timer is not None:
             waiter.timer.cancel()
         future = waiter.future

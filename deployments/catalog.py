@@ -261,6 +261,21 @@ class FairShare(_Strict):
         le=3600,
         description="How long a request may wait in the queue before it gets a 503 with Retry-After (never billed).",
     )
+    max_waiting: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description=(
+            "Requests that may wait in one ingress replica's queue. When it is full, the organization with the "
+            "largest backlog for its weight gives up its newest waiting request (a 503), so a newcomer of a "
+            "heavier tier still gets in; a newcomer of that organization itself is refused."
+        ),
+    )
+
+    def concurrency_of(self, scaling: Autoscaling) -> int:
+        """Requests the listing runs at once from one ingress replica (default: max_ongoing_requests
+        times min_replicas, at least one replica's)."""
+        return self.concurrency or scaling.replica_concurrency * max(scaling.min_replicas, 1)
 
 
 class Listing(_Strict):

@@ -30,7 +30,7 @@ from .billing import Admission, Generation, Meter, Outcome, Settlement
 from .caller_watch import CALLER_HEADER
 from .catalog import MAX_FALLBACKS, Catalog, Listing
 from .errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, engine_error, request_refusal
-from .fair_queue import FairQueue, QueueTimeout, Slot
+from .fair_queue import FairQueue, QueueFull, QueueTimeout, Slot
 from .metrics import CLIENT_CLOSED, UNKNOWN_MODEL, MarketplaceMetrics
 from .ray_llm import ErrorResponse, RawRequestInfo, sanitize_chat_request
 from .shedding import EngineLoad, ListingPeek, RefusalMemo
@@ -159,7 +159,9 @@ class Gateway:
         # The weighted fair queues of the listings that have one (catalog `fair_share`), per
         # engine deployment: an adapter waits in its base model's queue.
         self.queues = {
-            listing.id: FairQueue(fair_share_concurrency(listing), name=listing.id)
+            listing.id: FairQueue(
+                fair_share_concurrency(listing), name=listing.id, max_waiting=listing.fair_share.max_waiting
+            )
             for listing in catalog.listings
             if listing.fair_share is not None
         }
@@ -421,8 +423,13 @@ class Gateway:
             responses = getattr(self._handles[admission.listing.id], method).remote(request, self._request_info)
             first = await anext(responses)
         except QueueTimeout as timeout:
+            why = (
+                "its waiting room is full"
+                if isinstance(timeout, QueueFull)
+                else f"no turn within {timeout.waited_s:.1f} s"
+            )
             busy = ServiceUnavailable(
-                f"The model {admission.listing.id!r} is busy: no turn within {timeout.waited_s:.1f} s; retry shortly.",
+                f"The model {admission.listing.id!r} is busy ({why}); retry shortly.",
                 code="model_overloaded",
                 retry_after_s=timeout.retry_after_s,
             )
@@ -598,8 +605,7 @@ def _release_turn(admission: Admission) -> None:
 def fair_share_concurrency(listing: Listing) -> int:
     """Requests a fair-queued listing runs at once from one ingress replica."""
     assert listing.fair_share is not None
-    scaling = listing.autoscaling
-    return listing.fair_share.concurrency or scaling.replica_concurrency * max(scaling.min_replicas, 1)
+    return listing.fair_share.concurrency_of(listing.autoscaling)
 
 
 def _generation(admission: Admission, response_id: str | None, cached: int) -> Generation:

@@ -269,8 +269,17 @@ def _replaying(messages: list[Message], receive: Receive) -> Receive:
     return replay
 
 
+# Requests of a fair-queued listing between the door and the queue (counting the prompt, the
+# admission call) beyond what the queue itself bounds.
+FAIR_SHARE_MARGIN = 64
+
+
 def deployment_capacity(listing: Listing) -> int:
     """What an engine deployment takes from one caller at its largest: every replica busy and
-    the caller's queue (Serve counts `max_queued_requests` per handle) full."""
+    the caller's queue (Serve counts `max_queued_requests` per handle) full. A listing with a
+    fair queue: the queue's slots and waiting room, which the queue bounds itself (and refuses
+    from the tenant over its share), plus the requests on their way to it."""
     scaling = listing.autoscaling
+    if listing.fair_share is not None:
+        return listing.fair_share.concurrency_of(scaling) + listing.fair_share.max_waiting + FAIR_SHARE_MARGIN
     return scaling.max_replicas * scaling.replica_concurrency + scaling.max_queued_requests

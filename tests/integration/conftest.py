@@ -105,7 +105,7 @@ TEST_CATALOG = Catalog.model_validate(
             },
             {
                 # A weighted fair queue in front of the engine (test_fair_share.py): one request at a
-                # time from each ingress replica, a 3 s wait at most.
+                # time from each ingress replica, 20 waiting at most, a 4 s wait at most.
                 "id": "fair-chat",
                 "owner": "fair-labs",
                 "source": "fake/fair",
@@ -113,7 +113,7 @@ TEST_CATALOG = Catalog.model_validate(
                 "pricing": {"prompt_usd_per_1m": "0.1", "completion_usd_per_1m": "0.2"},
                 "default_max_tokens": 16,
                 "accelerator": {"kind": "cpu"},
-                "fair_share": {"concurrency": 1, "deadline_s": 3},
+                "fair_share": {"concurrency": 1, "deadline_s": 4, "max_waiting": 20},
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 2},
             },
             {

@@ -2,12 +2,14 @@
 `fair_share`) that lets one request at a time per ingress replica reach its engine. Keys and
 organizations name a tier (the catalog's `tiers`: free 1, standard 2, premium 4); while the
 listing is saturated, organizations get turns in proportion to their tier's weight, a request
-that cannot get a turn within 3 s gets a 503 with Retry-After, and waiting costs nothing."""
+that cannot get a turn within 4 s gets a 503 with Retry-After, a full waiting room (20 per
+ingress replica) refuses the organization most over its share, and waiting costs nothing."""
 
 from __future__ import annotations
 
 import statistics
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -88,3 +90,25 @@ def test_a_request_that_gets_no_turn_in_time_is_a_503_with_retry_after_and_costs
     assert spent == sum(round(answer.json()["usage"]["cost"] * 1_000_000) for answer in served)
     assert marketplace.usage(key)["total"]["requests"] == len(served)  # the 503s are not requests of the bill
     assert marketplace.key_info(key)["on_hold_usd"] == 0
+
+
+def test_a_full_waiting_room_pushes_out_the_flooder_and_lets_the_premium_tenant_in(marketplace):
+    free = marketplace.create_key(name="room-flooder", credit_usd=1, tier="free")["key"]
+    premium = marketplace.create_key(name="room-premium", credit_usd=1, tier="premium")["key"]
+
+    def ask(key: str, turn: int):
+        messages = [{"role": "user", "content": f"room {turn} [[fake-tokens=40]]"}]  # 0.8 s each
+        return marketplace.chat(key, model="fair-chat", messages=messages, max_tokens=40)
+
+    with ThreadPoolExecutor(51) as pool:
+        flood = [pool.submit(ask, free, turn) for turn in range(50)]  # 1 running + 20 waiting per replica
+        time.sleep(0.5)
+        premium_answers = [pool.submit(ask, premium, turn) for turn in range(1)]
+        answers = [future.result() for future in flood]
+        served_premium = [future.result() for future in premium_answers]
+
+    assert [answer.status_code for answer in served_premium] == [200], served_premium[0].text
+    refused = [answer for answer in answers if answer.status_code == 503]
+    assert refused, [answer.status_code for answer in answers]
+    assert {answer.json()["error"]["code"] for answer in refused} == {"model_overloaded"}
+    assert marketplace.key_info(free)["on_hold_usd"] == marketplace.key_info(premium)["on_hold_usd"] == 0

@@ -146,3 +146,13 @@ def test_a_fair_queued_listing_gives_turns_and_times_out_past_its_deadline(gatew
         assert gateway.queues["a"].in_use == 0
 
     asyncio.run(scenario())
+
+
+def test_the_door_leaves_a_fair_queued_listings_waiting_room_to_its_queue(gateway):
+    from tokenmart.deployments.shedding import FAIR_SHARE_MARGIN, deployment_capacity
+
+    fair = CATALOG.get("a")  # fair_share: concurrency 2, max_waiting 256 (the default)
+    assert deployment_capacity(fair) == 2 + 256 + FAIR_SHARE_MARGIN
+    assert gateway.queues["a"].max_waiting == 256
+    plain = CATALOG.get("b")  # Serve's own queue: every replica busy plus max_queued_requests
+    assert deployment_capacity(plain) == 1 * plain.autoscaling.replica_concurrency + 64

@@ -30,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from .. import auth
-from ..errors import APIError, BadRequest
+from ..errors import APIError, BadRequest, NotFound
 from ..generations import recent_generations
 from ..live import live_holds
 from ..reconcile import reconcile
@@ -134,7 +134,7 @@ def console_router(ingress: MarketplaceIngress) -> APIRouter:
             raise _Redirect("/console/admin")
         try:
             record, org = await ingress.keys.with_org(await ingress.keys.require(session.key_id))
-        except APIError:
+        except NotFound:  # the key (or its organization) is gone; Redis failing is not a reason to end it
             record = None
         if record is None or record.status != "active" or record.is_expired(datetime.now(timezone.utc).timestamp()):
             await sessions.end(request.cookies.get(COOKIE))

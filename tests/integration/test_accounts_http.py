@@ -329,3 +329,32 @@ def test_a_key_crossing_its_cap_percentage_raises_one_alert_naming_the_key(marke
     assert info["spent_this_period_usd"] == round(
         sum(a.json()["usage"]["cost"] for a in answers if a.status_code == 200), 6
     )
+
+
+def test_a_keys_recent_generations_and_the_live_holds(marketplace):
+    created = marketplace.create_key(name="recent", credit_usd=1)
+    key = created["key"]
+    ids = [marketplace.chat(key, max_tokens=2).json()["id"] for _ in range(3)]
+    recent = marketplace.http.get("/v1/generations", headers=marketplace.auth(key)).json()["data"]
+    assert [row["id"] for row in recent] == ids[::-1]  # newest first
+    assert all(row["status"] == "completed" and row["key_id"] == created["id"] for row in recent)
+    one = marketplace.http.get("/api/v1/generations", params={"limit": 1}, headers=marketplace.auth(key)).json()
+    assert [row["id"] for row in one["data"]] == [ids[-1]]
+    assert (
+        marketplace.http.get("/v1/generations", params={"limit": 0}, headers=marketplace.auth(key)).status_code == 400
+    )
+
+    holds = marketplace.http.get(
+        "/admin/v1/holds", params={"org_id": created["org_id"]}, headers=marketplace.admin_headers
+    ).json()["data"]
+    assert holds == [
+        {
+            "object": "holds",
+            "org_id": created["org_id"],
+            "credit_usd": marketplace.key_info(key)["credit_usd"],
+            "on_hold_usd": 0.0,
+            "in_flight": 0,
+            "keys": [{"key_id": created["id"], "on_hold_usd": 0.0, "in_flight": 0}],
+        }
+    ]
+    assert marketplace.http.get("/admin/v1/holds", headers=marketplace.auth(key)).status_code == 401

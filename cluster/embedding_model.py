@@ -27,6 +27,7 @@ from typing import Any
 from .build_errors import ModelBuildError
 from .build_progress import BuildSteps
 from .converters import hub_offline, import_converters, quiet_transformers
+from .model_folder import weights_size_problems
 
 MINILM_NAME = "all-minilm-l6-v2"
 
@@ -187,15 +188,8 @@ def verify_embedding_folder(folder: Path) -> dict[str, Any]:
     problems.extend(_sentence_transformers_problems(folder, summary))
 
     weights = folder / MINILM_WEIGHTS_FILE
-    if not weights.is_file():
-        problems.append(f"{MINILM_WEIGHTS_FILE} is missing")
-    else:
-        size = weights.stat().st_size
-        if size < MINILM_MIN_WEIGHTS_BYTES:
-            problems.append(
-                f"{MINILM_WEIGHTS_FILE} is {size / _MIB:.1f} MiB, "
-                f"expected at least {MINILM_MIN_WEIGHTS_BYTES // _MIB} MiB"
-            )
+    problems += weights_size_problems(weights, MINILM_MIN_WEIGHTS_BYTES)
+    if weights.is_file():
         try:
             with safe_open(str(weights), framework="pt") as handle:
                 shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118

@@ -83,6 +83,16 @@ def is_built(
     return True
 
 
+def weights_size_problems(weights: Path, minimum_bytes: int) -> list[str]:
+    """Why a model's weights file cannot be it: missing, or smaller than the model must be."""
+    if not weights.is_file():
+        return [f"{weights.name} is missing"]
+    size = weights.stat().st_size
+    if size < minimum_bytes:
+        return [f"{weights.name} is {size / _MIB:.1f} MiB, expected at least {minimum_bytes // _MIB} MiB"]
+    return []
+
+
 def verify_model_folder(folder: Path, *, architecture: str = SMOLLM2_ARCHITECTURE) -> dict[str, Any]:
     """Check that vLLM will be able to load `folder`, without loading the weights.
 
@@ -131,14 +141,8 @@ def verify_model_folder(folder: Path, *, architecture: str = SMOLLM2_ARCHITECTUR
                     problems.append(f"the chat template rendered an unexpected prompt: {prompt!r}")
 
     weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        problems.append(f"{WEIGHTS_FILE} is missing")
-    else:
-        size = weights.stat().st_size
-        if size < MIN_WEIGHTS_BYTES:
-            problems.append(
-                f"{WEIGHTS_FILE} is {size / _MIB:.1f} MiB, expected at least {MIN_WEIGHTS_BYTES // _MIB} MiB"
-            )
+    problems += weights_size_problems(weights, MIN_WEIGHTS_BYTES)
+    if weights.is_file():
         try:
             with safe_open(str(weights), framework="pt") as handle:
                 names = list(handle.keys())
